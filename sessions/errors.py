@@ -1,0 +1,75 @@
+"""Validation of session data: every problem at once, each with its key path and the allowed values."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from prune_core.errors import BadInput
+
+
+class SessionError(BadInput):
+    """A session file (or update) has problems; `problems` lists (key path, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "session") -> None:
+        self.problems = problems
+        self.source = source
+        n = len(problems)
+        lines = "\n".join(f"  {path}: {msg}" for path, msg in problems)
+        super().__init__(
+            f"{source}: {n} problem{'s' if n != 1 else ''}\n{lines}",
+            "edit the keys above (`prune new` writes a commented template with every key)",
+        )
+
+    def __str__(self) -> str:
+        return f"{self.message}\nFix: {self.fix}"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    from sessions.schema import SECTIONS, Session
+
+    if len(loc) == 1:
+        return [k for k in Session.model_fields]
+    section = SECTIONS.get(str(loc[0]))
+    return list(section.model_fields) if section else []
+
+
+def _describe(err: Any) -> tuple[str, str]:
+    loc = tuple(err["loc"])
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    typ = err["type"]
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if typ == "extra_forbidden":
+        allowed = _allowed_keys(loc)
+        msg = f"unknown key (allowed: {', '.join(allowed)})" if allowed else "unknown key"
+    elif typ == "literal_error":
+        msg = f"{msg} (got {err.get('input')!r})"
+    elif typ in {"greater_than", "less_than", "greater_than_equal", "less_than_equal",
+                 "int_type", "float_type", "bool_type", "string_type", "list_type", "int_parsing",
+                 "float_parsing", "bool_parsing", "string_pattern_mismatch", "string_too_short"}:
+        msg = f"{msg} (got {err.get('input')!r})"
+    if typ == "model_type" and len(loc) == 1:
+        msg = f"[{loc[0]}] must be a table, got {err.get('input')!r}"
+    return path, msg
+
+
+def validate_dict(data: dict[str, Any], source: str = "session") -> Any:
+    """Validate a plain dict into a Session, raising SessionError with every problem."""
+    from sessions.schema import Session
+
+    try:
+        return Session.model_validate(data)
+    except ValidationError as exc:
+        problems = [_describe(e) for e in exc.errors()]
+        # cross-field errors have an empty location; name the keys they concern
+        fixed = []
+        for path, msg in problems:
+            if path == "data" and "batch_size" in msg:
+                path = "data.batch_size"
+            elif path == "pruning" and "min_rate" in msg:
+                path = "pruning.min_rate"
+            fixed.append((path, msg))
+        raise SessionError(fixed, source=source) from None

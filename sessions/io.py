@@ -1,0 +1,102 @@
+"""Read and write session files: tomllib to read, tomlkit to rewrite keeping the user's comments.
+
+Writes are atomic (temporary file + rename), and `load(save(s)) == s` for every valid session.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import tomlkit
+
+from prune_core.atomic import write_text
+from prune_core.errors import BadInput
+from sessions.errors import SessionError, validate_dict
+from sessions.schema import Session
+from sessions.template import template_document
+
+
+def parse_text(text: str, source: str = "session") -> Session:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SessionError([("(toml)", f"invalid TOML: {exc}")], source=source) from None
+    return validate_dict(data, source=source)
+
+
+def load(path: str | os.PathLike[str]) -> Session:
+    """Load and validate a session file, reporting every problem at once (BadInput)."""
+    p = Path(path)
+    if not p.exists():
+        raise BadInput(f"session file {str(p)!r} does not exist", "check the path, or create one with `prune new`")
+    if p.is_dir():
+        raise BadInput(f"{str(p)!r} is a folder, not a session file",
+                       "pass a .toml file (a results folder holds one as session.toml)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"cannot read session file {str(p)!r}: {exc}", "check the file's permissions and encoding") from None
+    return parse_text(text, source=str(p))
+
+
+def _merge(doc: Any, values: dict[str, Any]) -> None:
+    """Set values into a tomlkit container in place, leaving comments and order alone."""
+    for key, value in values.items():
+        if isinstance(value, dict):
+            if key not in doc or not isinstance(doc[key], dict):
+                doc[key] = tomlkit.table()
+            _merge(doc[key], value)
+        elif key not in doc or doc[key] != value:
+            doc[key] = value
+    for key in [k for k in doc if k not in values]:
+        del doc[key]
+
+
+def dumps(session: Session, existing_text: str | None = None) -> str:
+    """Render a session as TOML; with `existing_text`, rewrite that document keeping its comments."""
+    values = session.model_dump(mode="json")
+    if existing_text is not None:
+        try:
+            doc = tomlkit.parse(existing_text)
+        except Exception:
+            doc = template_document(session)
+    else:
+        doc = template_document(session)
+    _merge(doc, values)
+    return tomlkit.dumps(doc)
+
+
+def save(session: Session, path: str | os.PathLike[str], extra_tables: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write a session atomically; if the file exists its comments and layout are kept.
+
+    `extra_tables` (e.g. `[provenance]` in a results folder) are appended after the schema tables.
+    """
+    p = Path(path)
+    existing = p.read_text(encoding="utf-8") if p.is_file() else None
+    if existing is not None and extra_tables:
+        doc = tomlkit.parse(existing)
+        for name in extra_tables:
+            doc.pop(name, None)
+        existing = tomlkit.dumps(doc)
+    text = dumps(session, existing)
+    if extra_tables:
+        doc = tomlkit.parse(text)
+        for name, table in extra_tables.items():
+            doc.add(tomlkit.nl())
+            doc[name] = table
+        text = tomlkit.dumps(doc)
+    write_text(p, text)
+    return p
+
+
+def load_with_extras(path: str | os.PathLike[str]) -> tuple[Session, dict[str, Any]]:
+    """Load a results-folder session.toml: the session plus its extra tables (e.g. provenance)."""
+    from sessions.schema import Session as _S
+
+    p = Path(path)
+    data = tomllib.loads(p.read_text(encoding="utf-8"))
+    extras = {k: data.pop(k) for k in list(data) if k not in _S.model_fields}
+    return validate_dict(data, source=str(p)), extras

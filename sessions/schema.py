@@ -1,0 +1,200 @@
+"""The session file schema (version 1): one pydantic model per TOML table, validated all at once.
+
+A session file is the one source of truth for a run. Every key has a default, so an empty file is a
+valid session; unknown keys are errors (a typo must not silently fall back to a default).
+`[pruning] ratio` and friends are read here and nowhere else parses TOML.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SessionSection(_Section):
+    name: str = Field("session", description="run name; results go to <output_dir>/<name>/")
+    seed: int = Field(0, ge=0, description="seed for calibration windows")
+    output_dir: str = Field("runs", min_length=1, description="folder that holds results folders")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"{v!r} is not a usable folder name: use letters, digits, '.', '_' and '-'")
+        return v
+
+
+class ModelSection(_Section):
+    id: str = Field("smollm2-135m", min_length=1,
+                    description="built-in key (prune models), Hugging Face hub id, local folder or .gguf file")
+    revision: str = Field("", description="hub revision (branch, tag or commit); empty = default")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    trust_remote_code: bool = Field(False, description="run code shipped with a hub model (off unless you trust it)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.match(v):
+            raise ValueError(f"{v!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
+        return v
+
+
+class DataSection(_Section):
+    dataset: str = Field("shakespeare", min_length=1,
+                         description="shakespeare, wikitext2, c4, ptb, or a local .txt/.jsonl/.parquet file or folder")
+    num_samples: int = Field(32, ge=1, description="calibration windows")
+    seq_len: int = Field(128, ge=2, le=131072, description="tokens per calibration window")
+    batch_size: int = Field(4, ge=1, description="windows per gradient batch")
+
+    @model_validator(mode="after")
+    def _batch(self) -> DataSection:
+        if self.batch_size > self.num_samples:
+            raise ValueError(f"batch_size ({self.batch_size}) must not exceed num_samples ({self.num_samples})")
+        return self
+
+
+class ImportanceSection(_Section):
+    method: Literal["taylor", "taylor_2nd", "wanda"] = "taylor"
+    aggregation: Literal["element", "vector"] = "element"
+    fisher_scale: Literal["tokens", "none"] = "tokens"
+    hessian_device: Literal["auto", "cpu", "device"] = Field(
+        "auto", description="where taylor_2nd keeps the Fisher diagonal: auto (device when it fits), cpu, device")
+    gradient_checkpointing: bool = Field(False, description="trade compute for memory on long sequences")
+    checkpoint_seconds: float = Field(60.0, ge=0.0, description="checkpoint the pass at most this often (0 = every batch)")
+
+
+class CorrectionSection(_Section):
+    temperature: float = Field(0.0, ge=0.0, le=10.0, description="T: block-level correction exponent")
+    tau: float = Field(0.0, ge=0.0, le=10.0, description="layer-level correction exponent")
+    samples: int = Field(8, ge=1, description="windows used to measure block/layer importance")
+    seq_len: int = Field(128, ge=2, le=131072)
+
+
+class NormalizationSection(_Section):
+    level: Literal["none", "layer", "block"] = "none"
+    method: Literal["log", "minmax", "zscore", "sqrt"] = "log"
+    clip: list[float] = Field(default_factory=list, description="[] or [low, high] percentiles (0-100)")
+
+    @field_validator("clip")
+    @classmethod
+    def _clip(cls, v: list[float]) -> list[float]:
+        if v and (len(v) != 2 or not 0.0 <= v[0] < v[1] <= 100.0):
+            raise ValueError("clip must be [] or [low, high] percentiles with 0 <= low < high <= 100")
+        return v
+
+
+class PruningSection(_Section):
+    ratio: float = Field(0.2, gt=0.0, lt=1.0, description="fraction of prunable parameters to remove")
+    min_rate: float = Field(0.0, ge=0.0, le=1.0, description="lowest pruned fraction of any block")
+    max_rate: float = Field(1.0, ge=0.0, le=1.0, description="highest pruned fraction of any block")
+    protect_layers: list[int] = Field(default_factory=list, description="layer indices never pruned")
+    early_layers: int = Field(0, ge=0, description="the first N layers use early_max_rate")
+    early_max_rate: float = Field(1.0, ge=0.0, le=1.0)
+    depth_weight: float = Field(0.0, ge=0.0, description="importance × (1 + (1 − l/L) × depth_weight)")
+    compensate: Literal["none", "bias"] = "none"
+
+    @field_validator("protect_layers")
+    @classmethod
+    def _protect(cls, v: list[int]) -> list[int]:
+        if any(i < 0 for i in v):
+            raise ValueError("layer indices must be >= 0")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _rates(self) -> PruningSection:
+        if self.min_rate > self.max_rate:
+            raise ValueError(f"min_rate ({self.min_rate}) must not exceed max_rate ({self.max_rate})")
+        return self
+
+
+class EvaluationSection(_Section):
+    dataset: str = Field("", description="held-out text for perplexity; empty = same as [data] dataset")
+    seq_len: int = Field(512, ge=2, le=131072)
+    max_tokens: int = Field(32768, ge=2)
+    before: bool = True
+    after: bool = True
+
+
+class DiagnosisSection(_Section):
+    extreme_rate: float = Field(0.9, gt=0.0, le=1.0)
+    scale_ratio_warn: float = Field(100.0, gt=1.0)
+    early_layers: int = Field(5, ge=0)
+
+
+class OutputSection(_Section):
+    save_model: bool = True
+
+
+class Session(_Section):
+    """A whole session file."""
+
+    schema_version: int = Field(SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
+    session: SessionSection = Field(default_factory=SessionSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    importance: ImportanceSection = Field(default_factory=ImportanceSection)
+    correction: CorrectionSection = Field(default_factory=CorrectionSection)
+    normalization: NormalizationSection = Field(default_factory=NormalizationSection)
+    pruning: PruningSection = Field(default_factory=PruningSection)
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    diagnosis: DiagnosisSection = Field(default_factory=DiagnosisSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    @property
+    def eval_dataset(self) -> str:
+        return self.evaluation.dataset or self.data.dataset
+
+    def resolved(self) -> Session:
+        """A copy with every implicit default written out (the results folder stores this)."""
+        data = self.model_dump()
+        data["evaluation"]["dataset"] = self.eval_dataset
+        return Session.model_validate(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def with_updates(self, updates: dict[str, Any]) -> Session:
+        """A validated copy with dotted keys replaced, e.g. {"pruning.ratio": 0.3}."""
+        data = self.model_dump()
+        for dotted, value in updates.items():
+            section, _, key = dotted.partition(".")
+            if section not in data or not isinstance(data[section], dict) or key not in data[section]:
+                from sessions.errors import SessionError
+
+                raise SessionError([(dotted, "unknown key")], source="update")
+            data[section][key] = value
+        from sessions.errors import validate_dict
+
+        return validate_dict(data, source="update")
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    name: field.annotation  # type: ignore[misc]
+    for name, field in Session.model_fields.items()
+    if name != "schema_version"
+}
+
+
+def check_against_model(session: Session, num_layers: int) -> list[tuple[str, str]]:
+    """Problems only visible once the model is known (layer indices out of range)."""
+    problems: list[tuple[str, str]] = []
+    bad = [i for i in session.pruning.protect_layers if i >= num_layers]
+    if bad:
+        problems.append(("pruning.protect_layers",
+                         f"layers {bad} do not exist: the model has {num_layers} layers (0..{num_layers - 1})"))
+    if session.pruning.early_layers > num_layers:
+        problems.append(("pruning.early_layers",
+                         f"{session.pruning.early_layers} exceeds the model's {num_layers} layers"))
+    return problems
