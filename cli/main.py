@@ -1,0 +1,308 @@
+"""The `prune` command line: a Typer app whose commands render engine events and results.
+
+Exit codes (documented in the README): 0 success, 1 the run failed, 2 bad input (session file,
+arguments, unknown model or dataset), 130 interrupted (state checkpointed; run again to resume).
+`prune` with no command opens the Textual workbench.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cli.output import print_summary, run_summary
+from cli.render import JsonRenderer, make_renderer
+from cli.signals import StopFlag, stop_on_signals
+from prune_core.errors import BadInput, Interrupted, PruneError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+app = typer.Typer(
+    name="prune",
+    help="A terminal workbench for structured, global pruning of LLaMA-family language models.",
+    no_args_is_help=False,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+out = Console()
+err = Console(stderr=True)
+state: dict[str, bool] = {"debug": False}
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from prune_core.provenance import project_version
+
+        typer.echo(f"prune {project_version()}")
+        raise typer.Exit(EXIT_OK)
+
+
+def fail(exc: BaseException, code: int) -> typer.Exit:
+    """Print one clear line (the traceback only with --debug) and return the exit to raise."""
+    if state["debug"]:
+        traceback.print_exception(exc, file=sys.stderr)
+    text = str(exc) if isinstance(exc, PruneError) else f"{type(exc).__name__}: {exc}"
+    label = {EXIT_BAD_INPUT: "error", EXIT_FAILED: "run failed", EXIT_INTERRUPTED: "interrupted"}[code]
+    err.print(f"[bold red]{label}:[/] {text}", highlight=False, markup=True, soft_wrap=True)
+    if code == EXIT_FAILED and not state["debug"]:
+        err.print("(run again with --debug for the full traceback)", style="dim")
+    return typer.Exit(code)
+
+
+@app.callback(invoke_without_command=True)
+def main_callback(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", "-V", callback=_version_callback, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    """Open the workbench (no command), or run one of the commands below."""
+    state["debug"] = debug
+    if ctx.invoked_subcommand is None:
+        _open_tui(None)
+
+
+def _open_tui(path: Path | None) -> None:
+    try:
+        from tui import run_tui
+    except ImportError as exc:  # pragma: no cover - the TUI ships with the package
+        raise fail(exc, EXIT_FAILED) from None
+    code = run_tui(path)
+    raise typer.Exit(code or EXIT_OK)
+
+
+@app.command()
+def tui(path: Annotated[Path | None, typer.Argument(help="A session .toml or a results folder.")] = None) -> None:
+    """Open the Textual workbench, optionally on a session file or a results folder."""
+    _open_tui(path)
+
+
+# ----------------------------------------------------------------------------- sessions
+@app.command()
+def new(
+    path: Annotated[Path, typer.Argument(help="Where to write the template.")] = Path("session.toml"),
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented session template with every key and its default."""
+    from prune_core.atomic import write_text
+    from sessions import template_text
+
+    if path.exists() and not force:
+        raise fail(BadInput(f"{path} already exists", "choose another path or pass --force to overwrite it"),
+                   EXIT_BAD_INPUT)
+    write_text(path, template_text())
+    out.print(f"wrote {path}  (edit it, then `prune validate {path}` and `prune run {path}`)")
+
+
+@app.command()
+def validate(path: Annotated[Path, typer.Argument(help="The session file to check.")]) -> None:
+    """Check a session file; exit 0 when valid, 2 with every problem listed when not."""
+    import sessions
+
+    try:
+        s = sessions.load(path)
+    except BadInput as exc:
+        raise fail(exc, EXIT_BAD_INPUT) from None
+    out.print(f"{path}: valid (session {s.session.name!r}, model {s.model.id}, {s.importance.method}, "
+              f"ratio {s.pruning.ratio})")
+
+
+# ----------------------------------------------------------------------------- run
+@app.command()
+def run(
+    session_file: Annotated[Path, typer.Argument(metavar="SESSION", help="The session .toml to run.")],
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Results folder (default <output_dir>/<name>).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore the stage cache and checkpoints.")] = False,
+    json_mode: Annotated[bool, typer.Option("--json", help="Newline-delimited JSON events and a final summary.")] = False,
+) -> None:
+    """Run a session headless: importance, allocation, surgery, evaluation, diagnosis, results folder."""
+    import sessions
+    from prune_core import pipeline
+
+    try:
+        session = sessions.load(session_file)
+    except BadInput as exc:
+        raise fail(exc, EXIT_BAD_INPUT) from None
+    console = Console(stderr=json_mode)
+    renderer = make_renderer(console, json_mode)
+    flag = StopFlag()
+    try:
+        with stop_on_signals(flag):
+            result = pipeline.run(session, out_dir=out_dir, fresh=fresh, on_event=renderer, should_stop=flag)
+    except Interrupted as exc:
+        renderer.close()
+        cmd = f"prune run {session_file}" + (f" --out {out_dir}" if out_dir else "")
+        why = f" ({flag.signal_name})" if flag.signal_name else ""
+        raise fail(Interrupted(f"{exc.message}{why}; state was checkpointed",
+                               f"run `{cmd}` again to resume"), EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt:
+        renderer.close()
+        raise fail(Interrupted("stopped at once (second Ctrl-C); the last periodic checkpoint is kept",
+                               f"run `prune run {session_file}` again to resume"), EXIT_INTERRUPTED) from None
+    except BadInput as exc:
+        renderer.close()
+        raise fail(exc, EXIT_BAD_INPUT) from None
+    except Exception as exc:
+        renderer.close()
+        raise fail(exc, EXIT_FAILED) from None
+    renderer.close()
+    summary = run_summary(result.results_dir, result.metrics, result.workbench.allocation.summary)
+    if json_mode:
+        JsonRenderer().emit(summary)
+    else:
+        print_summary(out, summary)
+
+
+# ----------------------------------------------------------------------------- listings
+@app.command()
+def models(json_mode: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the built-in models with their sizes and whether each is cached."""
+    from prune_core.models import builtin_models
+
+    rows = builtin_models()
+    if json_mode:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="Built-in models (any hub id, local folder or .gguf works too)")
+    for col in ("key", "family", "parameters", "cached", "description"):
+        table.add_column(col, justify="right" if col == "parameters" else "left")
+    for r in rows:
+        table.add_row(r["key"], str(r.get("family", "")), f"{int(r.get('parameters', 0)):,}",
+                      "yes" if r.get("cached") else "no", str(r.get("description", "")))
+    out.print(table)
+
+
+@app.command()
+def datasets(json_mode: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the calibration and evaluation text sources."""
+    from prune_core.data import dataset_names
+
+    rows = dataset_names()
+    if json_mode:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="Datasets (or a local .txt, .jsonl, .parquet file or save_to_disk folder)")
+    for col in ("key", "kind", "cached", "description"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["key"], str(r.get("kind", "")), "yes" if r.get("cached") else "no", str(r.get("description", "")))
+    out.print(table)
+
+
+# ----------------------------------------------------------------------------- results
+@app.command()
+def show(
+    results: Annotated[Path, typer.Argument(help="A results folder.")],
+    charts: Annotated[bool, typer.Option("--charts", help="Draw the gradient charts in the terminal.")] = False,
+    json_mode: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Summarize a finished run (and draw its gradient charts with --charts)."""
+    from prune_core.results import open_results
+
+    try:
+        view = open_results(results)
+    except BadInput as exc:
+        raise fail(exc, EXIT_BAD_INPUT) from None
+    obj = run_summary(view.path, view.metrics, view.summary)
+    obj["findings_list"] = view.findings
+    if json_mode:
+        typer.echo(json.dumps(obj, indent=2, default=str))
+        return
+    print_summary(out, obj)
+    for f in view.findings:
+        out.print(f"[{f.get('severity', '').upper()}] {f.get('issue')}: {f.get('description')}", markup=False)
+    if charts:
+        from cli.charts import render_results_charts
+
+        out.print(render_results_charts(view), markup=False, highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="A saved pruned model folder (results/model).")],
+    dataset: Annotated[str | None, typer.Option(help="Held-out text (default: the run's evaluation dataset).")] = None,
+    seq_len: Annotated[int, typer.Option(help="Window length.")] = 512,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to evaluate.")] = 32768,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto.")] = "auto",
+    json_mode: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Perplexity of a saved pruned model on a held-out split."""
+    from prune_core.data import evaluation_tokens
+    from prune_core.evaluate import perplexity
+    from prune_core.export import load_pruned
+    from prune_core.models import resolve_device
+
+    try:
+        if not (model_dir / "pruning.json").is_file():
+            raise BadInput(f"{model_dir} is not a saved pruned model (no pruning.json)",
+                           "pass the model/ folder of a results folder")
+        info = json.loads((model_dir / "pruning.json").read_text())
+        ds = dataset or (info.get("session", {}).get("evaluation", {}) or {}).get("dataset") or "shakespeare"
+        model, tokenizer = load_pruned(model_dir, device=str(resolve_device(device)))
+        tokens = evaluation_tokens(tokenizer, ds, max_tokens)
+        result = perplexity(model, tokens, seq_len=seq_len)
+    except BadInput as exc:
+        raise fail(exc, EXIT_BAD_INPUT) from None
+    except Exception as exc:
+        raise fail(exc, EXIT_FAILED) from None
+    result = {**result, "dataset": ds, "model_dir": str(model_dir)}
+    if json_mode:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        out.print(f"perplexity {result['ppl']:.3f} on {ds} ({result['tokens']:,} tokens, seq_len {seq_len})")
+
+
+@app.command()
+def compare(
+    a: Annotated[Path, typer.Argument(help="First results folder.")],
+    b: Annotated[Path, typer.Argument(help="Second results folder.")],
+    json_mode: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Two runs side by side: per-layer rates, overlap of the pruned sets (Jaccard), PPL."""
+    from cli.compare_view import print_comparison
+    from prune_core.compare import compare_results
+
+    try:
+        cmp = compare_results(a, b)
+    except BadInput as exc:
+        raise fail(exc, EXIT_BAD_INPUT) from None
+    if json_mode:
+        typer.echo(json.dumps(cmp, indent=2, default=str))
+    else:
+        print_comparison(out, cmp)
+
+
+@app.command()
+def fix(
+    results: Annotated[Path, typer.Argument(help="A results folder.")],
+    apply: Annotated[int | None, typer.Option("--apply", help="Apply finding N (1-based) and re-run.")] = None,
+    json_mode: Annotated[bool, typer.Option("--json", help="Newline-delimited JSON.")] = False,
+) -> None:
+    """List the diagnosis findings and their fixes; --apply N writes a fixed session and runs it."""
+    from cli.fix_cmd import run_fix
+
+    try:
+        code = run_fix(results, apply, json_mode, out)
+    except BadInput as exc:
+        raise fail(exc, EXIT_BAD_INPUT) from None
+    except Interrupted as exc:
+        raise fail(exc, EXIT_INTERRUPTED) from None
+    except Exception as exc:
+        raise fail(exc, EXIT_FAILED) from None
+    raise typer.Exit(code)
+
+
+def main() -> Any:
+    return app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""One output object per command, rendered for humans (Rich) or as JSON: the summary of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+
+def condensed_rates(summary: pd.DataFrame | None) -> list[dict[str, Any]]:
+    """Runs of consecutive layers with the same (rounded) attention and MLP rates."""
+    if summary is None or summary.empty:
+        return []
+    rows: list[dict[str, Any]] = []
+    for rec in summary.sort_values("layer_idx").itertuples(index=False):
+        a, m = round(float(rec.attention_rate) * 100), round(float(rec.mlp_rate) * 100)
+        if rows and rows[-1]["attention_pct"] == a and rows[-1]["mlp_pct"] == m and rows[-1]["last"] == rec.layer_idx - 1:
+            rows[-1]["last"] = int(rec.layer_idx)
+        else:
+            rows.append({"first": int(rec.layer_idx), "last": int(rec.layer_idx), "attention_pct": a, "mlp_pct": m})
+    return rows
+
+
+def run_summary(results_dir: Path, metrics: dict[str, Any], summary: pd.DataFrame | None) -> dict[str, Any]:
+    ppl = metrics.get("perplexity", {}) or {}
+    return {
+        "kind": "summary",
+        "results_dir": str(results_dir),
+        "parameters": metrics.get("parameters", {}),
+        "ratio": metrics.get("ratio", {}),
+        "perplexity": {k: v.get("ppl") for k, v in ppl.items() if isinstance(v, dict)},
+        "perplexity_settings": {k: {"dataset": v.get("dataset"), "seq_len": v.get("seq_len"), "tokens": v.get("tokens")}
+                                for k, v in ppl.items() if isinstance(v, dict)},
+        "mask_sha256": metrics.get("mask_sha256", ""),
+        "stages_cached": metrics.get("stages_cached", []),
+        "stage_seconds": metrics.get("stage_seconds", {}),
+        "findings": metrics.get("findings", {}),
+        "layers": condensed_rates(summary),
+    }
+
+
+def print_summary(console: Console, obj: dict[str, Any]) -> None:
+    p = obj.get("parameters", {})
+    r = obj.get("ratio", {})
+    table = Table(title="Per-layer pruning (runs of equal rates)", show_lines=False)
+    table.add_column("layers", justify="right")
+    table.add_column("attention %", justify="right")
+    table.add_column("MLP %", justify="right")
+    for row in obj.get("layers", []):
+        span = f"{row['first']}" if row["first"] == row["last"] else f"{row['first']}–{row['last']}"
+        table.add_row(span, str(row["attention_pct"]), str(row["mlp_pct"]))
+    console.print(table)
+    if p:
+        console.print(f"parameters: {p.get('total_before', 0):,} → {p.get('total_after', 0):,} "
+                      f"(prunable {p.get('prunable_before', 0):,} → {p.get('prunable_after', 0):,})")
+    if r:
+        console.print(f"ratio: target {r.get('target', 0):.1%}, achieved {r.get('achieved', 0):.2%}"
+                      + ("" if r.get("reachable", True) else f"  [yellow]{r.get('message', '')}[/]"))
+    ppl = obj.get("perplexity", {})
+    settings = obj.get("perplexity_settings", {})
+    if ppl:
+        parts = []
+        for k in ("before", "after"):
+            if ppl.get(k) is not None:
+                s = settings.get(k, {})
+                parts.append(f"{k} {ppl[k]:.3f}")
+        any_s = next(iter(settings.values()), {})
+        console.print("perplexity: " + ", ".join(parts)
+                      + f"  (dataset {any_s.get('dataset')}, seq_len {any_s.get('seq_len')}, {any_s.get('tokens', 0):,} tokens)")
+    f = obj.get("findings", {})
+    if f and any(f.values()):
+        console.print("diagnosis: " + ", ".join(f"{n} {k}" for k, n in f.items() if n)
+                      + f"  (see `prune fix {obj['results_dir']}`)")
+    if obj.get("stages_cached"):
+        console.print(f"reused from cache: {', '.join(obj['stages_cached'])}")
+    console.print(f"mask sha256: {obj.get('mask_sha256', '')[:16]}…")
+    console.print(f"results: [bold]{obj['results_dir']}[/]")
