@@ -1,0 +1,97 @@
+"""Global allocation: which groups of which layers to prune — the cheap, repeatable what-if part.
+
+Given group importance (from the expensive importance pass) and the model's group costs,
+`allocate` runs table → correction → normalization → selection → summary, reading its settings
+from the session (`correction.*`, `normalization.*`, `pruning.*`). It takes milliseconds on small
+models, so the UI can re-run it on every settings change without touching the model.
+
+    from prune_core.allocation import GroupCosts, allocate
+    costs = GroupCosts.from_model(model, adapter)
+    alloc = allocate(result, costs, session, block=block_importance)
+    alloc.pruned_indices()   # {layer: {"attention": [...], "mlp": [...]}} for surgery.apply_pruning
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from prune_core.allocation.correction import apply_correction
+from prune_core.allocation.normalize import normalize
+from prune_core.allocation.select import Selection, select
+from prune_core.allocation.summary import (
+    layer_summary,
+    mask_sha256,
+    pruned_indices,
+    write_summary,
+    write_table_csv,
+)
+from prune_core.allocation.table import GroupCosts, build_table
+
+
+@dataclass
+class Allocation:
+    table: pd.DataFrame
+    summary: pd.DataFrame  # one row per layer (see summary.layer_summary)
+    target_ratio: float
+    achieved_ratio: float
+    removed_parameters: int
+    prunable_parameters: int
+    reachable: bool
+    message: str
+    mask_sha256: str  # see summary.mask_sha256 for the byte format
+    num_layers: int = 0
+
+    def pruned_indices(self) -> dict[int, dict[str, list[int]]]:
+        """layer -> {"attention": [...], "mlp": [...]} of pruned indices; every layer is present."""
+        return pruned_indices(self.table, self.num_layers or None)
+
+
+def allocate_table(table: pd.DataFrame, costs: GroupCosts, session: Any, block: Any | None = None) -> Allocation:
+    """Correction → normalization → selection → summary on a table from `build_table` (the what-if step)."""
+    p, c, nz = session.pruning, session.correction, session.normalization
+    num_layers = costs.num_layers
+    corrected = apply_correction(table, block, temperature=c.temperature, tau=c.tau,
+                                 depth_weight=p.depth_weight, num_layers=num_layers)
+    normalized = normalize(corrected, level=nz.level, method=nz.method, clip=nz.clip)
+    sel: Selection = select(normalized, ratio=p.ratio, prunable_total=costs.prunable_total,
+                            min_rate=p.min_rate, max_rate=p.max_rate, protect_layers=p.protect_layers,
+                            early_layers=p.early_layers, early_max_rate=p.early_max_rate)
+    normalized["pruned"] = sel.pruned
+    return Allocation(
+        table=normalized,
+        summary=layer_summary(normalized, num_layers),
+        target_ratio=sel.target_ratio,
+        achieved_ratio=sel.achieved_ratio,
+        removed_parameters=sel.removed_parameters,
+        prunable_parameters=sel.prunable_parameters,
+        reachable=sel.reachable,
+        message=sel.message,
+        mask_sha256=mask_sha256(normalized),
+        num_layers=num_layers,
+    )
+
+
+def allocate(result: Any, costs: GroupCosts, session: Any, block: Any | None = None) -> Allocation:
+    """Build the group table from `result` (an ImportanceResult) and allocate with the session's settings."""
+    return allocate_table(build_table(result, costs), costs, session, block)
+
+
+__all__ = [
+    "Allocation",
+    "GroupCosts",
+    "Selection",
+    "allocate",
+    "allocate_table",
+    "apply_correction",
+    "build_table",
+    "layer_summary",
+    "mask_sha256",
+    "normalize",
+    "pruned_indices",
+    "select",
+    "write_summary",
+    "write_table_csv",
+]

@@ -1,0 +1,164 @@
+"""Global selection: which groups to remove so that `ratio` of the prunable parameters go.
+
+All groups of all layers are ranked together by ascending score (importance / cost) and removed
+in that order until the removed cost reaches ratio × prunable parameters. The last group may
+overshoot the target by at most its own cost; the achieved ratio is reported.
+
+Ranking order (total and deterministic, also for zero / negative / tied normalized scores):
+score ascending, then raw score (raw_importance / cost) ascending, then (layer, type, index) with
+attention before MLP. -0.0 counts as 0.0.
+
+Constraints are enforced while ranking, not patched afterwards. A *block* is one layer's attention
+groups or its MLP channels, with n groups:
+- cap   = floor(max_rate' × n) groups at most, max_rate' = min(max_rate, early_max_rate) for the
+  first `early_layers` layers, else max_rate;
+- floor = ceil(min_rate × n) groups at least, limited to the cap (the cap wins when both cannot hold);
+- protected layers: cap = floor = 0 (never pruned, and min_rate does not apply).
+(A 1e-9 slack absorbs float error in rate × n, so 0.29 × 100 gives 29, not 28.)
+Both apply to the block's lowest-ranked groups first: the floor groups of every block are removed
+up front, then the remaining allowed groups (rank inside their block < cap) are taken in global
+order. The set removed from a block is therefore always a prefix of its own ranking.
+
+If the floors alone remove more than the target, all floor groups are still removed (the result
+overshoots; the message says by how much). If the caps make the target unreachable, everything
+allowed is removed, `reachable` is False and the message gives the numbers. A block may be pruned
+to 100 % (surgery replaces it).
+
+Everything is numpy: one fast argsort (plus a lexsort of tied runs only), a stable radix argsort
+of block ids for ranks inside blocks, and a cumulative sum: about 0.1 s for 2.3M groups (bench).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from prune_core.allocation.table import _type_codes
+from prune_core.errors import BadInput
+
+_SLACK = 1e-9
+
+
+@dataclass
+class Selection:
+    pruned: np.ndarray  # bool per table row
+    target_ratio: float
+    target_parameters: int  # ceil(ratio × prunable_parameters)
+    removed_parameters: int
+    prunable_parameters: int
+    achieved_ratio: float
+    reachable: bool
+    message: str
+    max_parameters: int  # the most the constraints allow
+    floor_parameters: int  # what min_rate forces
+
+
+def rank_order(table: pd.DataFrame) -> np.ndarray:
+    """Row positions in global ranking order (least important first). See the module docstring."""
+    cost = np.maximum(table["cost"].to_numpy(), 1).astype(np.float64)
+    score = table["score"].to_numpy(dtype=np.float64) + 0.0  # -0.0 -> 0.0
+    order = np.argsort(score)
+    ss = score[order]
+    tie = ss[1:] == ss[:-1]
+    if tie.any():
+        in_run = np.zeros(len(ss), dtype=bool)
+        in_run[:-1] |= tie
+        in_run[1:] |= tie
+        pos = np.flatnonzero(in_run)
+        sub = order[pos]
+        raw_score = table["raw_importance"].to_numpy(dtype=np.float64)[sub] / cost[sub] + 0.0
+        canon = ((table["layer_idx"].to_numpy().astype(np.int64)[sub] << 33)
+                 | (_type_codes(table).astype(np.int64)[sub] << 32)
+                 | table["group_idx"].to_numpy().astype(np.int64)[sub])
+        order[pos] = sub[np.lexsort((canon, raw_score, ss[pos]))]
+    return order
+
+
+def block_limits(table: pd.DataFrame, *, min_rate: float, max_rate: float, protect_layers: Iterable[int],
+                 early_layers: int, early_max_rate: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(block id per row, floor per block, cap per block); block id = 2·layer + type."""
+    layer = table["layer_idx"].to_numpy().astype(np.int64)
+    num_layers = int(layer.max()) + 1 if len(layer) else 0
+    block = 2 * layer + _type_codes(table).astype(np.int64)
+    n = np.bincount(block, minlength=2 * num_layers).astype(np.float64)
+    block_layer = np.arange(2 * num_layers) // 2
+    rate_cap = np.where(block_layer < early_layers, min(max_rate, early_max_rate), max_rate)
+    cap = np.floor(rate_cap * n + _SLACK).astype(np.int64)
+    floor = np.minimum(np.ceil(min_rate * n - _SLACK).astype(np.int64), cap)
+    protected = np.isin(block_layer, np.fromiter(protect_layers, dtype=np.int64))
+    cap[protected] = 0
+    floor[protected] = 0
+    return block, np.maximum(floor, 0), np.maximum(cap, 0)
+
+
+def select(table: pd.DataFrame, *, ratio: float, prunable_total: int, min_rate: float = 0.0,
+           max_rate: float = 1.0, protect_layers: Iterable[int] = (), early_layers: int = 0,
+           early_max_rate: float = 1.0) -> Selection:
+    """Choose the groups to prune (see the module docstring); the table is not modified."""
+    if not 0.0 <= ratio <= 1.0:
+        raise BadInput(f"ratio {ratio} is outside [0, 1]", "use a fraction such as 0.2")
+    if min_rate > max_rate:
+        raise BadInput(f"min_rate ({min_rate}) exceeds max_rate ({max_rate})", "lower min_rate or raise max_rate")
+    protect = sorted({int(i) for i in protect_layers})
+    n_rows = len(table)
+    total = int(prunable_total)
+    target = math.ceil(round(ratio * total, 6))
+
+    order = rank_order(table)
+    block, floor, cap = block_limits(table, min_rate=min_rate, max_rate=max_rate, protect_layers=protect,
+                                     early_layers=early_layers, early_max_rate=early_max_rate)
+    # Rank of each position (in global order) inside its block: stable sort by block id.
+    bs = block[order].astype(np.int32 if len(cap) > 32767 else np.int16)
+    o2 = np.argsort(bs, kind="stable")
+    counts = np.bincount(bs, minlength=len(cap))
+    starts = np.cumsum(counts) - counts
+    rank = np.empty(n_rows, dtype=np.int64)
+    rank[o2] = np.arange(n_rows, dtype=np.int64) - starts[bs[o2]]
+
+    cost_pos = table["cost"].to_numpy().astype(np.int64)[order]
+    forced = rank < floor[bs]
+    allowed = rank < cap[bs]
+    eligible = allowed & ~forced
+    floor_cost = int(cost_pos[forced].sum())
+    max_cost = int(cost_pos[allowed].sum())
+
+    chosen = forced.copy()
+    reachable = True
+    if floor_cost < target:
+        cum = np.cumsum(np.where(eligible, cost_pos, 0))
+        need = target - floor_cost
+        k = int(np.searchsorted(cum, need, side="left")) if n_rows else 0
+        if k < n_rows:
+            chosen |= eligible & (np.arange(n_rows) <= k)
+        else:
+            chosen |= eligible
+            reachable = False
+
+    pruned = np.zeros(n_rows, dtype=bool)
+    pruned[order[chosen]] = True
+    removed = int(cost_pos[chosen].sum())
+    achieved = removed / total if total else 0.0
+
+    if not reachable:
+        limits = [f"max_rate {max_rate:g}"]
+        if early_layers and early_max_rate < max_rate:
+            limits.append(f"early_max_rate {early_max_rate:g} for the first {early_layers} layers")
+        if protect:
+            limits.append(f"protected layers {protect}")
+        message = (f"ratio {ratio:.2%} needs {target:,} of {total:,} prunable parameters, but the constraints "
+                   f"({', '.join(limits)}) allow at most {max_cost:,} ({max_cost / total if total else 0:.2%}); "
+                   f"pruned that much instead")
+    elif floor_cost >= target and floor_cost > 0:
+        message = (f"min_rate {min_rate:g} alone removes {floor_cost:,} parameters "
+                   f"({achieved:.2%}), above the target {ratio:.2%} ({target:,})")
+    else:
+        message = (f"removed {removed:,} of {total:,} prunable parameters ({achieved:.2%}, "
+                   f"target {ratio:.2%})")
+    return Selection(pruned=pruned, target_ratio=float(ratio), target_parameters=target,
+                     removed_parameters=removed, prunable_parameters=total, achieved_ratio=achieved,
+                     reachable=reachable, message=message, max_parameters=max_cost,
+                     floor_parameters=floor_cost)
