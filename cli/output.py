@@ -65,7 +65,6 @@ def print_summary(console: Console, obj: dict[str, Any]) -> None:
         parts = []
         for k in ("before", "after"):
             if ppl.get(k) is not None:
-                s = settings.get(k, {})
                 parts.append(f"{k} {ppl[k]:.3f}")
         any_s = next(iter(settings.values()), {})
         console.print("perplexity: " + ", ".join(parts)

@@ -18,10 +18,12 @@ from prune_core.events import (
     Checkpointed,
     Event,
     Notice,
-    Progress as ProgressEvent,
     RunDone,
     StageDone,
     StageStarted,
+)
+from prune_core.events import (
+    Progress as ProgressEvent,
 )
 
 

@@ -23,7 +23,7 @@ from prune_core import atomic
 from prune_core.adapters import Adapter, get_adapter
 from prune_core.cache import StageCache, stage_key
 from prune_core.errors import BadInput, Interrupted
-from prune_core.events import EventSink, Notice, StageDone, StageStarted, null_sink
+from prune_core.events import Event, EventSink, Notice, StageDone, StageStarted, null_sink
 from prune_core.provenance import base_provenance, device_name, now_iso
 from sessions import Session, check_against_model
 from sessions.errors import SessionError
@@ -90,6 +90,16 @@ class Workbench:
         self.timings[name] = self.timings.get(name, 0.0) + seconds
         self.cached[name] = bool(info["cached"])
         self.on_event(StageDone(stage=name, seconds=seconds, cached=bool(info["cached"]), summary=info["summary"]))
+
+    def _inner_sink(self, stage: str) -> EventSink:
+        """Forward an inner step's events, except its own start/finish (the workbench reports those)."""
+
+        def sink(event: Event) -> None:
+            if isinstance(event, StageStarted | StageDone) and event.stage == stage:
+                return
+            self.on_event(event)
+
+        return sink
 
     def _notice(self, message: str, stage: str = "") -> None:
         self.on_event(Notice(message=message, stage=stage))
@@ -176,26 +186,28 @@ class Workbench:
             shutil.rmtree(ckpt, ignore_errors=True)
         if self.importance is not None and self.importance_key == key:
             return self.importance
-        n_batches = -(-s.data.num_samples // s.data.batch_size)
-        with self._stage("importance", f"{s.importance.method} pass", total=n_batches) as info:
-            if self.state.has_folder("importance", key):
+        if self.state.has_folder("importance", key):
+            with self._stage("importance", f"{s.importance.method} pass") as info:
                 self.importance = ImportanceResult.load(folder)
                 info["cached"] = True
                 info["summary"] = f"reused cached {s.importance.method} scores ({key})"
-            else:
-                self.importance = run_importance(
-                    self.model, self.adapter, self.calibration,
-                    method=s.importance.method, aggregation=s.importance.aggregation,
-                    fisher_scale=s.importance.fisher_scale, batch_size=s.data.batch_size,
-                    hessian_device=s.importance.hessian_device,
-                    gradient_checkpointing=s.importance.gradient_checkpointing,
-                    checkpoint_dir=ckpt, checkpoint_seconds=s.importance.checkpoint_seconds,
-                    identity=identity, on_event=self.on_event, should_stop=self.should_stop,
-                )
-                self.importance.save(folder)
-                self.state.mark_complete("importance", key, identity)
-                shutil.rmtree(ckpt, ignore_errors=True)
-                info["summary"] = f"{self.importance.batches} batches, {self.importance.tokens:,} tokens"
+        else:
+            # the engine reports its own stage start/finish and every batch
+            t0 = time.perf_counter()
+            self.importance = run_importance(
+                self.model, self.adapter, self.calibration,
+                method=s.importance.method, aggregation=s.importance.aggregation,
+                fisher_scale=s.importance.fisher_scale, batch_size=s.data.batch_size,
+                hessian_device=s.importance.hessian_device,
+                gradient_checkpointing=s.importance.gradient_checkpointing,
+                checkpoint_dir=ckpt, checkpoint_seconds=s.importance.checkpoint_seconds,
+                identity=identity, on_event=self.on_event, should_stop=self.should_stop,
+            )
+            self.importance.save(folder)
+            self.state.mark_complete("importance", key, identity)
+            shutil.rmtree(ckpt, ignore_errors=True)
+            self.timings["importance"] = self.timings.get("importance", 0.0) + time.perf_counter() - t0
+            self.cached["importance"] = False
         self.importance_key = key
         return self.importance
 
@@ -228,7 +240,8 @@ class Workbench:
             else:
                 self.block = block_importance(self.model, self.adapter, tokens,
                                               batch_size=min(s.data.batch_size, len(tokens)),
-                                              on_event=self.on_event, should_stop=self.should_stop)
+                                              on_event=self._inner_sink("block_importance"),
+                                              should_stop=self.should_stop)
                 self.state.write_json("block_importance", key, {"inputs": identity, "block": self.block.to_dict()})
                 info["summary"] = f"base loss {self.block.base_loss:.4f}"
         self._block_key = key

@@ -45,15 +45,35 @@ def _describe(err: Any) -> tuple[str, str]:
     if typ == "extra_forbidden":
         allowed = _allowed_keys(loc)
         msg = f"unknown key (allowed: {', '.join(allowed)})" if allowed else "unknown key"
-    elif typ == "literal_error":
-        msg = f"{msg} (got {err.get('input')!r})"
-    elif typ in {"greater_than", "less_than", "greater_than_equal", "less_than_equal",
+    elif typ == "literal_error" or typ in {"greater_than", "less_than", "greater_than_equal", "less_than_equal",
                  "int_type", "float_type", "bool_type", "string_type", "list_type", "int_parsing",
                  "float_parsing", "bool_parsing", "string_pattern_mismatch", "string_too_short"}:
         msg = f"{msg} (got {err.get('input')!r})"
     if typ == "model_type" and len(loc) == 1:
         msg = f"[{loc[0]}] must be a table, got {err.get('input')!r}"
     return path, msg
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _cross_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """Checks across keys, done on the raw values so they are reported even when a neighbour key is bad."""
+    from sessions.schema import DataSection, PruningSection
+
+    problems = []
+    pruning = data.get("pruning") if isinstance(data.get("pruning"), dict) else {}
+    lo = _number(pruning.get("min_rate", PruningSection.model_fields["min_rate"].default))
+    hi = _number(pruning.get("max_rate", PruningSection.model_fields["max_rate"].default))
+    if lo is not None and hi is not None and lo > hi:
+        problems.append(("pruning.min_rate", f"min_rate ({lo}) must not exceed max_rate ({hi})"))
+    section = data.get("data") if isinstance(data.get("data"), dict) else {}
+    bs = _number(section.get("batch_size", DataSection.model_fields["batch_size"].default))
+    ns = _number(section.get("num_samples", DataSection.model_fields["num_samples"].default))
+    if bs is not None and ns is not None and bs > ns:
+        problems.append(("data.batch_size", f"batch_size ({int(bs)}) must not exceed num_samples ({int(ns)})"))
+    return problems
 
 
 def validate_dict(data: dict[str, Any], source: str = "session") -> Any:
@@ -72,4 +92,7 @@ def validate_dict(data: dict[str, Any], source: str = "session") -> Any:
             elif path == "pruning" and "min_rate" in msg:
                 path = "pruning.min_rate"
             fixed.append((path, msg))
+        for problem in _cross_problems(data):
+            if problem not in fixed:
+                fixed.append(problem)
         raise SessionError(fixed, source=source) from None

@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers import tiny_session, write_session
 
-SLOW = {"data.num_samples": 96, "data.seq_len": 96, "data.batch_size": 1,
+SLOW = {"data.num_samples": 48, "data.seq_len": 64, "data.batch_size": 1,
         "evaluation.before": False, "evaluation.after": False, "output.save_model": False}
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -72,7 +72,7 @@ def test_metrics_json_keys(finished_run: tuple[Path, list[dict]]) -> None:
         ppl = m["perplexity"][which]
         assert ppl["ppl"] > 1 and ppl["seq_len"] == 64 and ppl["dataset"] == "shakespeare"
     assert set(m["stage_seconds"]) >= {"model", "data", "importance", "allocation", "surgery", "eval_before",
-                                        "eval_after", "diagnosis", "save"}
+                                        "eval_after", "diagnosis", "save_model"}
     assert len(m["mask_sha256"]) == 64
 
 

@@ -1,0 +1,139 @@
+"""The CLI's other commands: version, new/validate, models/datasets, show, eval, compare, fix."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import sessions
+from cli.main import app
+from tests.helpers import tiny_session, write_session
+
+runner = CliRunner()
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    r = runner.invoke(app, list(args))
+    return r.exit_code, r.stdout, r.stderr
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("cli")
+    a = write_session(tmp / "a.toml", tiny_session(tmp, name="a"))
+    b = write_session(tmp / "b.toml", tiny_session(tmp, name="b", **{"importance.method": "taylor_2nd",
+                                                                      "correction.temperature": 1.0}))
+    for p in (a, b):
+        code, _, err = invoke("run", str(p))
+        assert code == 0, err
+    return tmp / "runs" / "a", tmp / "runs" / "b"
+
+
+def test_version() -> None:
+    code, out, _ = invoke("--version")
+    assert code == 0 and out.startswith("prune ")
+
+
+def test_new_writes_commented_template_that_validates(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    code, _, _ = invoke("new", str(path))
+    assert code == 0
+    text = path.read_text()
+    assert "# " in text and "[pruning]" in text and "early_max_rate" in text
+    assert sessions.load(path) == sessions.Session()
+    assert invoke("validate", str(path))[0] == 0
+    code, _, err = invoke("new", str(path))
+    assert code == 2 and "--force" in err
+
+
+def test_validate_reports_every_problem_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[pruning]\nratio = 0\nmin_rate = 0.8\nmax_rate = 0.2\n[data]\nnum_samples = 2\n"
+                    "batch_size = 4\n[importance]\nmethod = 'magic'\n[nope]\nx = 1\n")
+    code, _, err = invoke("validate", str(path))
+    assert code == 2
+    for needle in ["pruning.ratio", "pruning.min_rate", "data.batch_size", "importance.method",
+                   "taylor_2nd", "nope: unknown key"]:
+        assert needle in err, needle
+
+
+def test_models_and_datasets_listings() -> None:
+    code, out, _ = invoke("models", "--json")
+    rows = {r["key"]: r for r in json.loads(out)}
+    assert code == 0 and {"smollm2-135m", "tiny-llama", "tiny-mistral", "tiny-qwen2"} <= set(rows)
+    assert rows["tiny-llama"]["cached"] is True
+    code, out, _ = invoke("datasets", "--json")
+    keys = {r["key"] for r in json.loads(out)}
+    assert code == 0 and {"shakespeare", "wikitext2", "c4", "ptb"} <= keys
+    assert invoke("models")[0] == 0 and invoke("datasets")[0] == 0
+
+
+def test_show_and_charts(two_runs: tuple[Path, Path]) -> None:
+    a, _ = two_runs
+    code, out, _ = invoke("show", str(a), "--charts")
+    assert code == 0
+    assert "perplexity" in out and str(a) in out
+    code, out, _ = invoke("show", str(a), "--json")
+    obj = json.loads(out)
+    assert obj["mask_sha256"] == json.loads((a / "metrics.json").read_text())["mask_sha256"]
+    assert invoke("show", str(a.parent / "missing"))[0] == 2
+
+
+def test_eval_saved_model_matches_run_ppl(two_runs: tuple[Path, Path]) -> None:
+    a, _ = two_runs
+    code, out, err = invoke("eval", str(a / "model"), "--seq-len", "64", "--max-tokens", "1024",
+                            "--device", "cpu", "--json")
+    assert code == 0, err
+    ppl = json.loads(out)["ppl"]
+    expected = json.loads((a / "metrics.json").read_text())["perplexity"]["after"]["ppl"]
+    assert ppl == pytest.approx(expected, rel=1e-5)
+    assert invoke("eval", str(a))[0] == 2  # a results folder, not a model folder
+
+
+def test_compare_taylor_vs_taylor2nd(two_runs: tuple[Path, Path]) -> None:
+    a, b = two_runs
+    code, out, _ = invoke("compare", str(a), str(b), "--json")
+    assert code == 0
+    cmp = json.loads(out)
+    assert 0.0 <= cmp["overlap"]["jaccard"] <= 1.0
+    assert cmp["identical"] is False
+    code, out, _ = invoke("compare", str(a), str(a), "--json")
+    assert json.loads(out)["overlap"]["jaccard"] == 1.0
+    assert invoke("compare", str(a), str(b))[0] == 0
+
+
+def test_block_correction_is_cached_in_state(two_runs: tuple[Path, Path]) -> None:
+    _, b = two_runs
+    assert list((b / "state" / "block_importance").glob("*.json"))
+    m = json.loads((b / "metrics.json").read_text())
+    assert "block_importance" in m["stage_seconds"]
+
+
+def test_fix_lists_and_applies(tmp_path: Path) -> None:
+    session = tiny_session(tmp_path, name="fx", **{"pruning.ratio": 0.6})
+    path = write_session(tmp_path / "fx.toml", session)
+    assert invoke("run", str(path))[0] == 0
+    res = tmp_path / "runs" / "fx"
+    code, out, _ = invoke("fix", str(res), "--json")
+    findings = json.loads(out)["findings"]
+    assert code == 0 and findings
+    idx = next((i for i, f in enumerate(findings, 1) if f.get("fix")), None)
+    if idx is None:
+        pytest.skip("no finding with a fix on this run")
+    code, out, err = invoke("fix", str(res), "--apply", str(idx))
+    assert code == 0, err
+    new_session = tmp_path / "runs" / f"fx-fix{idx}.toml"
+    assert new_session.is_file()
+    fixed = sessions.load(new_session)
+    for key, value in findings[idx - 1]["fix"].items():
+        section, name = key.split(".")
+        assert getattr(getattr(fixed, section), name) == value
+    assert "provenance" not in tomllib.loads(new_session.read_text())
+    metrics = json.loads((tmp_path / "runs" / f"fx-fix{idx}" / "metrics.json").read_text())
+    assert "importance" in metrics["stages_cached"]
+    assert "jaccard" in out.lower() or "overlap" in out.lower()
+    assert invoke("fix", str(res), "--apply", "99")[0] == 2
