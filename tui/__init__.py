@@ -1,0 +1,17 @@
+"""The Textual workbench of prune: `run_tui(path)` opens it on a session file, a results folder or nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def run_tui(path: Path | None = None) -> int:
+    """Run the workbench until the user quits; returns the exit code (0 = normal)."""
+    from tui.app import PruneApp
+
+    app = PruneApp(Path(path) if path is not None else None)
+    result = app.run()
+    return int(result or 0) if app.return_code in (None, 0) else int(app.return_code)
+
+
+__all__ = ["run_tui"]

@@ -1,0 +1,285 @@
+"""Pilot tests of the workbench's behaviour on a fake engine: validation, titles, save, cancel/resume,
+quit confirmation, help, command palette, throttled charts. Waits are condition-based (no sleeps)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from textual.command import CommandList, CommandPalette
+from textual.widgets import Input, TabbedContent
+
+import sessions
+from prune_core.events import BatchDone
+from tests.test_tui_support import FakeWorkbench, fake_factory, fixed_lists, settle, wait_for  # noqa: F401
+from tui import keys
+from tui.app import PruneApp
+from tui.messages import EngineEvent
+from tui.screens.dialogs import ConfirmScreen, HelpScreen
+from tui.screens.setup import SetupScreen
+from tui.widgets.charts import LayerStatsChart
+from tui.widgets.fields import FieldRow
+
+pytestmark = [pytest.mark.usefixtures("fixed_lists")]
+SIZE = (80, 24)
+
+
+def make_app(path: Path | None = None, **fake: object) -> PruneApp:
+    return PruneApp(path, cpu_flops=50e9, workbench_factory=fake_factory(**fake))
+
+
+async def goto_step(app: PruneApp, pilot, key: str) -> SetupScreen:  # type: ignore[no-untyped-def]
+    screen = app.screen
+    assert isinstance(screen, SetupScreen)
+    screen.go(key)
+    await pilot.pause()
+    return screen
+
+
+@pytest.mark.anyio
+async def test_title_shows_unsaved_changes_and_ctrl_s_saves(tmp_path: Path) -> None:
+    path = tmp_path / "mysession.toml"
+    app = make_app(path)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        assert app.title == "prune — mysession"
+        await goto_step(app, pilot, "pruning")
+        assert isinstance(app.focused, Input) and app.focused.id == "f-pruning--ratio"
+        await pilot.press(*"0.35")
+        assert app.session.pruning.ratio == 0.35
+        assert app.title == "prune — mysession *"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert app.title == "prune — mysession"
+        assert sessions.load(path).pruning.ratio == 0.35
+        assert sessions.load(path).session.name == "mysession"
+
+
+@pytest.mark.anyio
+async def test_validation_errors_show_at_the_field_and_block_saving(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    app = make_app(path)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        screen = await goto_step(app, pilot, "length")
+        await pilot.press("tab")  # num_samples
+        await pilot.press(*"2")
+        row = screen.query_one("#row-data--batch_size", FieldRow)
+        assert row.has_class("-invalid")
+        assert "must not exceed num_samples" in str(row.query_one(".field-error").render())
+        tabs = screen.query_one("#steps", TabbedContent)
+        assert str(tabs.get_tab("step-length").label).endswith("!")
+        assert app.title.endswith("*")
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert not path.exists()
+        assert screen.step == "review"  # sent to the review step, which lists the problem
+        problems = str(screen.query_one("#review-problems").render())
+        assert "data.batch_size" in problems and "step 4 Length" in problems
+        await pilot.press("pageup", "pageup")
+        assert screen.step == "length"
+
+
+@pytest.mark.anyio
+async def test_invalid_session_file_opens_with_problems_inline(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text("[pruning]\nratio = 2.0\ntypo = 1\n[data]\nseq_len = 64\n", encoding="utf-8")
+    app = make_app(path)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        screen = app.screen
+        assert isinstance(screen, SetupScreen) and screen.step == "review"
+        paths = [p for p, _ in app.problems]
+        assert "pruning.ratio" in paths and "pruning.typo" in paths
+        assert screen.query_one("#row-pruning--ratio", FieldRow).has_class("-invalid")
+        assert screen.query_one("#f-data--seq_len", Input).value == "64"
+        await pilot.press("ctrl+r")  # refused while invalid
+        await pilot.pause()
+        assert app.busy is None and app.run_state.status == "idle"
+
+
+@pytest.mark.anyio
+async def test_cancel_asks_first_then_stops_and_resume_continues(tmp_path: Path) -> None:
+    gate = threading.Semaphore(0)
+    app = make_app(tmp_path / "c.toml", gate=gate)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: app.screen.id == "run", what="run screen")
+        gate.release()
+        await wait_for(pilot, lambda: app.run_state.batch is not None, what="first batch")
+        await pilot.press("x")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="confirmation")
+        await pilot.press("n")  # keep running
+        await pilot.pause()
+        assert not app._stop.is_set()
+        await pilot.press("x")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="confirmation")
+        await pilot.press("y")
+        await pilot.pause()
+        assert app._stop.is_set()
+        gate.release()  # the engine finishes the batch, sees the flag and raises Interrupted
+        await settle(app, pilot)
+        assert app.run_state.status == "interrupted"
+        assert app.workbench is not None and app.workbench.done_batches == 2
+        for _ in range(4):
+            gate.release()
+        await pilot.press("r")
+        await settle(app, pilot)
+        assert app.run_state.status == "done"
+        assert app.run_state.batch is not None and app.run_state.batch.resumed_from == 2
+        assert app.screen.id == "results"
+
+
+@pytest.mark.anyio
+async def test_quit_asks_when_there_are_unsaved_changes(tmp_path: Path) -> None:
+    app = make_app(tmp_path / "q.toml")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await goto_step(app, pilot, "pruning")
+        await pilot.press(*"0.4")
+        await pilot.press("ctrl+q")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="confirmation")
+        await pilot.press("n")
+        await pilot.pause()
+        assert app.is_running and isinstance(app.screen, SetupScreen)
+        await pilot.press("ctrl+q")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="confirmation")
+        await pilot.press("y")
+        await pilot.pause()
+    assert app.return_code == 0
+
+
+@pytest.mark.anyio
+async def test_opening_an_interrupted_session_offers_to_resume(tmp_path: Path) -> None:
+    path = tmp_path / "resume.toml"
+    sessions.save(sessions.Session().with_updates({"session.name": "resume"}), path)
+    app = make_app(path, checkpoint=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="resume question")
+        assert "interrupted" in str(app.screen.query_one(".dialog-message").render())
+        await pilot.press("y")
+        await settle(app, pilot)
+        assert app.run_state.status == "done"
+        assert FakeWorkbench.instances[-1].calls[:2] == ["prepare", "compute_importance"]
+
+
+@pytest.mark.anyio
+async def test_help_screen_and_command_palette(tmp_path: Path) -> None:
+    app = make_app(tmp_path / "h.toml")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("f1")
+        assert isinstance(app.screen, HelpScreen)
+        assert "PgDn" in app.screen.markdown and "Apply fix" in app.screen.markdown
+        await pilot.press("escape")
+        assert isinstance(app.screen, SetupScreen)
+        await pilot.press("ctrl+p")
+        await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette), what="palette")
+        await pilot.press(*"review")
+        commands = app.screen.query_one(CommandList)
+        await wait_for(pilot, lambda: any("Review" in str(commands.get_option_at_index(i).prompt)
+                                          for i in range(commands.option_count)), what="palette hits")
+        if commands.highlighted is None:
+            await pilot.press("down")
+        assert "Review" in str(commands.get_option_at_index(commands.highlighted or 0).prompt)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, SetupScreen) and app.screen.step == "review",
+                       what="palette jumped to the review step")
+
+
+def test_every_binding_has_an_id_and_a_tooltip() -> None:
+    for _title, rows in keys.sections():
+        for key, description, tooltip in rows:
+            assert description and tooltip, key
+    from tui.app import PruneApp as A
+    from tui.screens.results import ResultsScreen
+    from tui.screens.run import RunScreen
+
+    for cls in (A, SetupScreen, RunScreen, ResultsScreen, ConfirmScreen, HelpScreen):
+        for b in cls.BINDINGS:
+            assert getattr(b, "id", None), (cls.__name__, b)
+            assert getattr(b, "tooltip", ""), (cls.__name__, b)
+    bound = {k for b in A.BINDINGS for k in b.key.split(",")}  # type: ignore[union-attr]
+    assert "ctrl+b" not in bound  # tmux's prefix
+
+
+def test_keys_doc_is_current() -> None:
+    doc = Path(__file__).resolve().parents[1] / "docs" / "tui_keys.md"
+    assert doc.read_text(encoding="utf-8") == keys.markdown(), "regenerate: python -m tui.keys > docs/tui_keys.md"
+
+
+@pytest.mark.anyio
+async def test_chart_redraws_are_throttled() -> None:
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        chart = LayerStatsChart()
+        await app.screen.mount(chart)
+        await pilot.pause()
+        before = chart.redraws
+        stats = {"attention": {"norm": [1.0, 0.1]}, "mlp": {"norm": [2.0, 0.2]}}
+        for _ in range(200):
+            chart.update_stats(stats)
+        assert chart.received == 200 and chart.redraws == before  # nothing drawn yet: coalesced
+        chart._tick()
+        assert chart.redraws == before + 1
+        chart._tick()
+        assert chart.redraws == before + 1  # nothing new, no redraw
+
+
+def test_batch_messages_coalesce_in_the_queue() -> None:
+    def batch(i: int) -> EngineEvent:
+        return EngineEvent(BatchDone(stage="importance", batch=i, total=9, loss=1.0, mean_loss=1.0,
+                                     tokens_per_s=1.0, eta_s=1.0, layer_stats={}))
+    assert batch(1).can_replace(batch(2))
+    from prune_core.events import StageDone
+
+    assert not batch(1).can_replace(EngineEvent(StageDone(stage="x", seconds=1.0)))
+    assert not EngineEvent(StageDone(stage="x", seconds=1.0)).can_replace(batch(1))
+
+
+@pytest.mark.anyio
+async def test_no_color_is_respected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        assert app.no_color
+
+
+@pytest.mark.anyio
+async def test_quit_while_running_asks_and_stops_the_engine(tmp_path: Path) -> None:
+    gate = threading.Semaphore(0)
+    app = make_app(tmp_path / "r.toml", gate=gate)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: app.busy == "run" and app.screen.id == "run", what="running")
+        await pilot.press("ctrl+q")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="confirmation")
+        assert "still running" in str(app.screen.query_one(".dialog-message").render())
+        await pilot.press("y")
+        assert app._stop.is_set()
+        for _ in range(FakeWorkbench.batches):
+            gate.release()  # let the engine reach its next should_stop check
+        await app.workers.wait_for_complete()
+    assert app.return_code == 0
+    assert FakeWorkbench.instances[-1].done_batches == 1  # stopped after the batch it was in
+
+
+@pytest.mark.anyio
+async def test_open_dialog_loads_another_session(tmp_path: Path) -> None:
+    other = tmp_path / "other.toml"
+    sessions.save(sessions.Session().with_updates({"session.name": "other", "pruning.ratio": 0.45}), other)
+    app = make_app(tmp_path / "first.toml")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+        await pilot.press("ctrl+u", *str(other), "enter")
+        await settle(app, pilot)
+        assert app.session_path == other and app.title == "prune — other"
+        assert isinstance(app.screen, SetupScreen) and app.screen.step == "review"
+        assert app.screen.query_one("#f-pruning--ratio", Input).value == "0.45"

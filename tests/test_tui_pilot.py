@@ -1,0 +1,186 @@
+"""End to end with the keyboard on the real engine: set up a tiny-model session step by step, run it,
+watch the chart update, apply a diagnosis fix, change the ratio in what-if, save, quit, then reopen
+the saved session and the results folder. Every wait is on a condition (workers done, state reached)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from textual.widgets import Input
+
+import sessions
+from prune_core.events import BatchDone, Event
+from sessions import Session
+from tests.test_tui_support import settle, shown, wait_for
+from tui import engine
+from tui.app import PruneApp
+from tui.screens.dialogs import ConfirmScreen
+from tui.screens.results import ResultsScreen
+from tui.screens.setup import SetupScreen
+from tui.widgets.charts import LayerStatsChart
+from tui.widgets.findings import FindingsList
+
+pytestmark = pytest.mark.anyio
+SIZE = (80, 24)
+
+
+async def type_into(pilot, app: PruneApp, field_id: str, text: str) -> None:  # type: ignore[no-untyped-def]
+    """The focused field must be `field_id`; its text is selected on focus, so typing replaces it."""
+    assert isinstance(app.focused, Input) and app.focused.id == field_id, app.focused
+    await pilot.press(*text)
+
+
+async def test_keyboard_walk_run_fix_whatif_save_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "walk.toml"
+    out = tmp_path / "runs"
+    keys = [m["key"] for m in engine.builtin_models()]
+    app = PruneApp(path, cpu_flops=50e9)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        setup = app.screen
+        assert isinstance(setup, SetupScreen) and setup.step == "model"
+        # 1 Model: pick tiny-llama in the list of built-ins; Enter also inspects it in a worker
+        await pilot.press(*["down"] * (keys.index("tiny-llama") - keys.index("smollm2-135m")), "enter")
+        await wait_for(pilot, lambda: app.model_info is not None and app.model_info.spec == "tiny-llama",
+                       what="model inspected")
+        assert app.model_info.layers == 4 and app.model_info.prunable_parameters > 0  # type: ignore[union-attr]
+        assert "4 layers" in shown(setup.query_one("#model-info"))
+        # 2 Dataset: shakespeare is the first entry
+        await pilot.press("pagedown")
+        assert setup.step == "dataset"
+        await pilot.press("enter")
+        await settle(app, pilot)
+        assert "tokens" in shown(setup.query_one("#dataset-stats"))
+        # 3 Method: taylor (the highlighted first button)
+        await pilot.press("pagedown", "enter")
+        assert setup.step == "method" and app.form_data["importance"]["method"] == "taylor"
+        # 4 Length
+        await pilot.press("pagedown")
+        await type_into(pilot, app, "f-data--seq_len", "32")
+        await pilot.press("tab")
+        await type_into(pilot, app, "f-data--num_samples", "8")
+        await pilot.press("tab")
+        await type_into(pilot, app, "f-data--batch_size", "4")
+        assert "◀ chosen" in shown(setup.query_one("#estimate"))
+        # 5 Pruning
+        await pilot.press("pagedown")
+        await type_into(pilot, app, "f-pruning--ratio", "0.3")
+        # 6 Review: results next to the test, then save (ctrl+s) and run (ctrl+r)
+        await pilot.press("pagedown")
+        assert setup.step == "review"
+        await pilot.press("tab")
+        await type_into(pilot, app, "f-session--output_dir", str(out))
+        assert not app.problems, app.problems
+        assert app.title == "prune — walk *"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert app.title == "prune — walk" and path.is_file()
+        s = sessions.load(path)
+        assert (s.model.id, s.data.dataset, s.importance.method) == ("tiny-llama", "shakespeare", "taylor")
+        assert (s.data.seq_len, s.data.num_samples, s.data.batch_size, s.pruning.ratio) == (32, 8, 4, 0.3)
+
+        await pilot.press("ctrl+r")
+        assert app.run_state.status != "idle"  # started (a fast machine may already be done)
+        run_chart = app.get_screen("run").query_one(LayerStatsChart)
+        await settle(app, pilot, cap_s=300)
+        assert app.run_state.status == "done", app.run_state.error
+        assert app.run_state.batches_received >= 1 and app.run_state.batch is not None
+        assert app.run_state.batch.total == 2
+        assert run_chart.received >= 1 and run_chart.redraws > 0
+        assert {"model", "data", "importance", "allocation", "diagnosis", "save"} <= set(app.run_state.stages)
+        results_dir = out / "walk"
+        assert (results_dir / "metrics.json").is_file()
+
+        # results, then diagnosis: apply the first finding that has a fix
+        assert isinstance(app.screen, ResultsScreen)
+        assert app.results is not None and app.results.allocation is not None
+        assert len(app.results.allocation.rows) == 4
+        await pilot.press("d")
+        await pilot.pause()
+        findings = app.screen.query_one(FindingsList)
+        fixable = [i for i, f in enumerate(findings.findings) if f.fix]
+        assert fixable, [f.issue for f in findings.findings]
+        assert app.focused is findings
+        await pilot.press(*["down"] * fixable[0])
+        fix = findings.selected.fix  # type: ignore[union-attr]
+        await pilot.press("f")
+        await settle(app, pilot)
+        for key, value in fix.items():
+            section, _, name = key.partition(".")
+            assert getattr(getattr(app.session, section), name) == value
+        assert app.title == "prune — walk *"
+
+        # what-if: a new ratio, allocated at once with the previous allocation kept beside it
+        await pilot.press("w")
+        await pilot.pause()
+        await type_into(pilot, app, "f-pruning--ratio", "0.25")
+        await pilot.press("enter")
+        await settle(app, pilot)
+        assert app.session.pruning.ratio == 0.25
+        assert app.results.allocation.target_ratio == 0.25  # type: ignore[union-attr]
+        assert app.results.previous is not None and app.results.previous.target_ratio == 0.3
+
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert app.title == "prune — walk"
+        assert sessions.load(path).pruning.ratio == 0.25
+        await pilot.press("ctrl+q")  # nothing unsaved, nothing running: quits at once
+        await pilot.pause()
+    assert app.return_code == 0
+
+    # reopen the saved session: it opens on the review step with the saved values
+    again = PruneApp(path, cpu_flops=50e9)
+    async with again.run_test(size=SIZE) as pilot:
+        await settle(again, pilot)
+        assert isinstance(again.screen, SetupScreen) and again.screen.step == "review"
+        assert again.title == "prune — walk"
+        assert again.session == sessions.load(path)
+
+    # reopen the results folder: results and diagnosis are read back, nothing is recomputed
+    folder = PruneApp(results_dir, cpu_flops=50e9)
+    async with folder.run_test(size=SIZE) as pilot:
+        await settle(folder, pilot)
+        assert isinstance(folder.screen, ResultsScreen)
+        r = folder.results
+        assert r is not None and r.from_folder and r.allocation is not None
+        assert len(r.allocation.rows) == 4 and r.findings and r.stats
+        assert folder.workbench is None and folder.run_state.stages == {}
+        assert "walk" in shown(folder.screen.query_one("#results-headline"))
+
+
+async def test_interrupted_run_is_resumable_on_reopen(tmp_path: Path) -> None:
+    """Real engine: stop after the first batch (the flag is set from the event sink, so it is exact),
+    then reopening the session offers to resume, and the pass continues from the checkpoint."""
+    session = Session().with_updates({
+        "session.name": "resume", "session.output_dir": str(tmp_path / "runs"), "model.id": "tiny-llama",
+        "model.device": "cpu", "data.num_samples": 8, "data.seq_len": 32, "data.batch_size": 2,
+        "importance.checkpoint_seconds": 0.0})
+    path = sessions.save(session, tmp_path / "resume.toml")
+    app = PruneApp(path, cpu_flops=50e9)
+    sink = app.sink
+
+    def stop_after_first_batch(event: Event) -> None:
+        sink(event)
+        if isinstance(event, BatchDone):
+            app._stop.set()  # what confirming "Cancel the run?" does
+
+    app.sink = stop_after_first_batch  # type: ignore[method-assign]
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("ctrl+r")
+        await settle(app, pilot, cap_s=300)
+        assert app.run_state.status == "interrupted", app.run_state.error
+        assert app.run_state.checkpoint is not None and app.run_state.checkpoint.batch == 1
+        assert app.screen.id == "run"
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+
+    again = PruneApp(path, cpu_flops=50e9)
+    async with again.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: isinstance(again.screen, ConfirmScreen), cap_s=120, what="resume question")
+        await pilot.press("y")
+        await settle(again, pilot, cap_s=300)
+        assert again.run_state.status == "done", again.run_state.error
+        assert again.run_state.batch is not None and again.run_state.batch.resumed_from == 1
+        assert again.run_state.batch.batch == 4

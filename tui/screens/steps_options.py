@@ -1,0 +1,162 @@
+"""Set-up steps 3 to 5: importance method, sequence length and samples (with an estimate), pruning."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.widgets import Collapsible, RadioButton, RadioSet, Static
+
+from tui.estimate import Estimate, Geometry, estimate, human_bytes, human_count, human_seconds
+from tui.screens.steps_base import Step, value_at
+from tui.widgets.fields import FieldSpec, control_id
+
+METHODS = (
+    ("taylor", "1 fwd+bwd per batch · good accuracy · the default"),
+    ("taylor_2nd", "+Fisher diag. (mem ≈ prunable fp32) · better at high ratios"),
+    ("wanda", "forward only · ~half the time · no gradients"),
+)
+
+METHOD_FIELDS = (
+    FieldSpec("importance.aggregation", "aggregation", "choice",
+              "element: per weight; vector: per group", ("element", "vector")),
+    FieldSpec("importance.fisher_scale", "Fisher scale", "choice",
+              "taylor_2nd: Fisher ÷ tokens or not", ("tokens", "none")),
+    FieldSpec("importance.hessian_device", "Fisher on", "choice",
+              "taylor_2nd: where the Fisher lives", ("auto", "cpu", "device")),
+)
+
+LENGTH_FIELDS = (
+    FieldSpec("data.seq_len", "seq_len", "int", "tokens per calibration window"),
+    FieldSpec("data.num_samples", "num_samples", "int", "calibration windows"),
+    FieldSpec("data.batch_size", "batch_size", "int", "windows per gradient batch"),
+    FieldSpec("importance.gradient_checkpointing", "grad. checkpointing", "bool", "less memory, ~1/3 more time"),
+    FieldSpec("session.seed", "seed", "int", "which windows are drawn"),
+)
+
+PRUNING_FIELDS = (
+    FieldSpec("pruning.ratio", "ratio", "float", "share of prunable params to remove"),
+    FieldSpec("pruning.min_rate", "min rate", "float", "lowest pruned share of any block"),
+    FieldSpec("pruning.max_rate", "max rate", "float", "highest pruned share of any block"),
+    FieldSpec("pruning.protect_layers", "protect layers", "ints", "never pruned, e.g. 0, 1",
+              placeholder="none"),
+)
+
+PRUNING_ADVANCED = (
+    FieldSpec("correction.temperature", "correction T", "float", "block-level exponent (0 = off)"),
+    FieldSpec("correction.tau", "correction tau", "float", "layer-level exponent (0 = off)"),
+    FieldSpec("correction.samples", "correction samples", "int", "windows for block losses"),
+    FieldSpec("normalization.level", "normalize", "choice", "none, per layer or per block",
+              ("none", "layer", "block")),
+    FieldSpec("normalization.method", "norm. method", "choice", "how scores are rescaled",
+              ("log", "minmax", "zscore", "sqrt")),
+    FieldSpec("normalization.clip", "clip", "floats", "percentiles low, high e.g. 1, 99", placeholder="none"),
+    FieldSpec("pruning.early_layers", "early layers", "int", "first N layers use early max rate"),
+    FieldSpec("pruning.early_max_rate", "early max rate", "float", "max rate of those layers"),
+    FieldSpec("pruning.depth_weight", "depth weight", "float", "favour early layers ×(1+(1-l/L)·w)"),
+    FieldSpec("pruning.compensate", "compensate", "choice", "bias: fold pruned mean output",
+              ("none", "bias")),
+)
+
+
+class MethodStep(Step):
+    key = "method"
+    title = "3 Method"
+
+    def compose(self) -> ComposeResult:
+        yield self.intro("How each group's importance is scored (arrows to move, Enter or space to pick).")
+        current = value_at(self.prune_app.form_data, "importance.method") or "taylor"
+        with RadioSet(id=control_id("importance.method")):
+            for key, desc in METHODS:
+                yield RadioButton(f"{key:<11} {desc}", value=key == current, id=f"method-{key}")
+        yield Static("", id="method-error", classes="field-error-line")
+        for spec in METHOD_FIELDS:
+            yield self.row(spec)
+
+    def on_form_changed(self) -> None:
+        msg = next((m for p, m in self.prune_app.problems if p == "importance.method"), "")
+        self.query_one("#method-error", Static).update(Text(f"✗ {msg}", style="red") if msg else "")
+
+
+def geometry_for(app: Any) -> Geometry | None:
+    """Exact geometry once the model was inspected; a guess from the built-in size otherwise."""
+    info = app.model_info
+    spec = value_at(app.form_data, "model.id")
+    if info is not None and info.spec == spec and info.total_parameters:
+        vocab = len(info.tokenizer) if info.tokenizer is not None else 32000
+        return Geometry(parameters=info.total_parameters, prunable=info.prunable_parameters, layers=info.layers,
+                        hidden=info.hidden_size, heads=info.heads, vocab=vocab)
+    for m in app.builtin_models or []:
+        if m.get("key") == spec and isinstance(m.get("parameters"), int | float):
+            return Geometry.guess(int(m["parameters"]))
+    return None
+
+
+class LengthStep(Step):
+    key = "length"
+    title = "4 Length"
+
+    def compose(self) -> ComposeResult:
+        yield self.intro("Calibration windows: tokens seen = seq_len × num_samples. The estimate updates as you type.")
+        for spec in LENGTH_FIELDS:
+            yield self.row(spec)
+        yield Static("", id="estimate")
+
+    def on_mount(self) -> None:
+        self.on_form_changed()
+
+    def on_form_changed(self) -> None:
+        self.query_one("#estimate", Static).update(self.render_estimate())
+
+    def render_estimate(self) -> Any:
+        app = self.prune_app
+        data = app.form_data
+        geo = geometry_for(app)
+        if geo is None:
+            return Text("Estimate: inspect the model in step 1 to see time and memory.", style="dim")
+        try:
+            seq = int(value_at(data, "data.seq_len"))
+            n = int(value_at(data, "data.num_samples"))
+            b = int(value_at(data, "data.batch_size"))
+        except (TypeError, ValueError):
+            return Text("Estimate: enter whole numbers above.", style="dim")
+        kw = {"method": str(value_at(data, "importance.method") or "taylor"), "num_samples": n,
+              "batch_size": max(1, b), "dtype": str(value_at(data, "model.dtype") or "float32"),
+              "gpu": app.gpu_for(str(value_at(data, "model.device") or "auto")), "cpu_flops": app.cpu_flops,
+              "gradient_checkpointing": bool(value_at(data, "importance.gradient_checkpointing"))}
+        lengths = sorted({128, 256, 512, max(2, seq)})
+        rows: list[Estimate] = [estimate(geo, seq_len=s, **kw) for s in lengths]  # type: ignore[arg-type]
+        table = Table(title=None, box=None, padding=(0, 2), show_edge=False)
+        for col in ("seq_len", "tokens", "time", "memory", ""):
+            table.add_column(col, justify="right" if col else "left")
+        for e in rows:
+            mark = "◀ chosen" if e.seq_len == seq else ""
+            when = human_seconds(e.seconds)
+            table.add_row(str(e.seq_len), human_count(e.tokens), when if when.startswith("<") else "~" + when,
+                          "~" + human_bytes(e.memory_bytes), mark, style="bold" if mark else "")
+        where = "GPU (assumed)" if kw["gpu"] else ("CPU (measured)" if app.cpu_flops else "CPU (assumed)")
+        note = Text.assemble(
+            ("Estimate", "bold"), f" for {kw['method']} on {where}{'' if geo.exact else ', model size guessed'}:\n",
+            ("longer windows see more context (steadier importance) but time grows with tokens and memory with "
+             "seq_len (attention with seq_len²); 128 is quick, 256 a good default, 512 for long-context models.",
+             "dim"))
+        from rich.console import Group
+
+        return Group(note, table)
+
+
+class PruningStep(Step):
+    key = "pruning"
+    title = "5 Pruning"
+
+    def compose(self) -> ComposeResult:
+        yield self.intro("How much to remove and the limits on it. Everything here can be changed later "
+                         "in the What-if panel without recomputing importance.")
+        for spec in PRUNING_FIELDS:
+            yield self.row(spec)
+        with Collapsible(title="Advanced: correction T/tau, normalization, early layers, compensation",
+                         id="pruning-advanced"):
+            for spec in PRUNING_ADVANCED:
+                yield self.row(spec)

@@ -1,0 +1,1 @@
+"""Widgets of the prune workbench: charts, tables, findings, form fields, stage list."""
