@@ -47,7 +47,7 @@ def write_fixed_session(results: Path, fix: dict[str, Any], new_name: str, out_p
     return new
 
 
-def print_findings(console: Console, findings: list[dict[str, Any]]) -> None:
+def print_findings(console: Console, findings: list[dict[str, Any]], results: Path) -> None:
     if not findings:
         console.print("no findings: the allocation looks healthy")
         return
@@ -59,7 +59,7 @@ def print_findings(console: Console, findings: list[dict[str, Any]]) -> None:
         fix = f.get("fix") or {}
         if fix:
             keys = ", ".join(f"{k} = {v!r}" for k, v in fix.items())
-            console.print(f"   fix: {keys}   (prune fix {{results}} --apply {i})", markup=False, highlight=False)
+            console.print(f"   fix: {keys}   (prune fix {results} --apply {i})", markup=False, highlight=False)
 
 
 def run_fix(results: Path, apply: int | None, json_mode: bool, console: Console) -> int:
@@ -73,7 +73,7 @@ def run_fix(results: Path, apply: int | None, json_mode: bool, console: Console)
         if json_mode:
             JsonRenderer().emit({"kind": "findings", "results_dir": str(results), "findings": findings})
         else:
-            print_findings(console, findings)
+            print_findings(console, findings, results)
         return 0
     if not findings:
         raise BadInput(f"{results} has no diagnosis findings to apply", "nothing to fix; see `prune show`")

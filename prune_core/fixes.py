@@ -8,11 +8,11 @@ input of a new run, not a record of an old one.
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import tomlkit
-import tomllib
 
 from prune_core.atomic import write_text
 from prune_core.errors import BadInput

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import tomllib
 
 import sessions
 from prune_core.diagnosis import (

@@ -39,8 +39,15 @@ def model64(request: pytest.FixtureRequest) -> torch.nn.Module:
 def modules_of(model: torch.nn.Module, layer: int) -> dict[str, torch.nn.Linear]:
     block = model.model.layers[layer]
     a, m = block.self_attn, block.mlp
-    return {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj,
-            "gate_proj": m.gate_proj, "up_proj": m.up_proj, "down_proj": m.down_proj}
+    return {
+        "q_proj": a.q_proj,
+        "k_proj": a.k_proj,
+        "v_proj": a.v_proj,
+        "o_proj": a.o_proj,
+        "gate_proj": m.gate_proj,
+        "up_proj": m.up_proj,
+        "down_proj": m.down_proj,
+    }
 
 
 def scored_params(model: torch.nn.Module) -> dict[tuple[int, str, str], torch.nn.Parameter]:
@@ -66,8 +73,12 @@ def group_pieces(model: torch.nn.Module, values: dict, layer: int, block: str, g
     pieces: list[torch.Tensor | None]
     if block == "attention":
         q_rows, kv_rows = slice(g * r * d, (g + 1) * r * d), slice(g * d, (g + 1) * d)
-        pieces = [get("q_proj")[q_rows, :], get("k_proj")[kv_rows, :], get("v_proj")[kv_rows, :],
-                  get("o_proj")[:, q_rows]]
+        pieces = [
+            get("q_proj")[q_rows, :],
+            get("k_proj")[kv_rows, :],
+            get("v_proj")[kv_rows, :],
+            get("o_proj")[:, q_rows],
+        ]
         for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
             bias = get(name, "bias")
             if bias is not None:
@@ -95,8 +106,11 @@ def brute_force(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int) -
     handles = []
     for layer in range(len(model.model.layers)):
         for name, lin in modules_of(model, layer).items():
-            handles.append(lin.register_forward_pre_hook(
-                lambda mod, args, layer=layer, name=name: captured.append((layer, name, args[0].detach()))))
+            handles.append(
+                lin.register_forward_pre_hook(
+                    lambda mod, args, layer=layer, name=name: captured.append((layer, name, args[0].detach()))
+                )
+            )
     batches = [(i, min(i + batch_size, tokens.shape[0])) for i in range(0, tokens.shape[0], batch_size)]
     try:
         for lo, hi in batches:
@@ -123,7 +137,10 @@ def brute_force(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int) -
     return {
         "params": params,
         "mean_grad": {k: v / b for k, v in gsum.items()},
-        "fisher": {"tokens": {k: v / b for k, v in f_tokens.items()}, "none": {k: v / b for k, v in f_none.items()}},
+        "fisher": {
+            "tokens": {k: v / b for k, v in f_tokens.items()},
+            "none": {k: v / b for k, v in f_none.items()},
+        },
         "input_norm": {k: v.sqrt() for k, v in sq_in.items()},
         "input_sum": sum_in,
         "batch_grads": batch_grads,
@@ -131,8 +148,9 @@ def brute_force(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int) -
     }
 
 
-def expected_scores(model: torch.nn.Module, ref: dict[str, Any], method: str, aggregation: str,
-                    fisher_scale: str) -> dict[str, torch.Tensor]:
+def expected_scores(
+    model: torch.nn.Module, ref: dict[str, Any], method: str, aggregation: str, fisher_scale: str
+) -> dict[str, torch.Tensor]:
     params, gbar = ref["params"], ref["mean_grad"]
     w = {k: p.detach() for k, p in params.items()}
     wg = {k: w[k] * gbar[k] for k in w}
@@ -153,7 +171,9 @@ def expected_scores(model: torch.nn.Module, ref: dict[str, Any], method: str, ag
                     else:
                         value = sum(p.sum() for p in pieces).abs()
                     if method == "taylor_2nd":
-                        value = value + 0.5 * sum(p.sum() for p in group_pieces(model, second, layer, block, g))
+                        value = value + 0.5 * sum(
+                            p.sum() for p in group_pieces(model, second, layer, block, g)
+                        )
                 table[layer, g] = value
         out[block] = table
     return out
@@ -176,8 +196,15 @@ def test_engine_matches_brute_force(model64: torch.nn.Module) -> None:
     assert ref["batches"] == 3
     adapter = get_adapter(model64)
     for method, aggregation, fisher_scale in CASES:
-        result = run_importance(model64, adapter, tokens, method=method, aggregation=aggregation,
-                                fisher_scale=fisher_scale, batch_size=BS)
+        result = run_importance(
+            model64,
+            adapter,
+            tokens,
+            method=method,
+            aggregation=aggregation,
+            fisher_scale=fisher_scale,
+            batch_size=BS,
+        )
         want = expected_scores(model64, ref, method, aggregation, fisher_scale)
         label = f"{model64.config.model_type} {method}/{aggregation}/{fisher_scale}"
         assert result.attention.dtype == torch.float64, label
@@ -185,29 +212,39 @@ def test_engine_matches_brute_force(model64: torch.nn.Module) -> None:
         torch.testing.assert_close(result.mlp, want["mlp"], rtol=1e-9, atol=1e-12, msg=label)
         if method == "taylor_2nd":
             first = expected_scores(model64, ref, "taylor", aggregation, fisher_scale)
-            torch.testing.assert_close(result.first_order["attention"], first["attention"], rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(
+                result.first_order["attention"], first["attention"], rtol=1e-9, atol=1e-12
+            )
             torch.testing.assert_close(result.first_order["mlp"], first["mlp"], rtol=1e-9, atol=1e-12)
         else:
             assert result.first_order is None
         # input sums for bias compensation: every pass, all tokens
         assert result.input_tokens == N * S and result.tokens == N * S and result.batches == 3
         for name in ("o_proj", "down_proj"):
-            want_sums = torch.stack([ref["input_sum"][(layer, name)] for layer in range(model64.config.num_hidden_layers)])
+            want_sums = torch.stack(
+                [ref["input_sum"][(layer, name)] for layer in range(model64.config.num_hidden_layers)]
+            )
             torch.testing.assert_close(result.input_sums[name], want_sums, rtol=1e-10, atol=1e-10)
 
 
 def _block_stats(values: list[torch.Tensor]) -> dict[str, float]:
     flat = torch.cat([v.reshape(-1) for v in values])
-    return {"mean": flat.abs().mean().item(), "std": flat.std(unbiased=False).item(),
-            "norm": flat.norm().item(), "max": flat.abs().max().item(), "min": flat.abs().min().item()}
+    return {
+        "mean": flat.abs().mean().item(),
+        "std": flat.std(unbiased=False).item(),
+        "norm": flat.norm().item(),
+        "max": flat.abs().max().item(),
+        "min": flat.abs().min().item(),
+    }
 
 
 def test_live_gradient_stats_match_brute_force(model64: torch.nn.Module) -> None:
     tokens = tokens_for()
     ref = brute_force(model64, tokens, BS)
     events: list = []
-    result = run_importance(model64, get_adapter(model64), tokens, method="taylor", batch_size=BS,
-                            on_event=events.append)
+    result = run_importance(
+        model64, get_adapter(model64), tokens, method="taylor", batch_size=BS, on_event=events.append
+    )
     done = [e for e in events if isinstance(e, BatchDone)]
     assert [e.batch for e in done] == [1, 2, 3] and all(e.total == 3 for e in done)
     assert all(e.stats_label == "gradient" for e in done)
@@ -222,8 +259,12 @@ def test_live_gradient_stats_match_brute_force(model64: torch.nn.Module) -> None
                     assert got == pytest.approx(value, rel=1e-9, abs=1e-15), (b, layer, block, stat)
                     assert result.batch_stats[b]["stats"][block][stat][layer] == got
     # aggregate: mean/std/norm averaged over batches, max = max, min = min
-    for stat, combine in (("mean", lambda xs: sum(xs) / len(xs)), ("norm", lambda xs: sum(xs) / len(xs)),
-                          ("max", max), ("min", min)):
+    for stat, combine in (
+        ("mean", lambda xs: sum(xs) / len(xs)),
+        ("norm", lambda xs: sum(xs) / len(xs)),
+        ("max", max),
+        ("min", min),
+    ):
         for layer in range(model64.config.num_hidden_layers):
             xs = [bs["stats"]["mlp"][stat][layer] for bs in result.batch_stats]
             assert result.stats["mlp"][stat][layer] == pytest.approx(combine(xs), rel=1e-12)
@@ -239,11 +280,16 @@ def test_wanda_activation_stats_and_no_backward(model64: torch.nn.Module) -> Non
     for layer in range(model64.config.num_hidden_layers):
         for name in ("q_proj", "o_proj", "gate_proj", "down_proj"):  # the four distinct inputs of a layer
             lin = modules_of(model64, layer)[name]
-            handles.append(lin.register_forward_pre_hook(
-                lambda mod, args, key=(layer, name): captured.setdefault(key, []).append(args[0].detach())))
+            handles.append(
+                lin.register_forward_pre_hook(
+                    lambda mod, args, key=(layer, name): captured.setdefault(key, []).append(args[0].detach())
+                )
+            )
     events: list = []
     try:
-        result = run_importance(model64, adapter, tokens, method="wanda", batch_size=BS, on_event=events.append)
+        result = run_importance(
+            model64, adapter, tokens, method="wanda", batch_size=BS, on_event=events.append
+        )
     finally:
         for h in handles:
             h.remove()
@@ -256,7 +302,11 @@ def test_wanda_activation_stats_and_no_backward(model64: torch.nn.Module) -> Non
         mlp = [captured[(layer, "gate_proj")][0], captured[(layer, "down_proj")][0]]
         for block, values in (("attention", att), ("mlp", mlp), ("layer", att + mlp)):
             for stat, value in _block_stats(values).items():
-                assert first.layer_stats[block][stat][layer] == pytest.approx(value, rel=1e-9), (layer, block, stat)
+                assert first.layer_stats[block][stat][layer] == pytest.approx(value, rel=1e-9), (
+                    layer,
+                    block,
+                    stat,
+                )
 
 
 def test_taylor_2nd_ranks_differently_from_taylor() -> None:
@@ -309,8 +359,10 @@ def test_deferred_mode_matches_streaming() -> None:
     accs = {}
     for streaming in (True, False):
         with GradientAccumulator(named, second_order=True, streaming=streaming) as acc:
-            rows = [acc.accumulate(model(tokens[i : i + 2], labels=tokens[i : i + 2], use_cache=False).loss, 5.0)
-                    for i in (0, 2)]
+            rows = [
+                acc.accumulate(model(tokens[i : i + 2], labels=tokens[i : i + 2], use_cache=False).loss, 5.0)
+                for i in (0, 2)
+            ]
         accs[streaming] = (acc, rows)
     (a, rows_a), (b, rows_b) = accs[True], accs[False]
     assert rows_a == rows_b
@@ -328,8 +380,15 @@ def test_model_state_restored_and_result_round_trip(tmp_path) -> None:
     before_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     before_training = {n: m.training for n, m in model.named_modules()}
     events: list = []
-    result = run_importance(model, get_adapter(model), tokens_for(n=4), method="taylor_2nd", batch_size=2,
-                            identity={"model": "x"}, on_event=events.append)
+    result = run_importance(
+        model,
+        get_adapter(model),
+        tokens_for(n=4),
+        method="taylor_2nd",
+        batch_size=2,
+        identity={"model": "x"},
+        on_event=events.append,
+    )
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before_flags
     assert {n: m.training for n, m in model.named_modules()} == before_training
     assert all(p.grad is None for p in model.parameters())
@@ -347,7 +406,11 @@ def test_model_state_restored_and_result_round_trip(tmp_path) -> None:
         assert torch.equal(loaded.input_sums[k], result.input_sums[k])
     assert loaded.stats == result.stats and loaded.batch_stats == result.batch_stats
     assert (loaded.method, loaded.aggregation, loaded.fisher_scale, loaded.stats_label) == (
-        "taylor_2nd", "element", "tokens", "gradient")
+        "taylor_2nd",
+        "element",
+        "tokens",
+        "gradient",
+    )
     assert (loaded.input_tokens, loaded.batches, loaded.tokens) == (result.input_tokens, 2, result.tokens)
     assert loaded.metadata["attention_groups"] == [2, 2, 2, 2]
     assert loaded.metadata["identity"]["caller"] == {"model": "x"}
@@ -359,10 +422,14 @@ def test_gradient_checkpointing_gives_the_same_scores() -> None:
     adapter = get_adapter(model)
     tokens = tokens_for(seed=6, n=4, s=16)
     plain = run_importance(model, adapter, tokens, method="taylor_2nd", batch_size=2)
-    ckpt = run_importance(model, adapter, tokens, method="taylor_2nd", batch_size=2, gradient_checkpointing=True)
+    ckpt = run_importance(
+        model, adapter, tokens, method="taylor_2nd", batch_size=2, gradient_checkpointing=True
+    )
     torch.testing.assert_close(ckpt.attention, plain.attention, rtol=1e-5, atol=0)
     torch.testing.assert_close(ckpt.mlp, plain.mlp, rtol=1e-5, atol=0)
-    torch.testing.assert_close(ckpt.input_sums["o_proj"], plain.input_sums["o_proj"])  # counted once, not twice
+    torch.testing.assert_close(
+        ckpt.input_sums["o_proj"], plain.input_sums["o_proj"]
+    )  # counted once, not twice
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     assert not any(m.training for m in model.modules())
 
@@ -372,7 +439,7 @@ def test_bfloat16_model_accumulates_in_float32() -> None:
     model = model.to(torch.bfloat16)
     named = [(str(k), p) for k, p in scored_params(model).items()]
     acc = GradientAccumulator(named, second_order=True)
-    assert acc.sum_grad[0].dtype == torch.float32 and acc.sum_sq[0].dtype == torch.float32
+    assert all(t.dtype == torch.float32 for t in acc.state_tensors().values())
     result = run_importance(model, get_adapter(model), tokens_for(n=4), method="taylor_2nd", batch_size=2)
     assert torch.isfinite(result.attention).all() and torch.isfinite(result.mlp).all()
     assert result.metadata["dtype"] == "bfloat16"
@@ -411,3 +478,61 @@ def test_scores_are_finite_and_positive_for_every_family() -> None:
             assert all(math.isfinite(x) for x in r.stats["layer"]["norm"])
         for a, b in zip(model.parameters(), model_copy.parameters(), strict=True):
             assert torch.equal(a, b)  # the pass never changes weights
+
+
+def test_scores_from_the_sums_match_the_in_hook_scores() -> None:
+    """The engine scores the last batch inside the hooks; the plain pass over the sums must agree."""
+    from prune_core.importance.groups import prunable_targets, taylor_group_scores
+    from prune_core.importance.prepare import prepared
+
+    model, _ = build_tiny("tiny-qwen2")
+    adapter = get_adapter(model)
+    parts = adapter.all_parts(model)
+    targets = prunable_targets(parts)
+    tokens = tokens_for(seed=8, n=4, s=10)
+    for aggregation in ("element", "vector"):
+        engine = run_importance(
+            model,
+            adapter,
+            tokens,
+            method="taylor_2nd",
+            aggregation=aggregation,
+            batch_size=2,
+            hessian_device="cpu",
+        )
+        with (
+            prepared(model, grad_params=[t.param for t in targets], layers=list(adapter.layers(model))),
+            GradientAccumulator([(t.key, t.param) for t in targets], second_order=True) as acc,
+        ):
+            for lo in (0, 2):
+                ids = tokens[lo : lo + 2]
+                acc.accumulate(model(ids, labels=ids, use_cache=False).loss, weight=2 * 9)
+        total, first = taylor_group_scores(parts, targets, acc.sum_grad, acc.sum_sq, acc.batches, aggregation)
+        torch.testing.assert_close(total.mlp, engine.mlp, rtol=1e-6, atol=0)
+        torch.testing.assert_close(total.attention, engine.attention, rtol=1e-6, atol=0)
+        torch.testing.assert_close(first.mlp, engine.first_order["mlp"], rtol=1e-6, atol=0)
+
+
+def test_already_pruned_model_with_uneven_layers() -> None:
+    """Layers of different sizes (after surgery): NaN-padded tables, real group counts in metadata."""
+    from prune_core.surgery import apply_pruning
+
+    model, _ = build_tiny("tiny-llama")
+    adapter = get_adapter(model)
+    apply_pruning(model, adapter, {1: {"attention": [0], "mlp": list(range(64))}})
+    for method in ("taylor_2nd", "wanda"):
+        r = run_importance(model, adapter, tokens_for(n=2, s=8), method=method, batch_size=2)
+        assert r.metadata["attention_groups"] == [2, 1, 2, 2] and r.metadata["mlp_groups"] == [
+            128,
+            64,
+            128,
+            128,
+        ]
+        assert torch.isnan(r.attention[1, 1]) and torch.isnan(r.mlp[1, 64:]).all()
+        assert torch.isfinite(r.attention[1, :1]).all() and torch.isfinite(r.mlp[1, :64]).all()
+        assert torch.isfinite(r.mlp[[0, 2, 3]]).all()
+        assert (
+            r.input_sums["down_proj"].shape == (4, 128)
+            and torch.isnan(r.input_sums["down_proj"][1, 64:]).all()
+        )
+        assert r.input_sums["o_proj"].shape == (4, 64) and torch.isnan(r.input_sums["o_proj"][1, 32:]).all()

@@ -43,12 +43,15 @@ def test_block_losses_match_zeroed_weights(family: str) -> None:
     for layer in range(layers):
         # zeroed o_proj => attention output exactly 0 with the residual kept
         assert result.attention[layer] == pytest.approx(
-            mean_loss(zeroed(model, layer, "o_proj"), TOKENS, 2) - base, abs=1e-12)
+            mean_loss(zeroed(model, layer, "o_proj"), TOKENS, 2) - base, abs=1e-12
+        )
         assert result.mlp[layer] == pytest.approx(
-            mean_loss(zeroed(model, layer, "down_proj"), TOKENS, 2) - base, abs=1e-12)
+            mean_loss(zeroed(model, layer, "down_proj"), TOKENS, 2) - base, abs=1e-12
+        )
         # both zeroed => the layer adds nothing to the residual stream: same as skipping it
         assert result.layer[layer] == pytest.approx(
-            mean_loss(zeroed(model, layer, "o_proj", "down_proj"), TOKENS, 2) - base, abs=1e-12)
+            mean_loss(zeroed(model, layer, "o_proj", "down_proj"), TOKENS, 2) - base, abs=1e-12
+        )
     assert isinstance(events[0], StageStarted) and events[0].total == 1 + 3 * layers
     assert isinstance(events[-1], StageDone)
     assert [e.done for e in events if isinstance(e, Progress)] == list(range(1, 2 + 3 * layers))
@@ -64,7 +67,8 @@ def test_layer_skip_returns_the_input_hidden_states() -> None:
         # registered after the skip hook, so this one sees the replaced output
         pre = layer.register_forward_pre_hook(
             lambda m, args, kwargs: seen.__setitem__("in", args[0] if args else kwargs["hidden_states"]),
-            with_kwargs=True)
+            with_kwargs=True,
+        )
         post = layer.register_forward_hook(lambda m, args, out: seen.__setitem__("out", out))
         try:
             model(TOKENS[:1], use_cache=False)

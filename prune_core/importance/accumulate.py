@@ -16,24 +16,31 @@ How it stays cheap: a post-accumulate-grad hook runs on each parameter right aft
 its gradient, while that gradient is still in cache. The hook writes 5 reductions (stats.fill_row)
 into a per-batch buffer and, in *streaming* mode (CPU), checks the gradient is finite and adds it
 into the sums in place (add_ / addcmul_), so no pass over the gradients is needed after backward.
+The first batch's gradient tensor itself becomes the Σg buffer (no zero-filled buffer to fault in).
 On accelerators a finiteness check per parameter would synchronise the device, so *deferred* mode
 keeps the gradients, checks all rows with one transfer after backward, then adds.
 
 A non-finite gradient never reaches the sums in deferred mode; in streaming mode the parameters
 already added for the failing batch are subtracted back out (exact up to float rounding), so the
 state after a failure is the state before that batch. `NonFiniteGradient` names the parameter.
+
+`accumulate(..., finalize=f)` calls f(i, Σg_i, Σn·g²_i) for every parameter right after its last
+addition — in the hook, while the sums are in cache — so the caller can compute the final scores
+of the last batch without another pass over all the sums.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from prune_core.importance.stats import ROW_WIDTH, SUM_SQ, fill_row
+
+Finalizer = Callable[[int, torch.Tensor, "torch.Tensor | None"], None]
 
 
 class NonFiniteGradient(Exception):
@@ -74,15 +81,9 @@ class GradientAccumulator:
         self.second_order = second_order
         self.hessian_device = torch.device(hessian_device) if hessian_device is not None else self.device
         self.streaming = (self.device.type == "cpu") if streaming is None else streaming
-        # memory-bound reductions gain nothing from a second CPU thread, and on a busy machine every
-        # parallel region waits for its slowest thread: the hook's work runs on one thread
-        self.single_thread = self.device.type == "cpu"
-        self.sum_grad = [torch.zeros(p.shape, dtype=self.dtype, device=self.device) for p in self.params]
-        self.sum_sq = (
-            [torch.zeros(p.shape, dtype=self.dtype, device=self.hessian_device) for p in self.params]
-            if second_order
-            else None
-        )
+        # allocated lazily by the first addition (see _add); read them through sums()/state_tensors()
+        self._sum_grad: list[torch.Tensor | None] = [None] * len(self.params)
+        self._sum_sq: list[torch.Tensor | None] = [None] * len(self.params)
         self.batches = 0
         self.counts = [p.numel() for p in self.params]
         self._rows = torch.zeros(len(self.params), ROW_WIDTH, dtype=self.dtype, device=self.device)
@@ -90,9 +91,11 @@ class GradientAccumulator:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._fired = [0] * len(self.params)
         self._added = [False] * len(self.params)
+        self._created = [False] * len(self.params)
         self._bad: str | None = None
         self._reused: str | None = None
         self._weight = 1.0
+        self._finalize: Finalizer | None = None
 
     # hooks -------------------------------------------------------------------------------------
     def __enter__(self) -> GradientAccumulator:
@@ -126,51 +129,59 @@ class GradientAccumulator:
         if self._fired[i] > 1:
             self._reused = self._reused or self.keys[i]
             return
-        threads = torch.get_num_threads() if self.single_thread else 1
-        if threads > 1:
-            torch.set_num_threads(1)
-        try:
-            self._process(i)
-        finally:
-            if threads > 1:
-                torch.set_num_threads(threads)
-
-    def _process(self, i: int) -> None:
         with torch.no_grad():
             g = self._grad(i)
             fill_row(g.reshape(-1), self._rows[i], self._scratch)
-            if not self.streaming:
-                return
-            if self._bad is not None:
+            if not self.streaming or self._bad is not None:
                 return
             if not math.isfinite(float(self._rows[i, SUM_SQ])):
                 self._bad = self.keys[i]
                 return
             self._add(i, g, 1.0)
-            self._added[i] = True
+            if self._finalize is not None:
+                self._finalize(i, self._sum_grad[i], self._sum_sq[i])  # type: ignore[arg-type]
 
     def _add(self, i: int, g: torch.Tensor, sign: float) -> None:
-        self.sum_grad[i].add_(g, alpha=sign)
-        if self.sum_sq is not None:
-            gh = g if self.hessian_device == self.device else g.to(self.hessian_device)
-            self.sum_sq[i].addcmul_(gh, gh, value=sign * self._weight)
+        """Σg += sign·g and Σn·g² += sign·n·g²; the first addition adopts g (and g²·n) as the buffers."""
+        if sign < 0 and self._created[i]:
+            self._sum_grad[i] = self._sum_sq[i] = None
+            self._created[i] = False
+            return
+        gh = g if self.hessian_device == self.device else g.to(self.hessian_device)
+        current = self._sum_grad[i]
+        if current is None:
+            self._created[i] = True
+            # the gradient tensor is ours once p.grad is reset (end of the batch): adopt it
+            self._sum_grad[i] = g if g.is_contiguous() else g.contiguous()
+            if self.second_order:
+                self._sum_sq[i] = torch.mul(gh, gh).mul_(self._weight)
+        else:
+            current.add_(g, alpha=sign)
+            if self.second_order:
+                sq = self._sum_sq[i]
+                assert sq is not None
+                sq.addcmul_(gh, gh, value=sign * self._weight)
+        self._added[i] = sign > 0
 
     # one batch ---------------------------------------------------------------------------------
-    def accumulate(self, loss: torch.Tensor, weight: float = 1.0) -> list[list[float]]:
+    def accumulate(
+        self, loss: torch.Tensor, weight: float = 1.0, *, finalize: Finalizer | None = None
+    ) -> list[list[float]]:
         """Backward `loss` with fresh gradients and add them in; returns the per-parameter stat rows.
 
-        Raises NonFiniteGradient (sums unchanged) when any gradient holds NaN/Inf.
+        Raises NonFiniteGradient (sums unchanged) when any gradient holds NaN/Inf. `finalize`, if
+        given, is called as finalize(i, Σg_i, Σn·g²_i or None) after parameter i's addition.
         """
         if not self._handles:
             raise RuntimeError("GradientAccumulator.accumulate needs attach() (or a with block) first")
         for p in self.params:
             p.grad = None
         self._rows.zero_()
-        self._fired = [0] * len(self.params)
-        self._added = [False] * len(self.params)
-        self._bad = None
-        self._reused = None
+        n = len(self.params)
+        self._fired, self._added, self._created = [0] * n, [False] * n, [False] * n
+        self._bad = self._reused = None
         self._weight = float(weight)
+        self._finalize = finalize
         try:
             loss.backward()
             if self._reused is not None:
@@ -188,6 +199,8 @@ class GradientAccumulator:
                         for i, p in enumerate(self.params):
                             if p.grad is not None:
                                 self._add(i, self._grad(i), 1.0)
+                                if finalize is not None:
+                                    finalize(i, self._sum_grad[i], self._sum_sq[i])  # type: ignore[arg-type]
             if self._bad is not None:
                 with torch.no_grad():
                     for i, added in enumerate(self._added):
@@ -195,8 +208,13 @@ class GradientAccumulator:
                             self._add(i, self._grad(i), -1.0)
                 raise NonFiniteGradient(self._bad)
         finally:
+            self._finalize = None
             for p in self.params:
                 p.grad = None
+        if finalize is not None:  # parameters that got no gradient this batch
+            for i, fired in enumerate(self._fired):
+                if not fired:
+                    finalize(i, self.sum_grad(i), self.sum_sq(i) if self.second_order else None)
         self.batches += 1
         return [r if self._fired[i] else [0.0] * ROW_WIDTH for i, r in enumerate(rows)]
 
@@ -204,25 +222,37 @@ class GradientAccumulator:
     def index(self, key: str) -> int:
         return self._index[key]
 
+    def sum_grad(self, i: int) -> torch.Tensor:
+        """Σ_b g_b of parameter i (materialised as zeros before the first batch)."""
+        if self._sum_grad[i] is None:
+            self._sum_grad[i] = torch.zeros(self.params[i].shape, dtype=self.dtype, device=self.device)
+        return self._sum_grad[i]  # type: ignore[return-value]
+
+    def sum_sq(self, i: int) -> torch.Tensor:
+        """Σ_b n_b·g_b² of parameter i (second_order only)."""
+        if not self.second_order:
+            raise ValueError("sum_sq() needs second_order=True")
+        if self._sum_sq[i] is None:
+            self._sum_sq[i] = torch.zeros(self.params[i].shape, dtype=self.dtype, device=self.hessian_device)
+        return self._sum_sq[i]  # type: ignore[return-value]
+
     def mean_grad(self, key: str) -> torch.Tensor:
         """ḡ = Σ_b g_b / B."""
-        return self.sum_grad[self.index(key)] / max(self.batches, 1)
+        return self.sum_grad(self.index(key)) / max(self.batches, 1)
 
     def fisher(self, key: str) -> torch.Tensor:
         """F = Σ_b n_b·g_b² / B (second_order only)."""
-        if self.sum_sq is None:
-            raise ValueError("fisher() needs second_order=True")
-        return self.sum_sq[self.index(key)] / max(self.batches, 1)
+        return self.sum_sq(self.index(key)) / max(self.batches, 1)
 
     def nbytes(self) -> int:
-        sums = self.sum_grad + (self.sum_sq or [])
-        return sum(t.numel() * t.element_size() for t in sums)
+        per = self.dtype.itemsize * (2 if self.second_order else 1)
+        return sum(self.counts) * per
 
     # checkpointing -----------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"grad_sum.{k}": t for k, t in zip(self.keys, self.sum_grad, strict=True)}
-        if self.sum_sq is not None:
-            out.update({f"grad_sq.{k}": t for k, t in zip(self.keys, self.sum_sq, strict=True)})
+        out = {f"grad_sum.{k}": self.sum_grad(i) for i, k in enumerate(self.keys)}
+        if self.second_order:
+            out.update({f"grad_sq.{k}": self.sum_sq(i) for i, k in enumerate(self.keys)})
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], batches: int) -> None:

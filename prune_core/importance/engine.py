@@ -44,11 +44,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from prune_core.adapters.base import Adapter, LayerParts
+from prune_core.adapters.base import Adapter
 from prune_core.errors import BadInput, Interrupted, RunFailed
 from prune_core.events import BatchDone, Checkpointed, EventSink, LayerStats, Notice, StageDone, StageStarted
 from prune_core.importance.accumulate import GradientAccumulator, NonFiniteGradient
-from prune_core.importance.groups import Target, prunable_targets, taylor_group_scores, wanda_group_scores
+from prune_core.importance.groups import (
+    Target,
+    TaylorPartial,
+    assemble_taylor,
+    prunable_targets,
+    taylor_group_scores,
+    taylor_partial,
+    wanda_group_scores,
+)
 from prune_core.importance.hooks import InputHooks
 from prune_core.importance.nonfinite import locate_nonfinite
 from prune_core.importance.prepare import prepared
@@ -98,9 +106,7 @@ def _validate(
     hessian_device: str,
     checkpoint_seconds: float,
 ) -> None:
-    def bad(what: str, fix: str) -> BadInput:
-        return BadInput(what, fix)
-
+    bad = BadInput
     if method not in METHODS:
         raise bad(f"unknown importance method {method!r}", f"use one of {', '.join(METHODS)}")
     if aggregation not in AGGREGATIONS:
@@ -160,6 +166,314 @@ class _Progress:
         return [b["loss"] for b in self.batch_stats]
 
 
+class _BatchFailed(Exception):
+    """A batch produced NaN/Inf; `where` names the module when known (else it is located)."""
+
+    def __init__(self, where: str | None) -> None:
+        super().__init__(where)
+        self.where = where
+
+
+class _Pass:
+    """One importance pass: the accumulators, the batch loop, checkpoints and the result."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        tokens: torch.Tensor,
+        *,
+        method: str,
+        aggregation: str,
+        fisher_scale: str,
+        batch_size: int,
+        identity: dict[str, Any],
+        store: CheckpointStore | None,
+        emit: EventSink,
+        stage: str,
+    ) -> None:
+        self.model, self.adapter, self.tokens = model, adapter, tokens
+        self.method, self.aggregation, self.fisher_scale = method, aggregation, fisher_scale
+        self.batch_size, self.store, self.emit, self.stage = batch_size, store, emit, stage
+        self.grad_pass = method != "wanda"
+        self.parts = adapter.all_parts(model)
+        self.targets = prunable_targets(self.parts)
+        self.device = self.targets[0].param.device
+        self.num_samples, self.seq_len = int(tokens.shape[0]), int(tokens.shape[1])
+        self.slices = batch_slices(self.num_samples, batch_size)
+        self.total = len(self.slices)
+        layout, sample = _targets_digest(self.targets)
+        self.identity = {
+            "engine": {
+                "version": ENGINE_VERSION,
+                "method": method,
+                "fisher_scale": fisher_scale if method == "taylor_2nd" else None,
+                "batch_size": batch_size,
+                "num_samples": self.num_samples,
+                "seq_len": self.seq_len,
+                "tokens_sha256": tokens_sha256(tokens),
+                "parameters_sha256": layout,
+                "weights_sample_sha256": sample,
+            },
+            "caller": identity,
+        }
+        self.progress = _Progress()
+        self.acc: GradientAccumulator | None = None
+        self.inputs: InputHooks | None = None
+        # the last batch computes each parameter's share of the scores right after adding it in
+        self.partials: dict[int, TaylorPartial] = {}
+        self._scratch: torch.Tensor | None = None
+        self.started = time.perf_counter()
+
+    # set-up ------------------------------------------------------------------------------------
+    def attach(self, stack: ExitStack, hessian_device: str, gradient_checkpointing: bool) -> None:
+        stack.enter_context(
+            prepared(
+                self.model,
+                grad_params=[t.param for t in self.targets] if self.grad_pass else None,
+                layers=list(self.adapter.layers(self.model)),
+                gradient_checkpointing=gradient_checkpointing and self.grad_pass,
+            )
+        )
+        self.inputs = stack.enter_context(InputHooks(self.parts, squares=not self.grad_pass))
+        if self.grad_pass:
+            second = self.method == "taylor_2nd"
+            nbytes = sum(t.param.numel() for t in self.targets) * 4
+            hdev = (
+                _choose_hessian_device(hessian_device, self.device, nbytes, self.emit, self.stage)
+                if second
+                else self.device
+            )
+            named = [(t.key, t.param) for t in self.targets]
+            self.acc = stack.enter_context(
+                GradientAccumulator(named, second_order=second, hessian_device=hdev)
+            )
+            self.plan = BlockStats([(t.layer, t.block) for t in self.targets], len(self.parts))
+        else:
+            self.plan = BlockStats(self.inputs.owners(), len(self.parts))
+
+    def restore(self) -> None:
+        """Resume from the checkpoint in the store, if there is one with the same identity."""
+        ckpt = self.store.load() if self.store is not None else None
+        if ckpt is None or self.store is None:
+            return
+        self.store.check_identity(ckpt.meta.get("identity", {}), self.identity)
+        start = int(ckpt.meta["next_batch"])
+        self.progress = _Progress(
+            next_batch=start,
+            batch_stats=list(ckpt.meta["batch_stats"]),
+            seconds_before=float(ckpt.meta["seconds"]),
+            resumed_from=start,
+        )
+        if self.acc is not None:
+            self.acc.load_state_tensors(ckpt.tensors, start)
+        assert self.inputs is not None
+        self.inputs.load_state_tensors(ckpt.tensors, int(ckpt.meta["input_tokens"]))
+        self.emit(Notice(f"resuming from batch {start}/{self.total}", "info", self.stage))
+
+    # checkpoints -------------------------------------------------------------------------------
+    def checkpoint(self, next_batch: int) -> None:
+        if self.store is None:
+            return
+        assert self.inputs is not None
+        tensors = {
+            **(self.acc.state_tensors() if self.acc is not None else {}),
+            **self.inputs.state_tensors(),
+        }
+        meta = {
+            "identity": self.identity,
+            "next_batch": next_batch,
+            "total_batches": self.total,
+            "method": self.method,
+            "batch_stats": self.progress.batch_stats[:next_batch],
+            "input_tokens": self.inputs.tokens,
+            "seconds": self.seconds(),
+        }
+        path = self.store.save(meta, tensors)
+        self.emit(Checkpointed(self.stage, next_batch, str(path.parent)))
+
+    def seconds(self) -> float:
+        return self.progress.seconds_before + (time.perf_counter() - self.started)
+
+    # one batch ---------------------------------------------------------------------------------
+    def _finalize(self, i: int, grad_sum: torch.Tensor, sq_sum: torch.Tensor | None) -> None:
+        if self._scratch is None:
+            size = max(t.param.numel() for t in self.targets)
+            self._scratch = torch.empty(size, dtype=grad_sum.dtype, device=grad_sum.device)
+        t = self.targets[i]
+        self.partials[i] = taylor_partial(
+            t, self.parts[t.layer], grad_sum, sq_sum, self.aggregation, self._scratch
+        )
+
+    def _forward_backward(self, b: int, ids: torch.Tensor) -> tuple[float, list[list[float]], list[int]]:
+        """Loss and stat rows of batch b; raises _BatchFailed (sums unchanged) on NaN/Inf."""
+        inputs, acc = self.inputs, self.acc
+        assert inputs is not None
+        rows = ids.shape[0]
+        inputs.begin_batch()
+        try:
+            if acc is None:
+                with torch.no_grad():
+                    loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+                inputs.end_forward()
+                stat_rows, counts = inputs.rows.tolist(), inputs.counts
+            else:
+                loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+                inputs.end_forward()
+                if acc.streaming and not math.isfinite(float(loss.detach())):
+                    raise _BatchFailed(None)  # on CPU the check is free: skip the backward
+                weight = rows * (self.seq_len - 1) if self.fisher_scale == "tokens" else 1.0
+                final = self._finalize if b == self.total - 1 else None
+                try:
+                    stat_rows, counts = acc.accumulate(loss, weight=weight, finalize=final), acc.counts
+                except NonFiniteGradient as exc:
+                    self.partials.clear()
+                    # a NaN loss makes every gradient NaN: then the forward pass is the place to look
+                    finite_loss = math.isfinite(float(loss.detach()))
+                    raise _BatchFailed(f"gradient of {exc.key}" if finite_loss else None) from exc
+            loss_value = float(loss.detach())
+        except RuntimeError as exc:
+            if isinstance(exc, _OOM) or "out of memory" in str(exc).lower():
+                raise RunFailed(
+                    f"out of memory in batch {b + 1}/{self.total} of the importance pass",
+                    'lower batch_size or seq_len, enable gradient_checkpointing, or set hessian_device = "cpu"',
+                ) from exc
+            if "two gradients" in str(exc):
+                raise RunFailed(str(exc), "use a model of a supported family") from exc
+            raise
+        finally:
+            inputs.end_forward()
+        if not math.isfinite(loss_value):
+            raise _BatchFailed(None)
+        where = inputs.first_nonfinite()
+        if where is not None:
+            raise _BatchFailed(where)
+        return loss_value, stat_rows, counts
+
+    def run_batch(self, b: int) -> tuple[float, LayerStats]:
+        lo, hi = self.slices[b]
+        ids = self.tokens[lo:hi].to(device=self.device, dtype=torch.long)
+        try:
+            loss, stat_rows, counts = self._forward_backward(b, ids)
+        except _BatchFailed as exc:
+            cause = exc.where or locate_nonfinite(self.model, ids) or "the loss"
+            self.checkpoint(b)
+            kept = (
+                f"; batches 1–{b} are checkpointed in {self.store.folder}"
+                if self.store is not None and b
+                else ""
+            )
+            raise RunFailed(
+                f"NaN/Inf in batch {b + 1}/{self.total} of the {self.method} pass ({cause}){kept}", NAN_FIX
+            ) from None
+        assert self.inputs is not None
+        self.inputs.commit((hi - lo) * self.seq_len)
+        layer_stats = self.plan.combine(stat_rows, counts)
+        self.progress.batch_stats.append(
+            {"loss": loss, "tokens": (hi - lo) * self.seq_len, "stats": layer_stats}
+        )
+        return loss, layer_stats
+
+    # the loop ----------------------------------------------------------------------------------
+    def loop(self, should_stop: Callable[[], bool] | None, checkpoint_seconds: float) -> None:
+        self.started = last_checkpoint = time.perf_counter()
+        session_tokens = 0
+        for b in range(self.progress.next_batch, self.total):
+            loss, layer_stats = self.run_batch(b)
+            session_tokens += (self.slices[b][1] - self.slices[b][0]) * self.seq_len
+            now = time.perf_counter()
+            elapsed = now - self.started
+            losses = self.progress.losses
+            self.emit(
+                BatchDone(
+                    stage=self.stage,
+                    batch=b + 1,
+                    total=self.total,
+                    loss=loss,
+                    mean_loss=sum(losses) / len(losses),
+                    tokens_per_s=session_tokens / elapsed if elapsed > 0 else 0.0,
+                    eta_s=(self.total - b - 1) * elapsed / (b + 1 - self.progress.resumed_from),
+                    layer_stats=layer_stats,
+                    stats_label="gradient" if self.grad_pass else "activation",
+                    resumed_from=self.progress.resumed_from,
+                )
+            )
+            if b + 1 == self.total:
+                break
+            stop = bool(should_stop()) if should_stop is not None else False
+            if stop or (self.store is not None and now - last_checkpoint >= checkpoint_seconds):
+                self.checkpoint(b + 1)
+                last_checkpoint = time.perf_counter()
+            if stop:
+                if self.store is not None:
+                    kept, fix = (
+                        f"progress is checkpointed in {self.store.folder}",
+                        "run again with the same settings to resume",
+                    )
+                else:
+                    kept, fix = "no checkpoint_dir was given, so progress is not kept", None
+                raise Interrupted(f"importance pass stopped after batch {b + 1}/{self.total}; {kept}", fix)
+
+    # the result --------------------------------------------------------------------------------
+    def result(self, gradient_checkpointing: bool) -> ImportanceResult:
+        acc, inputs = self.acc, self.inputs
+        assert inputs is not None
+        first_order = None
+        if acc is not None:
+            if len(self.partials) == len(self.targets):
+                ordered = [self.partials[i] for i in range(len(self.targets))]
+                scores, first = assemble_taylor(
+                    self.parts, self.targets, ordered, acc.batches, self.aggregation
+                )
+            else:  # no last batch in this session (resumed at the very end): one pass over the sums
+                sq_sum = acc.sum_sq if acc.second_order else None
+                scores, first = taylor_group_scores(
+                    self.parts, self.targets, acc.sum_grad, sq_sum, acc.batches, self.aggregation
+                )
+            if first is not None:
+                first_order = {"attention": first.attention, "mlp": first.mlp}
+        else:
+            scores = wanda_group_scores(
+                self.parts, self.targets, lambda t: inputs.input_norm(t.layer, t.module)
+            )
+        losses = self.progress.losses
+        metadata = {
+            "engine_version": ENGINE_VERSION,
+            "identity": self.identity,
+            "batch_size": self.batch_size,
+            "num_samples": self.num_samples,
+            "seq_len": self.seq_len,
+            "dtype": str(self.targets[0].param.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "hessian_device": str(acc.hessian_device) if acc is not None and acc.second_order else None,
+            "gradient_checkpointing": bool(gradient_checkpointing and self.grad_pass),
+            "resumed_from": self.progress.resumed_from,
+            "mean_loss": sum(losses) / len(losses),
+            "num_layers": len(self.parts),
+            "attention_groups": [p.num_kv_heads for p in self.parts],
+            "mlp_groups": [p.intermediate_size for p in self.parts],
+            "num_heads": [p.num_heads for p in self.parts],
+            "head_dim": [p.head_dim for p in self.parts],
+        }
+        return ImportanceResult(
+            method=self.method,
+            aggregation=self.aggregation,
+            fisher_scale=self.fisher_scale,
+            attention=scores.attention,
+            mlp=scores.mlp,
+            first_order=first_order,
+            stats=aggregate([b["stats"] for b in self.progress.batch_stats]),
+            stats_label="gradient" if self.grad_pass else "activation",
+            batch_stats=self.progress.batch_stats,
+            input_sums=inputs.input_sums(),
+            input_tokens=inputs.tokens,
+            batches=self.total,
+            tokens=sum(int(b["tokens"]) for b in self.progress.batch_stats),
+            seconds=self.seconds(),
+            metadata=metadata,
+        )
+
+
 def run_importance(
     model: nn.Module,
     adapter: Adapter,
@@ -187,283 +501,43 @@ def run_importance(
     """
     emit: EventSink = on_event or (lambda event: None)
     _validate(tokens, method, aggregation, fisher_scale, batch_size, hessian_device, checkpoint_seconds)
-    grad_pass = method != "wanda"
-    if not grad_pass and aggregation == "vector":
+    if method == "wanda" and aggregation == "vector":
         emit(
             Notice("wanda scores are always summed per element; aggregation 'vector' is ignored", stage=stage)
         )
         aggregation = "element"
-    if not grad_pass and gradient_checkpointing:
+    if method == "wanda" and gradient_checkpointing:
         emit(Notice("gradient checkpointing is ignored by wanda (no backward pass)", stage=stage))
-
-    parts = adapter.all_parts(model)
-    targets = prunable_targets(parts)
-    device = targets[0].param.device
-    num_samples, seq_len = int(tokens.shape[0]), int(tokens.shape[1])
-    slices = batch_slices(num_samples, batch_size)
-    total = len(slices)
-    layout, sample = _targets_digest(targets)
-    full_identity = {
-        "engine": {
-            "version": ENGINE_VERSION,
-            "method": method,
-            "fisher_scale": fisher_scale if method == "taylor_2nd" else None,
-            "batch_size": batch_size,
-            "num_samples": num_samples,
-            "seq_len": seq_len,
-            "tokens_sha256": tokens_sha256(tokens),
-            "parameters_sha256": layout,
-            "weights_sample_sha256": sample,
-        },
-        "caller": identity or {},
-    }
     store = CheckpointStore(Path(checkpoint_dir)) if checkpoint_dir is not None else None
-    param_dtype = targets[0].param.dtype
-    if param_dtype in (torch.float16, torch.bfloat16):
-        emit(
-            Notice(
-                f"model is {str(param_dtype).removeprefix('torch.')}: sums are kept in float32", "info", stage
-            )
-        )
-
-    emit(
-        StageStarted(
-            stage, f"{method} importance: {num_samples}×{seq_len} tokens, batch size {batch_size}", total
-        )
-    )
-    with ExitStack() as stack:
-        stack.enter_context(
-            prepared(
-                model,
-                grad_params=[t.param for t in targets] if grad_pass else None,
-                layers=list(adapter.layers(model)),
-                gradient_checkpointing=gradient_checkpointing and grad_pass,
-            )
-        )
-        inputs = stack.enter_context(InputHooks(parts, squares=not grad_pass))
-        acc: GradientAccumulator | None = None
-        if grad_pass:
-            nbytes = sum(t.param.numel() for t in targets) * 4
-            hdev = (
-                _choose_hessian_device(hessian_device, device, nbytes, emit, stage)
-                if method == "taylor_2nd"
-                else device
-            )
-            acc = stack.enter_context(
-                GradientAccumulator(
-                    [(t.key, t.param) for t in targets],
-                    second_order=method == "taylor_2nd",
-                    hessian_device=hdev,
-                )
-            )
-            plan = BlockStats([(t.layer, t.block) for t in targets], len(parts))
-        else:
-            plan = BlockStats(inputs.owners(), len(parts))
-
-        progress = _Progress()
-        if store is not None:
-            ckpt = store.load()
-            if ckpt is not None:
-                store.check_identity(ckpt.meta.get("identity", {}), full_identity)
-                progress = _Progress(
-                    next_batch=int(ckpt.meta["next_batch"]),
-                    batch_stats=list(ckpt.meta["batch_stats"]),
-                    seconds_before=float(ckpt.meta["seconds"]),
-                    resumed_from=int(ckpt.meta["next_batch"]),
-                )
-                if acc is not None:
-                    acc.load_state_tensors(ckpt.tensors, progress.next_batch)
-                inputs.load_state_tensors(ckpt.tensors, int(ckpt.meta["input_tokens"]))
-                del ckpt
-                emit(Notice(f"resuming from batch {progress.next_batch}/{total}", "info", stage))
-
-        def save_checkpoint(next_batch: int, elapsed: float) -> None:
-            if store is None:
-                return
-            tensors = {**(acc.state_tensors() if acc is not None else {}), **inputs.state_tensors()}
-            meta = {
-                "identity": full_identity,
-                "next_batch": next_batch,
-                "total_batches": total,
-                "method": method,
-                "batch_stats": progress.batch_stats[:next_batch],
-                "input_tokens": inputs.tokens,
-                "seconds": progress.seconds_before + elapsed,
-            }
-            path = store.save(meta, tensors)
-            emit(Checkpointed(stage, next_batch, str(path.parent)))
-
-        started = last_checkpoint = time.perf_counter()
-        session_tokens = 0
-        for b in range(progress.next_batch, total):
-            lo, hi = slices[b]
-            ids = tokens[lo:hi].to(device=device, dtype=torch.long)
-            rows = hi - lo
-            where: str | None = None
-            failed = False
-            inputs.begin_batch()
-            try:
-                if acc is not None:
-                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                    inputs.end_forward()
-                    if acc.streaming and not math.isfinite(float(loss.detach())):
-                        failed = True
-                    else:
-                        weight = rows * (seq_len - 1) if fisher_scale == "tokens" else 1.0
-                        stat_rows, counts = acc.accumulate(loss, weight=weight), acc.counts
-                else:
-                    with torch.no_grad():
-                        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                    inputs.end_forward()
-                    stat_rows, counts = inputs.rows.tolist(), inputs.counts
-                loss_value = float(loss.detach())
-                failed = failed or not math.isfinite(loss_value)
-                if not failed:
-                    where = inputs.first_nonfinite()
-                    failed = where is not None
-            except NonFiniteGradient as exc:
-                # a NaN loss makes every gradient NaN: then the forward pass is the place to look
-                failed, where = True, (f"gradient of {exc.key}" if math.isfinite(float(loss.detach())) else None)
-            except RuntimeError as exc:
-                if isinstance(exc, _OOM) or "out of memory" in str(exc).lower():
-                    raise RunFailed(
-                        f"out of memory in batch {b + 1}/{total} of the importance pass",
-                        'lower batch_size or seq_len, enable gradient_checkpointing, or set hessian_device = "cpu"',
-                    ) from exc
-                if "used twice" in str(exc) or "two gradients" in str(exc):
-                    raise RunFailed(str(exc), "use a supported model family") from exc
-                raise
-            finally:
-                inputs.end_forward()
-            loss = None  # free the graph's last reference before the next batch
-            if failed:
-                cause = where or locate_nonfinite(model, ids) or "the loss"
-                save_checkpoint(b, time.perf_counter() - started)
-                kept = (
-                    f"; batches 1–{b} are checkpointed in {store.folder}" if store is not None and b else ""
-                )
-                raise RunFailed(
-                    f"NaN/Inf in batch {b + 1}/{total} of the {method} pass ({cause}){kept}", NAN_FIX
-                )
-
-            inputs.commit(rows * seq_len)
-            layer_stats: LayerStats = plan.combine(stat_rows, counts)
-            progress.batch_stats.append({"loss": loss_value, "tokens": rows * seq_len, "stats": layer_stats})
-            session_tokens += rows * seq_len
-            now = time.perf_counter()
-            elapsed = now - started
-            done_here = b + 1 - progress.resumed_from
-            losses = progress.losses
-            emit(
-                BatchDone(
-                    stage=stage,
-                    batch=b + 1,
-                    total=total,
-                    loss=loss_value,
-                    mean_loss=sum(losses) / len(losses),
-                    tokens_per_s=session_tokens / elapsed if elapsed > 0 else 0.0,
-                    eta_s=(total - b - 1) * elapsed / done_here,
-                    layer_stats=layer_stats,
-                    stats_label="gradient" if grad_pass else "activation",
-                    resumed_from=progress.resumed_from,
-                )
-            )
-            if b + 1 < total:
-                stop = bool(should_stop()) if should_stop is not None else False
-                if stop or (store is not None and now - last_checkpoint >= checkpoint_seconds):
-                    save_checkpoint(b + 1, elapsed)
-                    last_checkpoint = time.perf_counter()
-                if stop:
-                    where_kept = (
-                        f"progress is checkpointed in {store.folder}"
-                        if store is not None
-                        else "no checkpoint_dir was given, so progress is not kept"
-                    )
-                    raise Interrupted(
-                        f"importance pass stopped after batch {b + 1}/{total}; {where_kept}",
-                        "run again with the same settings to resume" if store is not None else None,
-                    )
-
-        seconds = progress.seconds_before + (time.perf_counter() - started)
-        result = _build_result(
-            parts=parts,
-            targets=targets,
-            acc=acc,
-            inputs=inputs,
-            method=method,
-            aggregation=aggregation,
-            fisher_scale=fisher_scale,
-            progress=progress,
-            total=total,
-            seconds=seconds,
-            metadata={
-                "engine_version": ENGINE_VERSION,
-                "identity": full_identity,
-                "batch_size": batch_size,
-                "num_samples": num_samples,
-                "seq_len": seq_len,
-                "dtype": str(param_dtype).removeprefix("torch."),
-                "device": str(device),
-                "hessian_device": str(acc.hessian_device) if acc is not None and acc.second_order else None,
-                "gradient_checkpointing": bool(gradient_checkpointing and grad_pass),
-                "resumed_from": progress.resumed_from,
-            },
-        )
-    if store is not None:
-        store.clear()
-    losses = progress.losses
-    emit(StageDone(stage, seconds, summary=f"{total} batches, mean loss {sum(losses) / len(losses):.4f}"))
-    return result
-
-
-def _build_result(
-    *,
-    parts: Sequence[LayerParts],
-    targets: Sequence[Target],
-    acc: GradientAccumulator | None,
-    inputs: InputHooks,
-    method: str,
-    aggregation: str,
-    fisher_scale: str,
-    progress: _Progress,
-    total: int,
-    seconds: float,
-    metadata: dict[str, Any],
-) -> ImportanceResult:
-    first_order = None
-    if acc is not None:
-        fisher = (lambda t: acc.fisher(t.key)) if acc.second_order else None
-        scores, first = taylor_group_scores(
-            parts, targets, lambda t: acc.mean_grad(t.key), fisher, aggregation
-        )
-        if first is not None:
-            first_order = {"attention": first.attention, "mlp": first.mlp}
-    else:
-        scores = wanda_group_scores(parts, targets, lambda t: inputs.input_norm(t.layer, t.module))
-    losses = progress.losses
-    metadata = {
-        **metadata,
-        "mean_loss": sum(losses) / len(losses),
-        "num_layers": len(parts),
-        "attention_groups": [p.num_kv_heads for p in parts],
-        "mlp_groups": [p.intermediate_size for p in parts],
-        "num_heads": [p.num_heads for p in parts],
-        "head_dim": [p.head_dim for p in parts],
-    }
-    return ImportanceResult(
+    run = _Pass(
+        model,
+        adapter,
+        tokens,
         method=method,
         aggregation=aggregation,
         fisher_scale=fisher_scale,
-        attention=scores.attention,
-        mlp=scores.mlp,
-        first_order=first_order,
-        stats=aggregate([b["stats"] for b in progress.batch_stats]),
-        stats_label="gradient" if acc is not None else "activation",
-        batch_stats=progress.batch_stats,
-        input_sums=inputs.input_sums(),
-        input_tokens=inputs.tokens,
-        batches=total,
-        tokens=sum(int(b["tokens"]) for b in progress.batch_stats),
-        seconds=seconds,
-        metadata=metadata,
+        batch_size=batch_size,
+        identity=identity or {},
+        store=store,
+        emit=emit,
+        stage=stage,
     )
+    dtype = run.targets[0].param.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        emit(Notice(f"model is {str(dtype).removeprefix('torch.')}: sums are kept in float32", "info", stage))
+    description = f"{method} importance: {run.num_samples}×{run.seq_len} tokens, batch size {batch_size}"
+    emit(StageStarted(stage, description, run.total))
+    with ExitStack() as stack:
+        run.attach(stack, hessian_device, gradient_checkpointing)
+        run.restore()
+        run.loop(should_stop, checkpoint_seconds)
+        result = run.result(gradient_checkpointing)
+    if store is not None:
+        store.clear()
+    losses = run.progress.losses
+    emit(
+        StageDone(
+            stage, result.seconds, summary=f"{run.total} batches, mean loss {sum(losses) / len(losses):.4f}"
+        )
+    )
+    return result

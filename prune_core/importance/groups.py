@@ -59,14 +59,6 @@ def num_groups(parts: LayerParts, block: str) -> int:
     return parts.num_kv_heads if block == "attention" else parts.intermediate_size
 
 
-def group_sum(values: torch.Tensor, target: Target, parts: LayerParts) -> torch.Tensor:
-    """Sum a tensor shaped like `target.param` over each group of its block → [groups]."""
-    groups = num_groups(parts, target.block)
-    if target.module in ROW_MODULES:
-        return values.reshape(groups, -1).sum(1)
-    return values.reshape(values.shape[0], groups, -1).sum((0, 2))
-
-
 def pad_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack per-layer vectors into [L, max_len] float64; layers with fewer groups are padded with NaN."""
     width = max((r.numel() for r in rows), default=0)
@@ -84,32 +76,71 @@ class GroupScores:
     mlp: torch.Tensor
 
 
-def taylor_group_scores(
+def _reduce_rows_or_columns(values: torch.Tensor, target: Target, parts: LayerParts) -> torch.Tensor:
+    """Sum `values` (shaped like the parameter) per group → float64 [groups].
+
+    Sums along each row (or column) first in the tensor's own dtype — at most `in_features` (or
+    `out_features`) elements, pairwise-summed — then across rows in float64.
+    """
+    if values.dim() == 2:
+        values = values.sum(1 if target.module in ROW_MODULES else 0)
+    return values.to(torch.float64).reshape(num_groups(parts, target.block), -1).sum(1)
+
+
+TaylorPartial = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def taylor_partial(
+    target: Target,
+    parts: LayerParts,
+    grad_sum: torch.Tensor,
+    sq_sum: torch.Tensor | None,
+    aggregation: str,
+    scratch: torch.Tensor,
+) -> TaylorPartial:
+    """One parameter's contribution to its groups, before division by the number of batches B.
+
+    Returns (Σ_group |w·Σg| — or the signed Σ_group w·Σg for "vector" —, Σ_group w²·Σn·g² or None),
+    float64 [groups]. `scratch` is a reusable buffer of at least param.numel() elements of
+    grad_sum's dtype (no allocation per parameter).
+    """
+    w = target.param.detach()
+    if w.dtype != grad_sum.dtype or w.device != grad_sum.device:
+        w = w.to(grad_sum.device, grad_sum.dtype)
+    buf = scratch[: w.numel()].view(w.shape)
+    prod = torch.mul(w, grad_sum, out=buf)
+    if aggregation == "element":
+        prod.abs_()
+    first = _reduce_rows_or_columns(prod, target, parts)
+    second = None
+    if sq_sum is not None:
+        if sq_sum.device != buf.device:
+            sq_sum = sq_sum.to(buf.device)
+        torch.mul(w, w, out=buf).mul_(sq_sum)
+        second = _reduce_rows_or_columns(buf, target, parts)
+    return first, second
+
+
+def assemble_taylor(
     parts: Sequence[LayerParts],
     targets: Sequence[Target],
-    mean_grad: Callable[[Target], torch.Tensor],
-    fisher: Callable[[Target], torch.Tensor] | None,
+    partials: Sequence[TaylorPartial],
+    batches: int,
     aggregation: str,
 ) -> tuple[GroupScores, GroupScores | None]:
-    """Taylor importance of every group; returns (total, first_order part or None).
+    """Sum the partials per group and scale: returns (total, first-order part or None).
 
-    aggregation "element": Σ_group |w·ḡ|   (+ 0.5·Σ_group w²·F when `fisher` is given)
+    aggregation "element": Σ_group |w·ḡ|   (+ 0.5·Σ_group w²·F when second-order sums are present)
     aggregation "vector":  |Σ_group w·ḡ|   (+ 0.5·Σ_group w²·F)
+    with ḡ = Σg / B and F = Σn·g² / B.
     """
     first: dict[tuple[int, str], torch.Tensor] = {}
     second: dict[tuple[int, str], torch.Tensor] = {}
-    for t in targets:
-        w = t.param.detach().to(torch.float64)  # may alias a float64 weight: no in-place ops on w
-        prod = w * mean_grad(t).to(w.device, torch.float64)
-        if aggregation == "element":
-            prod = prod.abs_()
+    for t, (p1, p2) in zip(targets, partials, strict=True):
         key = (t.layer, t.block)
-        part = group_sum(prod, t, parts[t.layer])
-        first[key] = first[key] + part if key in first else part
-        if fisher is not None:
-            sq = w.square().mul_(fisher(t).to(w.device, torch.float64))
-            part2 = group_sum(sq, t, parts[t.layer])
-            second[key] = second[key] + part2 if key in second else part2
+        first[key] = first[key] + p1.cpu() if key in first else p1.cpu()
+        if p2 is not None:
+            second[key] = second[key] + p2.cpu() if key in second else p2.cpu()
     if aggregation == "vector":
         first = {k: v.abs() for k, v in first.items()}
 
@@ -119,15 +150,36 @@ def taylor_group_scores(
             mlp=pad_rows([values[(i, "mlp")] * scale for i in range(len(parts))]),
         )
 
-    first_scores = assemble(first, 1.0)
-    if fisher is None:
+    b = max(batches, 1)
+    first_scores = assemble(first, 1.0 / b)
+    if not second:
         return first_scores, None
-    second_scores = assemble(second, 0.5)
+    second_scores = assemble(second, 0.5 / b)
     total = GroupScores(
         attention=first_scores.attention + second_scores.attention,
         mlp=first_scores.mlp + second_scores.mlp,
     )
     return total, first_scores
+
+
+def taylor_group_scores(
+    parts: Sequence[LayerParts],
+    targets: Sequence[Target],
+    grad_sum: Callable[[int], torch.Tensor],
+    sq_sum: Callable[[int], torch.Tensor] | None,
+    batches: int,
+    aggregation: str,
+) -> tuple[GroupScores, GroupScores | None]:
+    """Taylor importance of every group from the sums (grad_sum(i) = Σg of targets[i], ...)."""
+    if not targets:
+        raise ValueError("no targets")
+    first = grad_sum(0)
+    scratch = torch.empty(max(t.param.numel() for t in targets), dtype=first.dtype, device=first.device)
+    partials = [
+        taylor_partial(t, parts[t.layer], grad_sum(i), sq_sum(i) if sq_sum else None, aggregation, scratch)
+        for i, t in enumerate(targets)
+    ]
+    return assemble_taylor(parts, targets, partials, batches, aggregation)
 
 
 def wanda_group_scores(
@@ -137,15 +189,20 @@ def wanda_group_scores(
 ) -> GroupScores:
     """Wanda importance: Σ_group |W_ij|·‖X_j‖₂ over the group's weight elements (biases excluded).
 
-    `input_norm(target)` is ‖X_j‖₂ = sqrt(Σ_tokens x_j²) of the input of the target's linear.
+    `input_norm(target)` is ‖X_j‖₂ = sqrt(Σ_tokens x_j²) of the input of the target's linear. Rows
+    (q/k/v/gate/up) reduce as |W|·‖X‖ (a matrix-vector product), columns (o/down) as ‖X_j‖·Σ_i |W_ij|.
     """
+    weights = [t for t in targets if t.kind == "weight"]
+    dtype = torch.promote_types(weights[0].param.dtype, torch.float32)
+    device = weights[0].param.device
+    scratch = torch.empty(max(t.param.numel() for t in weights), dtype=dtype, device=device)
     totals: dict[tuple[int, str], torch.Tensor] = {}
-    for t in targets:
-        if t.kind != "weight":
-            continue
-        w = t.param.detach().to(torch.float64)
-        norm = input_norm(t).to(w.device, torch.float64)
-        part = group_sum(w.abs().mul_(norm[None, :]), t, parts[t.layer])
+    for t in weights:
+        w = t.param.detach()
+        a = torch.abs(w, out=scratch[: w.numel()].view(w.shape)) if w.dtype == dtype else w.to(dtype).abs_()
+        norm = input_norm(t).to(device, dtype)
+        per = torch.mv(a, norm) if t.module in ROW_MODULES else a.sum(0) * norm
+        part = per.to(torch.float64).reshape(num_groups(parts[t.layer], t.block), -1).sum(1).cpu()
         key = (t.layer, t.block)
         totals[key] = totals[key] + part if key in totals else part
     return GroupScores(

@@ -108,10 +108,11 @@ class InputHooks:
         flat = x.reshape(-1, x.shape[-1])
         if flat.dtype != compute:
             flat = flat.to(compute)
+        # per-batch sums in the compute dtype (a batch is at most a few thousand tokens), totals in float64
         if name in COLUMN_MODULES:
-            self._pending_sum[key] = flat.sum(0, dtype=self.dtype)
+            self._pending_sum[key] = flat.sum(0)
         if self.squares:
-            self._pending_sq[key] = flat.square().sum(0, dtype=self.dtype)
+            self._pending_sq[key] = flat.square().sum(0)
             if self._scratch.numel() < flat.numel():
                 self._scratch = torch.empty(flat.numel(), dtype=self.rows.dtype, device=self.device)
             fill_row(flat.reshape(-1).to(self.rows.dtype), self.rows[slot], self._scratch)

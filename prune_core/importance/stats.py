@@ -35,8 +35,8 @@ def fill_row(flat: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) -> No
         out.zero_()
         return
     a = torch.abs(flat, out=scratch[: flat.numel()])
-    lo, hi = torch.aminmax(a)
-    torch.stack((a.sum(), flat.sum(), torch.dot(flat, flat), hi, lo), out=out)
+    # amax + amin are each as fast as a sum; aminmax is slower than both together on CPU
+    torch.stack((a.sum(), flat.sum(), torch.dot(flat, flat), a.amax(), a.amin()), out=out)
 
 
 class BlockStats:
