@@ -11,10 +11,13 @@ Measured in one run (figures go to BENCHMARKS.md, section "Importance pass"):
 - peak memory of taylor_2nd minus taylor, against the float32 size of the scored parameters
   (goal ≤ 1.1×). Method: each pass runs in a fresh child process (same model, same tokens); a
   thread samples the process RSS (psutil) every 1 ms from just before the pass to its end, and the
-  peak minus the RSS before the pass is that pass's memory; ru_maxrss is reported as a cross-check.
-Timings are interleaved (bare, taylor, taylor_2nd, wanda, order rotated every round) because the CPU
-is shared; each ratio is the median over rounds of the per-round ratio (the ratio of the fastest
-runs is printed too).
+  peak minus the RSS before the pass is that pass's memory; ru_maxrss is printed as a cross-check.
+Timings run in a child process, interleaved (bare, taylor, taylor_2nd, wanda, order rotated every
+round) because the CPU is shared; each ratio is the median over rounds of the per-round ratio (the
+ratio of the fastest runs is printed too). The timing child runs twice: as shipped (run_importance
+raises glibc's malloc trim/mmap thresholds on CPU, see prune_core/importance/allocator.py), and with
+PRUNE_MALLOC_TUNING=0 (glibc defaults: the sums the pass keeps alive make glibc return and re-fault
+hundreds of MB of gradient memory per batch, ~100k minor page faults that the bare loop does not pay).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from prune_core.importance.groups import prunable_targets  # noqa: E402
 from prune_core.importance.prepare import prepared  # noqa: E402
 
 METHODS = ("taylor", "taylor_2nd", "wanda")
+VARIANTS = (("as shipped", None), ("PRUNE_MALLOC_TUNING=0", {"PRUNE_MALLOC_TUNING": "0"}))
 
 
 def load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, dict[str, str]]:
@@ -90,6 +94,25 @@ def timed_pass(model: torch.nn.Module, tokens: torch.Tensor, method: str, batch_
     return time.perf_counter() - start
 
 
+def timing_child(args: argparse.Namespace) -> None:
+    """Runs in a child process: interleaved timings of the bare loop and the three passes."""
+    model, tokens, info = load(args)
+    runners = {
+        "bare": lambda: bare_loop(model, tokens, args.batch_size),
+        **{m: (lambda m=m: timed_pass(model, tokens, m, args.batch_size)) for m in METHODS},
+    }
+    for run in runners.values():  # warm-up (allocator, thread pools)
+        run()
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    order = list(runners)
+    for r in range(args.rounds):
+        for name in order[r % len(order) :] + order[: r % len(order)]:
+            times[name].append(runners[name]())
+        line = ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items())
+        print(f"  round {r + 1}/{args.rounds}: {line}", file=sys.stderr, flush=True)
+    print(json.dumps({"times": times, "info": info, "threads": torch.get_num_threads()}))
+
+
 class RssSampler:
     """Peak RSS of this process over a window, sampled every `interval` seconds in a thread."""
 
@@ -128,39 +151,47 @@ def memory_child(args: argparse.Namespace) -> None:
             model, get_adapter(model), tokens, method=args.memory_child, batch_size=args.batch_size
         )
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(
-        json.dumps(
-            {
-                "method": args.memory_child,
-                "rss_before": rss.base,
-                "rss_peak": rss.peak,
-                "pass_peak": rss.peak - rss.base,
-                "ru_maxrss": maxrss,
-            }
-        )
+    out = {
+        "rss_before": rss.base,
+        "rss_peak": rss.peak,
+        "pass_peak": rss.peak - rss.base,
+        "ru_maxrss": maxrss,
+    }
+    print(json.dumps({"method": args.memory_child, **out}))
+
+
+def child(args: argparse.Namespace, flag: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        __file__,
+        *flag,
+        "--model",
+        args.model,
+        "--samples",
+        str(args.samples),
+        "--seq-len",
+        str(args.seq_len),
+        "--batch-size",
+        str(args.batch_size),
+        "--rounds",
+        str(args.rounds),
+    ]
+    res = subprocess.run(
+        cmd, stdout=subprocess.PIPE, text=True, check=True, cwd=ROOT, env={**os.environ, **(env or {})}
     )
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def measure_memory(args: argparse.Namespace) -> dict[str, Any]:
-    out = {}
-    for method in ("taylor", "taylor_2nd"):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--memory-child",
-            method,
-            "--model",
-            args.model,
-            "--samples",
-            str(args.samples),
-            "--seq-len",
-            str(args.seq_len),
-            "--batch-size",
-            str(args.batch_size),
-        ]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
-        out[method] = json.loads(res.stdout.strip().splitlines()[-1])
-    return out
+def ratios(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    def ratio(a: str, b: str) -> dict[str, float]:
+        per_round = [x / y for x, y in zip(times[a], times[b], strict=True)]
+        return {"median": statistics.median(per_round), "of_min": min(times[a]) / min(times[b])}
+
+    return {
+        "taylor/bare": ratio("taylor", "bare"),
+        "taylor_2nd/taylor": ratio("taylor_2nd", "taylor"),
+        "wanda/taylor": ratio("wanda", "taylor"),
+    }
 
 
 def main() -> None:
@@ -172,54 +203,46 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     parser.add_argument("--memory-child", choices=METHODS, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--timing-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args)
         return
+    if args.timing_child:
+        timing_child(args)
+        return
 
-    model, tokens, info = load(args)
-    adapter = get_adapter(model)
-    scored = sum(t.param.numel() for t in prunable_targets(adapter.all_parts(model)))
-    runners = {
-        "bare": lambda: bare_loop(model, tokens, args.batch_size),
-        **{m: (lambda m=m: timed_pass(model, tokens, m, args.batch_size)) for m in METHODS},
-    }
-    for run in runners.values():  # warm-up (allocator, thread pools)
-        run()
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    order = list(runners)
-    for r in range(args.rounds):
-        for name in order[r % len(order) :] + order[: r % len(order)]:
-            times[name].append(runners[name]())
-        print(
-            f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()),
-            flush=True,
-        )
-
-    def ratio(a: str, b: str) -> dict[str, float]:
-        per_round = [x / y for x, y in zip(times[a], times[b], strict=True)]
-        return {"median": statistics.median(per_round), "of_min": min(times[a]) / min(times[b])}
-
-    ratios = {
-        "taylor/bare": ratio("taylor", "bare"),
-        "taylor_2nd/taylor": ratio("taylor_2nd", "taylor"),
-        "wanda/taylor": ratio("wanda", "taylor"),
-    }
-    memory = measure_memory(args)
+    timings = {}
+    for name, env in VARIANTS:
+        print(f"timing ({name}) ...", file=sys.stderr, flush=True)
+        timings[name] = child(args, ["--timing-child"], env)
+    memory = {m: child(args, ["--memory-child", m]) for m in ("taylor", "taylor_2nd")}
     fisher_delta = memory["taylor_2nd"]["pass_peak"] - memory["taylor"]["pass_peak"]
+
+    model, _, _ = load(args)
+    scored = sum(t.param.numel() for t in prunable_targets(get_adapter(model).all_parts(model)))
     fp32_scored = scored * 4
+    first = next(iter(timings.values()))
     figures = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()} {psutil.cpu_count()} CPU, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads",
-        **info,
+        "machine": f"{platform.machine()}, {psutil.cpu_count()} CPUs (shared), torch {torch.__version__}, "
+        f"{first['threads']} threads",
+        **first["info"],
         "samples": args.samples,
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
         "rounds": args.rounds,
         "scored_parameters": scored,
-        "seconds": {k: {"median": statistics.median(v), "min": min(v)} for k, v in times.items()},
-        "ratios": ratios,
+        "timing": {
+            name: {
+                "seconds": {
+                    k: {"median": statistics.median(v), "min": min(v)} for k, v in t["times"].items()
+                },
+                "ratios": ratios(t["times"]),
+                "raw": t["times"],
+            }
+            for name, t in timings.items()
+        },
         "memory": memory,
         "taylor_2nd_minus_taylor_bytes": fisher_delta,
         "fp32_scored_bytes": fp32_scored,
@@ -227,18 +250,15 @@ def main() -> None:
     }
     print(json.dumps(figures, indent=2))
     print()
+    goals = {"taylor/bare": 1.05, "taylor_2nd/taylor": 1.10, "wanda/taylor": 0.45}
+    for name, t in figures["timing"].items():
+        print(f"[{name}]")
+        for key, goal in goals.items():
+            r = t["ratios"][key]
+            print(f"  {key:<19} {r['median']:.3f} (min-based {r['of_min']:.3f})  goal <= {goal}")
     print(
-        f"taylor / bare        {ratios['taylor/bare']['median']:.3f} (min-based {ratios['taylor/bare']['of_min']:.3f})  goal <= 1.05"
-    )
-    print(
-        f"taylor_2nd / taylor  {ratios['taylor_2nd/taylor']['median']:.3f} (min-based {ratios['taylor_2nd/taylor']['of_min']:.3f})  goal <= 1.10"
-    )
-    print(
-        f"wanda / taylor       {ratios['wanda/taylor']['median']:.3f} (min-based {ratios['wanda/taylor']['of_min']:.3f})  goal <= 0.45"
-    )
-    print(
-        f"taylor_2nd - taylor peak memory {fisher_delta / 2**20:.0f} MiB = {fisher_delta / fp32_scored:.2f} x fp32 "
-        f"scored weights ({fp32_scored / 2**20:.0f} MiB)  goal <= 1.10"
+        f"taylor_2nd - taylor peak memory {fisher_delta / 2**20:.0f} MiB = {fisher_delta / fp32_scored:.2f} x "
+        f"fp32 scored weights ({fp32_scored / 2**20:.0f} MiB)  goal <= 1.10"
     )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

@@ -536,3 +536,23 @@ def test_already_pruned_model_with_uneven_layers() -> None:
             and torch.isnan(r.input_sums["down_proj"][1, 64:]).all()
         )
         assert r.input_sums["o_proj"].shape == (4, 64) and torch.isnan(r.input_sums["o_proj"][1, 32:]).all()
+
+
+def test_deferred_mode_through_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The accelerator code path (deferred adds, scores after backward) gives the CPU path's scores."""
+    import functools
+
+    from prune_core.importance import engine
+
+    model, _ = build_tiny("tiny-qwen2")
+    adapter = get_adapter(model)
+    tokens = tokens_for(seed=9, n=5, s=10)
+    streaming = run_importance(
+        model, adapter, tokens, method="taylor_2nd", aggregation="vector", batch_size=2
+    )
+    monkeypatch.setattr(
+        engine, "GradientAccumulator", functools.partial(GradientAccumulator, streaming=False)
+    )
+    deferred = run_importance(model, adapter, tokens, method="taylor_2nd", aggregation="vector", batch_size=2)
+    assert torch.equal(streaming.attention, deferred.attention) and torch.equal(streaming.mlp, deferred.mlp)
+    assert streaming.batch_stats == deferred.batch_stats

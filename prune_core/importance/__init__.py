@@ -3,7 +3,8 @@
 Modules: engine.py (run_importance and the full contract), accumulate.py (Σg, Σn·g² per parameter),
 hooks.py (input sums and wanda input norms), groups.py (element → group scores), stats.py (live
 per-layer statistics), state.py (checkpoint / resume), prepare.py (model set-up and restore),
-nonfinite.py (naming where a NaN came from), result.py (ImportanceResult), block_loss.py.
+nonfinite.py (naming where a NaN came from), result.py (ImportanceResult), block_loss.py,
+allocator.py (glibc malloc thresholds for CPU passes).
 """
 
 from prune_core.importance.accumulate import GradientAccumulator

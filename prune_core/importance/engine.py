@@ -48,6 +48,7 @@ from prune_core.adapters.base import Adapter
 from prune_core.errors import BadInput, Interrupted, RunFailed
 from prune_core.events import BatchDone, Checkpointed, EventSink, LayerStats, Notice, StageDone, StageStarted
 from prune_core.importance.accumulate import GradientAccumulator, NonFiniteGradient
+from prune_core.importance.allocator import keep_freed_memory
 from prune_core.importance.groups import (
     Target,
     TaylorPartial,
@@ -509,6 +510,8 @@ def run_importance(
     if method == "wanda" and gradient_checkpointing:
         emit(Notice("gradient checkpointing is ignored by wanda (no backward pass)", stage=stage))
     store = CheckpointStore(Path(checkpoint_dir)) if checkpoint_dir is not None else None
+    if next(model.parameters()).device.type == "cpu":
+        keep_freed_memory()  # see allocator.py: avoids re-faulting the gradient memory every batch
     run = _Pass(
         model,
         adapter,
