@@ -41,7 +41,25 @@ def _ticks(ticks: list[int], rows: int) -> list[int]:
     return ticks[::-step][::-1]
 
 
-class LayerStatsChart(PlotextPlot):
+class _ReplottedChart(PlotextPlot):
+    """A plotext chart rebuilt from scratch on every render (plotext keeps state between builds)."""
+
+    redraws = 0  # times the plot was asked to rebuild
+
+    def render(self) -> RenderResult:
+        # each frame re-plots from scratch: same input, same output
+        self._replot()
+        return super().render()
+
+    def _draw(self) -> None:
+        self.redraws += 1
+        self.refresh()
+
+    def _replot(self) -> None:
+        raise NotImplementedError
+
+
+class LayerStatsChart(_ReplottedChart):
     """Gradient (or activation) statistic per decoder layer, log scale, for one block type."""
 
     DEFAULT_CSS = """
@@ -96,15 +114,6 @@ class LayerStatsChart(PlotextPlot):
             self._dirty = False
             self._draw()
 
-    def render(self) -> RenderResult:
-        # plotext keeps state between builds, so each frame re-plots from scratch (same input, same output)
-        self._replot()
-        return super().render()
-
-    def _draw(self) -> None:
-        self.redraws += 1
-        self.refresh()
-
     def _replot(self) -> None:
         plt = self.plt
         plt.clear_data()
@@ -129,7 +138,7 @@ class LayerStatsChart(PlotextPlot):
         plt.xlabel("layer")
 
 
-class RatesChart(PlotextPlot):
+class RatesChart(_ReplottedChart):
     """Pruned share per layer for attention and MLP (grouped bars) of one allocation."""
 
     DEFAULT_CSS = """
@@ -151,14 +160,6 @@ class RatesChart(PlotextPlot):
         self.current = current
         if self.is_mounted:
             self._draw()
-
-    def render(self) -> RenderResult:
-        self._replot()
-        return super().render()
-
-    def _draw(self) -> None:
-        self.redraws += 1
-        self.refresh()
 
     def _replot(self) -> None:
         plt = self.plt
