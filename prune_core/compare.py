@@ -10,7 +10,6 @@ the same groups. `format_comparison()` renders the result as plain text.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import tomllib
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from prune_core.allocation.summary import hash_triples
 from prune_core.errors import BadInput
 
 Triple = tuple[int, str, int]
@@ -81,8 +81,7 @@ def pruned_set(table: pd.DataFrame | None) -> set[Triple] | None:
 def mask_sha256_of(pruned: set[Triple]) -> str:
     """The allocation's mask hash (prune_core.allocation.summary.mask_sha256) of a pruned set."""
     triples = sorted((layer, 0 if kind == "attention" else 1, idx) for layer, kind, idx in pruned)
-    arr = np.asarray(triples, dtype="<i4").reshape(-1, 3)
-    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+    return hash_triples(np.asarray(triples, dtype=np.int64))
 
 
 def _rates(summary: pd.DataFrame | None, table: pd.DataFrame | None) -> dict[int, dict[str, float | None]]:

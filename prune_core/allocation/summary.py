@@ -73,9 +73,14 @@ def pruned_triples(table: pd.DataFrame) -> np.ndarray:
     return triples[order]
 
 
+def hash_triples(triples: np.ndarray) -> str:
+    """sha256 of sorted (layer, type code, index) triples as little-endian int32 (the mask hash format)."""
+    data = np.ascontiguousarray(np.asarray(triples).reshape(-1, 3).astype("<i4"))
+    return hashlib.sha256(data.tobytes()).hexdigest()
+
+
 def mask_sha256(table: pd.DataFrame) -> str:
-    triples = pruned_triples(table).astype("<i4")
-    return hashlib.sha256(np.ascontiguousarray(triples).tobytes()).hexdigest()
+    return hash_triples(pruned_triples(table))
 
 
 def pruned_indices(table: pd.DataFrame, num_layers: int | None = None) -> dict[int, dict[str, list[int]]]:

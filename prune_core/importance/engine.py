@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from prune_core.adapters.base import Adapter
+from prune_core.data import token_fingerprint
 from prune_core.errors import BadInput, Interrupted, RunFailed
 from prune_core.events import BatchDone, Checkpointed, EventSink, LayerStats, Notice, StageDone, StageStarted
 from prune_core.importance.accumulate import GradientAccumulator, NonFiniteGradient
@@ -80,12 +81,6 @@ NAN_FIX = (
 def batch_slices(num_samples: int, batch_size: int) -> list[tuple[int, int]]:
     """[start, stop) row ranges of the batches: consecutive, in order, the last one possibly smaller."""
     return [(i, min(i + batch_size, num_samples)) for i in range(0, num_samples, batch_size)]
-
-
-def tokens_sha256(tokens: torch.Tensor) -> str:
-    """sha256 of the token ids as int64 little-endian bytes (same as data.token_fingerprint)."""
-    data = tokens.detach().to("cpu", torch.int64).contiguous().numpy().astype("<i8", copy=False)
-    return hashlib.sha256(data.tobytes()).hexdigest()
 
 
 def _targets_digest(targets: Sequence[Target]) -> tuple[str, str]:
@@ -212,7 +207,7 @@ class _Pass:
                 "batch_size": batch_size,
                 "num_samples": self.num_samples,
                 "seq_len": self.seq_len,
-                "tokens_sha256": tokens_sha256(tokens),
+                "tokens_sha256": token_fingerprint(tokens),
                 "parameters_sha256": layout,
                 "weights_sample_sha256": sample,
             },

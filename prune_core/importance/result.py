@@ -19,7 +19,6 @@ readable JSON whose checksum matches is a complete result.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,20 +28,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prune_core.atomic import write_json, write_with
+from prune_core.digest import file_sha256
 from prune_core.errors import RunFailed
 
 TENSORS_FILE = "importance.safetensors"
 JSON_FILE = "importance.json"
 FORMAT = "prune-importance-result"
 VERSION = 1
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -88,7 +80,7 @@ class ImportanceResult:
         doc = {
             "format": FORMAT,
             "version": VERSION,
-            "tensors_sha256": _sha256(folder / TENSORS_FILE),
+            "tensors_sha256": file_sha256(folder / TENSORS_FILE),
             "method": self.method,
             "aggregation": self.aggregation,
             "fisher_scale": self.fisher_scale,
@@ -112,7 +104,7 @@ class ImportanceResult:
             doc = json.loads(json_path.read_text(encoding="utf-8"))
             if doc.get("format") != FORMAT or doc.get("version") != VERSION:
                 raise ValueError(f"not an importance result of format version {VERSION}")
-            if _sha256(tensor_path) != doc["tensors_sha256"]:
+            if file_sha256(tensor_path) != doc["tensors_sha256"]:
                 raise ValueError(f"{TENSORS_FILE} does not match its checksum")
             tensors = load_file(str(tensor_path))
         except Exception as exc:  # OSError, bad JSON, SafetensorError on a damaged file
