@@ -152,6 +152,17 @@ def _compensation(linear: nn.Linear, removed_cols: torch.Tensor, mean: torch.Ten
     return (w.index_select(1, cols).to(torch.float64) @ m).to(w.dtype)
 
 
+def _output_bias(proj: nn.Linear, removed: torch.Tensor, input_means: dict[str, torch.Tensor] | None,
+                 key: str, layer: int) -> tuple[torch.Tensor | None, int]:
+    """The output bias a sliced projection keeps (compensated when input means are given) and the
+    number of bias parameters that compensation adds where the projection had none."""
+    if input_means is None:
+        return (None if proj.bias is None else proj.bias.detach()), 0
+    mean = _mean_row(input_means, key, layer, proj.in_features)
+    added = proj.out_features if proj.bias is None else 0
+    return _with_bias(proj.bias, _compensation(proj, removed, mean)), added
+
+
 def _with_bias(base: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
     return delta if base is None else base.detach().to(delta.dtype) + delta
 
@@ -226,11 +237,8 @@ def apply_pruning(model: nn.Module, adapter: Any, pruned: Mapping[Any, Mapping[s
                                       dtype=torch.long, device=dev)
                 q_removed = torch.tensor([k * r * d + i for k in att_rm for i in range(r * d)],
                                          dtype=torch.long, device=dev)
-                bias = None if o.bias is None else o.bias.detach()
-                if input_means is not None:
-                    mean = _mean_row(input_means, "o_proj", li, o.in_features)
-                    added += o.out_features if o.bias is None else 0
-                    bias = _with_bias(o.bias, _compensation(o, q_removed, mean))
+                bias, extra = _output_bias(o, q_removed, input_means, "o_proj", li)
+                added += extra
                 if att_keep:
                     attn = parts.attn
                     attn.q_proj = _new_linear(parts.q_proj, rows=q_rows)
@@ -253,11 +261,8 @@ def apply_pruning(model: nn.Module, adapter: Any, pruned: Mapping[Any, Mapping[s
                 dev = down.weight.device
                 keep_t = torch.tensor(mlp_keep, dtype=torch.long, device=dev)
                 rm_t = torch.tensor(mlp_rm, dtype=torch.long, device=dev)
-                bias = None if down.bias is None else down.bias.detach()
-                if input_means is not None:
-                    mean = _mean_row(input_means, "down_proj", li, down.in_features)
-                    added += down.out_features if down.bias is None else 0
-                    bias = _with_bias(down.bias, _compensation(down, rm_t, mean))
+                bias, extra = _output_bias(down, rm_t, input_means, "down_proj", li)
+                added += extra
                 if mlp_keep:
                     mlp = parts.mlp
                     mlp.gate_proj = _new_linear(parts.gate_proj, rows=keep_t)
