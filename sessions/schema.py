@@ -103,7 +103,9 @@ class PruningSection(_Section):
     early_layers: int = Field(0, ge=0, description="the first N layers use early_max_rate")
     early_max_rate: float = Field(1.0, ge=0.0, le=1.0)
     depth_weight: float = Field(0.0, ge=0.0, description="importance × (1 + (1 − l/L) × depth_weight)")
-    compensate: Literal["none", "bias"] = "none"
+    compensate: Literal["none", "bias", "reconstruct"] = Field(
+        "none", description="none, bias (FLAP mean compensation) or reconstruct (ridge refit of o_proj/down_proj)")
+    ridge: float = Field(1.0, ge=0.0, description="reconstruct: shrinkage toward the original weights, × mean diag of the Gram")
 
     @field_validator("protect_layers")
     @classmethod
