@@ -104,7 +104,7 @@ def render_panels(panels: Sequence[Panel], *, width: int | None = None, height: 
 
 def render_results_charts(view: Any, *, width: int | None = None, height: int | None = None,
                           color: bool = False) -> str:
-    """The three panels of an opened results folder (`prune_core.results.open_results`) as a string.
+    """The three panels of an opened results folder (a `prune_core.report.RunReport`) as a string.
 
     Plain text by default, safe to print through a Rich console with markup=False (Rich does not
     interpret raw ANSI codes in a str); with color=True wrap the result in `rich.text.Text.from_ansi`.

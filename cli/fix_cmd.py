@@ -1,50 +1,33 @@
-"""`prune fix RESULTS [--apply N]`: list diagnosis findings; apply one as a new session and re-run it.
+"""`prune fix RESULTS [--apply N]`: list diagnosis findings; apply one as a session change and re-run it.
 
-The new session is written next to the results folder as `<name>-fixN.toml` (the comments of the
-results' session.toml kept), its results go to `<name>-fixN/`, and the stage cache of the original
-run is seeded into the new folder so the importance pass is reused, not recomputed.
+Applying a fix is the same in the CLI and the TUI: the session with the fix's keys changed
+(`prune_core.fixes.apply_fix`, which refuses keys a fix may not touch) and a pipeline run. The new
+session is written next to the results folder as `<name>-fixN.toml` (comments kept), its results go
+to `<name>-fixN/`, and the original folder's stage cache is copied there first, so the importance
+pass is reused, not recomputed. A fix the proxy found worse is refused unless `--force`.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
-import tomlkit
 from rich.console import Console
 
 from cli.render import JsonRenderer, make_renderer
 from cli.signals import StopFlag, stop_on_signals
-from prune_core.atomic import write_text
 from prune_core.errors import BadInput
-from prune_core.results import open_results
-from sessions import dumps
 
 MARKERS = {"critical": "[CRIT]", "high": "[HIGH]", "warning": "[WARN]", "info": "[INFO]"}
 STYLES = {"critical": "bold red", "high": "red", "warning": "yellow", "info": "cyan"}
-REUSABLE_STATE = ("importance", "block_importance", "perplexity", "calibration_tokens.safetensors")
 
 
-def seed_state(src: Path, dst: Path) -> None:
-    """Copy the reusable stage cache of one results folder into another (never the checkpoints)."""
-    for name in REUSABLE_STATE:
-        a, b = src / "state" / name, dst / "state" / name
-        if a.is_dir():
-            shutil.copytree(a, b, dirs_exist_ok=True)
-        elif a.is_file() and not b.exists():
-            b.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(a, b)
-
-
-def write_fixed_session(results: Path, fix: dict[str, Any], new_name: str, out_path: Path) -> Any:
-    """The results' session with `fix` applied and a new name, keeping its comments; no [provenance]."""
-    view = open_results(results)
-    new = view.session.with_updates({**fix, "session.name": new_name})
-    doc = tomlkit.parse((results / "session.toml").read_text(encoding="utf-8"))
-    doc.pop("provenance", None)
-    write_text(out_path, dumps(new, tomlkit.dumps(doc)))
-    return new
+def _proxy_line(f: dict[str, Any]) -> str:
+    before, after = f.get("proxy_before"), f.get("proxy_after")
+    if before is None or after is None:
+        return "fix not verified (it needs a new importance pass)"
+    word = {"better": "better", "worse": "WORSE: not recommended", "same": "no change"}.get(f.get("verdict", ""), "")
+    return f"proxy loss {before:.4f} → {after:.4f} with this fix ({word})"
 
 
 def print_findings(console: Console, findings: list[dict[str, Any]], results: Path) -> None:
@@ -59,16 +42,22 @@ def print_findings(console: Console, findings: list[dict[str, Any]], results: Pa
         fix = f.get("fix") or {}
         if fix:
             keys = ", ".join(f"{k} = {v!r}" for k, v in fix.items())
-            console.print(f"   fix: {keys}   (prune fix {results} --apply {i})", markup=False, highlight=False)
+            console.print(f"   fix: {keys}   ({_proxy_line(f)})", markup=False, highlight=False)
+            if f.get("verdict") != "worse":
+                console.print(f"   apply: prune fix {results} --apply {i}", markup=False, highlight=False)
 
 
-def run_fix(results: Path, apply: int | None, json_mode: bool, console: Console) -> int:
+def run_fix(results: Path, apply: int | None, json_mode: bool, console: Console, force: bool = False) -> int:
     from cli.compare_view import print_comparison
+    from cli.output import print_summary, run_summary
     from prune_core import pipeline
+    from prune_core.cache import StageCache, state_dir
     from prune_core.compare import compare_results
+    from prune_core.fixes import apply_fix
+    from prune_core.report import RunReport
 
-    view = open_results(results)
-    findings = view.findings
+    report = RunReport.read(results)
+    findings = list(report.findings)
     if apply is None:
         if json_mode:
             JsonRenderer().emit({"kind": "findings", "results_dir": str(results), "findings": findings})
@@ -84,24 +73,28 @@ def run_fix(results: Path, apply: int | None, json_mode: bool, console: Console)
     if not fix:
         raise BadInput(f"finding {apply} ({finding.get('issue')}) has no automatic fix",
                        "follow its recommendation by hand")
+    if finding.get("verdict") == "worse" and not force:
+        raise BadInput(f"finding {apply}'s fix made the proxy loss worse ({_proxy_line(finding)})",
+                       "keep the current settings, or pass --force to apply it anyway")
     results = Path(results)
-    new_name = f"{view.session.session.name}-fix{apply}"
+    new_name = f"{report.session.session.name}-fix{apply}"
     session_path = results.parent / f"{new_name}.toml"
     new_dir = results.parent / new_name
-    new_session = write_fixed_session(results, fix, new_name, session_path)
-    seed_state(results, new_dir)
+    new_session = apply_fix(results, fix, session_path, name=new_name)
+    StageCache(state_dir(new_dir)).copy_reusable(StageCache(state_dir(results)))
     if not json_mode:
         console.print(f"wrote {session_path} with {', '.join(f'{k} = {v!r}' for k, v in fix.items())}")
     renderer = make_renderer(Console(stderr=json_mode), json_mode)
     flag = StopFlag()
     try:
         with stop_on_signals(flag):
-            pipeline.run(new_session, out_dir=new_dir, on_event=renderer, should_stop=flag)
+            fixed = pipeline.run(new_session, out_dir=new_dir, on_event=renderer, should_stop=flag)
     finally:
         renderer.close()
     cmp = compare_results(results, new_dir)
     if json_mode:
         JsonRenderer().emit({"kind": "comparison", **cmp})
     else:
+        print_summary(console, run_summary(fixed))
         print_comparison(console, cmp)
     return 0

@@ -7,9 +7,11 @@ arguments, unknown model or dataset), 130 interrupted (state checkpointed; run a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.fix_cmd import print_findings
 from cli.output import print_summary, run_summary
 from cli.render import JsonRenderer, make_renderer
 from cli.signals import StopFlag, stop_on_signals
@@ -134,31 +137,44 @@ def run(
     console = Console(stderr=json_mode)
     renderer = make_renderer(console, json_mode)
     flag = StopFlag()
+    cmd = f"prune run {session_file}" + (f" --out {out_dir}" if out_dir else "")
+    with _run_errors(renderer, flag, cmd), stop_on_signals(flag):
+        report = pipeline.run(session, out_dir=out_dir, fresh=fresh, on_event=renderer, should_stop=flag)
+    _print_report(report, json_mode)
+
+
+def _print_report(report: Any, json_mode: bool) -> None:
+    summary = run_summary(report)
+    if json_mode:
+        JsonRenderer().emit(summary)
+    else:
+        print_summary(out, summary)
+
+
+@contextlib.contextmanager
+def _run_errors(renderer: Any, flag: StopFlag, cmd: str) -> Iterator[None]:
+    """Map what a pipeline run raises to the documented exit codes (the renderer is always closed)."""
     try:
-        with stop_on_signals(flag):
-            result = pipeline.run(session, out_dir=out_dir, fresh=fresh, on_event=renderer, should_stop=flag)
+        yield
     except Interrupted as exc:
         renderer.close()
-        cmd = f"prune run {session_file}" + (f" --out {out_dir}" if out_dir else "")
         why = f" ({flag.signal_name})" if flag.signal_name else ""
         raise fail(Interrupted(f"{exc.message}{why}; state was checkpointed",
                                f"run `{cmd}` again to resume"), EXIT_INTERRUPTED) from None
     except KeyboardInterrupt:
         renderer.close()
         raise fail(Interrupted("stopped at once (second Ctrl-C); the last periodic checkpoint is kept",
-                               f"run `prune run {session_file}` again to resume"), EXIT_INTERRUPTED) from None
+                               f"run `{cmd}` again to resume"), EXIT_INTERRUPTED) from None
     except BadInput as exc:
         renderer.close()
         raise fail(exc, EXIT_BAD_INPUT) from None
+    except typer.Exit:
+        renderer.close()
+        raise
     except Exception as exc:
         renderer.close()
         raise fail(exc, EXIT_FAILED) from None
     renderer.close()
-    summary = run_summary(result.results_dir, result.metrics, result.workbench.allocation.summary)
-    if json_mode:
-        JsonRenderer().emit(summary)
-    else:
-        print_summary(out, summary)
 
 
 # ----------------------------------------------------------------------------- listings
@@ -205,24 +221,22 @@ def show(
     json_mode: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Summarize a finished run (and draw its gradient charts with --charts)."""
-    from prune_core.results import open_results
+    from prune_core.report import RunReport
 
     try:
-        view = open_results(results)
+        report = RunReport.read(results)
     except BadInput as exc:
         raise fail(exc, EXIT_BAD_INPUT) from None
-    obj = run_summary(view.path, view.metrics, view.summary)
-    obj["findings_list"] = view.findings
+    obj = run_summary(report)
     if json_mode:
         typer.echo(json.dumps(obj, indent=2, default=str))
         return
     print_summary(out, obj)
-    for f in view.findings:
-        out.print(f"[{f.get('severity', '').upper()}] {f.get('issue')}: {f.get('description')}", markup=False)
+    print_findings(out, list(report.findings), results)
     if charts:
         from cli.charts import render_results_charts
 
-        out.print(render_results_charts(view), markup=False, highlight=False)
+        out.print(render_results_charts(report), markup=False, highlight=False)
 
 
 @app.command("eval")
@@ -234,26 +248,40 @@ def eval_cmd(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto.")] = "auto",
     json_mode: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Perplexity of a saved pruned model on a held-out split."""
-    from prune_core.data import evaluation_tokens
-    from prune_core.evaluate import perplexity
-    from prune_core.export import load_pruned
-    from prune_core.models import resolve_device
+    """Perplexity of a saved pruned model on a held-out split (the pipeline's evaluation stages)."""
+    import tempfile
+
+    from prune_core import pipeline
+    from prune_core.report import is_results_folder
+    from sessions import Session
 
     try:
         if not (model_dir / "pruning.json").is_file():
             raise BadInput(f"{model_dir} is not a saved pruned model (no pruning.json)",
                            "pass the model/ folder of a results folder")
-        info = json.loads((model_dir / "pruning.json").read_text())
-        ds = dataset or (info.get("session", {}).get("evaluation", {}) or {}).get("dataset") or "shakespeare"
-        model, tokenizer = load_pruned(model_dir, device=str(resolve_device(device)))
-        tokens = evaluation_tokens(tokenizer, ds, max_tokens)
-        result = perplexity(model, tokens, seq_len=seq_len)
+        try:
+            info = json.loads((model_dir / "pruning.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadInput(f"{model_dir / 'pruning.json'} is not valid JSON ({exc})",
+                           "save the model again with `prune run`") from None
+        ds = dataset or ((info.get("session") or {}).get("evaluation") or {}).get("dataset") or "shakespeare"
+        session = Session().with_updates({
+            "session.name": "eval", "model.id": str(model_dir), "model.device": device,
+            "evaluation.dataset": ds, "evaluation.seq_len": seq_len, "evaluation.max_tokens": max_tokens,
+            "evaluation.before": True, "evaluation.after": False,
+        })
     except BadInput as exc:
         raise fail(exc, EXIT_BAD_INPUT) from None
-    except Exception as exc:
-        raise fail(exc, EXIT_FAILED) from None
-    result = {**result, "dataset": ds, "model_dir": str(model_dir)}
+    parent = model_dir.resolve().parent
+    renderer = make_renderer(Console(stderr=True), False)  # progress on stderr; stdout holds the result
+    flag = StopFlag()
+    with tempfile.TemporaryDirectory(prefix="prune-eval-") as tmp:
+        # the evaluation is cached in the results folder the model belongs to (nowhere else)
+        where = parent if is_results_folder(parent) else Path(tmp)
+        with _run_errors(renderer, flag, f"prune eval {model_dir}"), stop_on_signals(flag):
+            report = pipeline.run(session, out_dir=where, until="eval_before", write=False,
+                                  on_event=renderer, should_stop=flag)
+    result = {**report.perplexity["before"], "model_dir": str(model_dir)}
     if json_mode:
         typer.echo(json.dumps(result, indent=2))
     else:
@@ -285,12 +313,13 @@ def fix(
     results: Annotated[Path, typer.Argument(help="A results folder.")],
     apply: Annotated[int | None, typer.Option("--apply", help="Apply finding N (1-based) and re-run.")] = None,
     json_mode: Annotated[bool, typer.Option("--json", help="Newline-delimited JSON.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Apply a fix even when the proxy found it worse.")] = False,
 ) -> None:
     """List the diagnosis findings and their fixes; --apply N writes a fixed session and runs it."""
     from cli.fix_cmd import run_fix
 
     try:
-        code = run_fix(results, apply, json_mode, out)
+        code = run_fix(results, apply, json_mode, out, force=force)
     except BadInput as exc:
         raise fail(exc, EXIT_BAD_INPUT) from None
     except Interrupted as exc:

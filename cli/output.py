@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -24,22 +23,9 @@ def condensed_rates(summary: pd.DataFrame | None) -> list[dict[str, Any]]:
     return rows
 
 
-def run_summary(results_dir: Path, metrics: dict[str, Any], summary: pd.DataFrame | None) -> dict[str, Any]:
-    ppl = metrics.get("perplexity", {}) or {}
-    return {
-        "kind": "summary",
-        "results_dir": str(results_dir),
-        "parameters": metrics.get("parameters", {}),
-        "ratio": metrics.get("ratio", {}),
-        "perplexity": {k: v.get("ppl") for k, v in ppl.items() if isinstance(v, dict)},
-        "perplexity_settings": {k: {"dataset": v.get("dataset"), "seq_len": v.get("seq_len"), "tokens": v.get("tokens")}
-                                for k, v in ppl.items() if isinstance(v, dict)},
-        "mask_sha256": metrics.get("mask_sha256", ""),
-        "stages_cached": metrics.get("stages_cached", []),
-        "stage_seconds": metrics.get("stage_seconds", {}),
-        "findings": metrics.get("findings", {}),
-        "layers": condensed_rates(summary),
-    }
+def run_summary(report: Any) -> dict[str, Any]:
+    """The one output object of a run (`RunReport.summary_dict()` plus the condensed per-layer rates)."""
+    return {**report.summary_dict(), "layers": condensed_rates(report.summary)}
 
 
 def print_summary(console: Console, obj: dict[str, Any]) -> None:
@@ -59,6 +45,10 @@ def print_summary(console: Console, obj: dict[str, Any]) -> None:
     if r:
         console.print(f"ratio: target {r.get('target', 0):.1%}, achieved {r.get('achieved', 0):.2%}"
                       + ("" if r.get("reachable", True) else f"  [yellow]{r.get('message', '')}[/]"))
+    proxy = obj.get("proxy") or {}
+    if proxy.get("loss") is not None:
+        console.print(f"proxy loss: {proxy['loss']:.4f} (dense {proxy.get('dense', float('nan')):.4f}, "
+                      f"{proxy.get('windows', 0)} held-out windows)")
     ppl = obj.get("perplexity", {})
     settings = obj.get("perplexity_settings", {})
     if ppl:

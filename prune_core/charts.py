@@ -141,37 +141,19 @@ def gradient_panels(stats: Stats, stats_label: str, summary: pd.DataFrame | None
     return [p1, p2, p3]
 
 
-def panels_from_view(view: Any) -> list[Panel]:
-    """The panels of an opened results folder (`prune_core.results.ResultsView`, duck-typed)."""
-    stats, label = stats_from_statistics(getattr(view, "statistics", None) or {})
-    diagnosis = getattr(view, "diagnosis", None) or {}
-    extreme = (diagnosis.get("thresholds") or {}).get("extreme_rate")
-    if extreme is None and getattr(view, "session", None) is not None:
-        extreme = view.session.diagnosis.extreme_rate
-    return gradient_panels(stats, label, getattr(view, "summary", None), getattr(view, "table", None),
-                           extreme_rate=extreme)
+def panels_from_view(report: Any) -> list[Panel]:
+    """The panels of a run (a `prune_core.report.RunReport`: stats, summary, table, session)."""
+    extreme = ((getattr(report, "diagnosis", None) or {}).get("thresholds") or {}).get("extreme_rate")
+    if extreme is None and getattr(report, "session", None) is not None:
+        extreme = report.session.diagnosis.extreme_rate
+    return gradient_panels(report.stats, report.stats_label, report.summary, report.table, extreme_rate=extreme)
 
 
 def load_panels(results: Path) -> list[Panel]:
-    """The panels of a results folder (analysis/gradient_statistics.json and the two CSVs)."""
-    results = Path(results)
-    stats_path = results / "analysis" / "gradient_statistics.json"
-    if not stats_path.is_file():
-        raise BadInput(f"{str(results)!r} has no analysis/gradient_statistics.json",
-                       "pass a results folder written by `prune run` (it holds session.toml and analysis/)")
-    stats, label = stats_from_statistics(json.loads(stats_path.read_text(encoding="utf-8")))
-    summary_path = results / "analysis" / "pruning_summary_by_layer.csv"
-    table_path = results / "analysis" / "global_group_table.csv"
-    summary = pd.read_csv(summary_path) if summary_path.is_file() else None
-    table = pd.read_csv(table_path) if table_path.is_file() else None
-    extreme = None
-    diag_path = results / "analysis" / "gradient_diagnosis.json"
-    if diag_path.is_file():
-        try:
-            extreme = json.loads(diag_path.read_text(encoding="utf-8"))["thresholds"]["extreme_rate"]
-        except (KeyError, TypeError, ValueError):
-            extreme = None
-    return gradient_panels(stats, label, summary, table, extreme_rate=extreme)
+    """The panels of a results folder."""
+    from prune_core.report import RunReport
+
+    return panels_from_view(RunReport.read(results))
 
 
 # ------------------------------------------------------------------------------------------ text output

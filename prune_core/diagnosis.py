@@ -1,7 +1,8 @@
 """Extreme-pruning diagnosis (seed 002): per-layer gradient statistics → findings with one-key fixes.
 
 `diagnose()` looks at the per-layer statistics the importance pass collected (`ImportanceResult.stats`,
-gradients for taylor / taylor_2nd, input-activation norms for wanda) and at the per-layer pruning
+gradients for taylor / taylor_2nd, input-activation norms for wanda, weights for magnitude: each
+method's `stats_label` in prune_core/importance/registry.py) and at the per-layer pruning
 summary of an allocation, and returns `Finding`s sorted by severity (critical first). Each finding
 names the numbers that triggered it and carries a `fix`: dotted session keys → values that
 `Session.with_updates()` / `prune_core.fixes.apply_fix()` accept.
@@ -10,13 +11,15 @@ Rules (thresholds from `[diagnosis]` in the session):
 - `nonfinite_<label>` (critical) / `zero_<label>` (high): NaN/Inf or all-zero statistics in a layer;
 - `<label>_scale_ratio`: max/min of the per-layer mean |g| of block "layer" (zero/NaN layers ignored)
   above `scale_ratio_warn` → high, above 10× that → critical; fix: block-wise log normalization;
-- `long_sequence` (warning): seq_len ≥ 512 together with a large scale ratio; fix: seq_len 256;
+- `long_sequence` (warning): seq_len ≥ 512 together with a large scale ratio (methods that read
+  calibration data only); fix: seq_len 256;
 - `early_layers_over_pruned` (critical): a block of the first `diagnosis.early_layers` layers pruned
   beyond `extreme_rate`; fix: `pruning.early_layers` / `pruning.early_max_rate` 0.3;
 - `blocks_over_pruned`: blocks pruned beyond `extreme_rate` (1 → warning, ≥ 3 or ≥ 10 % → high);
   fix: block correction T=1, tau=0 (or `pruning.max_rate` when the correction is already on);
 - `rate_spread` (high): max − min block pruning rate ≥ 0.8; fix: `pruning.max_rate` / `min_rate`;
-- `second_order_negligible` (warning): taylor_2nd whose second-order part is < 0.1 % of the total;
+- `second_order_negligible` (warning): a second-order method (taylor_2nd) whose second-order part is
+  < 0.1 % of the total; fix: the method's registered `cheaper` one;
 - `no_problems` (info) when nothing else triggers.
 
 `gradient_statistics()` / `gradient_diagnosis()` build the two JSON reports and `write_reports()`
@@ -35,6 +38,7 @@ import pandas as pd
 
 from prune_core.atomic import write_json
 from prune_core.events import FindingEvent, Severity
+from prune_core.importance.registry import METHODS, get_method, stats_noun
 from sessions.schema import Session
 
 BLOCKS: tuple[str, ...] = ("attention", "mlp", "layer")
@@ -57,13 +61,23 @@ class Finding:
     description: str
     recommendation: str
     fix: dict[str, Any] = field(default_factory=dict)
+    # the fix tried in a what-if (prune_core/verify.py): proxy loss without and with it, and the verdict
+    proxy_before: float | None = None
+    proxy_after: float | None = None
+    verdict: str = "untested"  # better | same | worse | untested
+
+    @property
+    def recommended(self) -> bool:
+        """A fix is recommended unless the proxy showed it makes the model worse."""
+        return bool(self.fix) and self.verdict != "worse"
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean(asdict(self))
+        return _clean({**asdict(self), "recommended": self.recommended})
 
     def to_event(self) -> FindingEvent:
         return FindingEvent(issue=self.issue, severity=self.severity, description=self.description,
-                            recommendation=self.recommendation, fix=dict(self.fix))
+                            recommendation=self.recommendation, fix=dict(self.fix),
+                            proxy_before=self.proxy_before, proxy_after=self.proxy_after, verdict=self.verdict)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -125,7 +139,7 @@ def _layer_list(layers: Iterable[int], limit: int = 12) -> str:
 
 
 def _noun(label: str) -> str:
-    return "activation norm" if label == "activation" else "gradient"
+    return stats_noun(label)  # the importance-method registry: "gradient", "activation norm", "weight"
 
 
 def num_layers(stats: Stats) -> int:
@@ -246,6 +260,9 @@ def _rule_nonfinite_and_zero(stats: Stats, label: str, session: Session) -> list
             rec = f"switch the model to float32 (now {dtype}): tiny {noun}s underflow to zero in half precision"
         elif label == "activation":
             rec = "check that the calibration data reaches these layers (empty windows, wrong tokenizer)"
+        elif label == "weight":
+            rec = ("the weights of these layers are zero: check the model file; "
+                   "protect them with pruning.protect_layers meanwhile")
         else:
             rec = ("check that the loss reaches these layers (frozen or detached parameters); "
                    "protect them with pruning.protect_layers meanwhile")
@@ -302,7 +319,8 @@ def _rule_scale_ratio(stats: Stats, label: str, session: Session) -> tuple[list[
 def _rule_long_sequence(ratio: float | None, label: str, session: Session) -> list[Finding]:
     seq = session.data.seq_len
     warn = session.diagnosis.scale_ratio_warn
-    if ratio is None or ratio <= warn or seq < LONG_SEQ_LEN:
+    spec = METHODS.get(session.importance.method)
+    if ratio is None or ratio <= warn or seq < LONG_SEQ_LEN or (spec is not None and not spec.needs_calibration):
         return []
     return [Finding(
         issue="long_sequence", severity="warning",
@@ -390,17 +408,19 @@ def _rule_rate_spread(rates: list[tuple[int, str, float, int, int]], session: Se
 def _rule_second_order(share: float | None, session: Session) -> list[Finding]:
     if share is None or not math.isfinite(share) or share >= SECOND_ORDER_MIN_SHARE:
         return []
+    method = session.importance.method
+    cheaper = get_method(method).cheaper or "taylor"  # the registry names the first-order method
     if session.importance.fisher_scale == "none":
         fix: dict[str, Any] = {"importance.fisher_scale": "tokens"}
-        rec = ("the second-order pass changes nothing; use taylor (cheaper) or fisher_scale=tokens "
+        rec = (f"the second-order pass changes nothing; use {cheaper} (cheaper) or fisher_scale=tokens "
                "(scale the Fisher diagonal by the token count)")
     else:
-        fix = {"importance.method": "taylor"}
-        rec = "the second-order pass changes nothing; use taylor (cheaper) or fisher_scale=tokens"
+        fix = {"importance.method": cheaper}
+        rec = f"the second-order pass changes nothing; use {cheaper} (cheaper) or fisher_scale=tokens"
     return [Finding(
         issue="second_order_negligible", severity="warning",
         description=(f"The second-order term is {share:.2e} of the total importance ({100 * share:.4f}%, "
-                     f"threshold {100 * SECOND_ORDER_MIN_SHARE:.1f}%), with method=taylor_2nd and "
+                     f"threshold {100 * SECOND_ORDER_MIN_SHARE:.1f}%), with method={method} and "
                      f"fisher_scale={session.importance.fisher_scale}"),
         recommendation=rec, fix=fix)]
 
@@ -565,5 +585,7 @@ def findings_from_dicts(items: Iterable[dict[str, Any]]) -> list[Finding]:
         sev = d.get("severity", "info")
         out.append(Finding(issue=str(d.get("issue", "")), severity=sev if sev in SEVERITY_ORDER else "info",
                            description=str(d.get("description", "")),
-                           recommendation=str(d.get("recommendation", "")), fix=dict(d.get("fix") or {})))
+                           recommendation=str(d.get("recommendation", "")), fix=dict(d.get("fix") or {}),
+                           proxy_before=d.get("proxy_before"), proxy_after=d.get("proxy_after"),
+                           verdict=str(d.get("verdict", "untested"))))
     return out

@@ -48,8 +48,9 @@ class StageStarted(Event):
 class StageDone(Event):
     stage: str
     seconds: float
-    cached: bool = False  # True when the stage's output came from the stage cache
+    cached: bool = False  # True when the stage's output came from the stage cache (disk or memory)
     summary: str = ""
+    result: dict[str, Any] = field(default_factory=dict)  # the stage's outcome in numbers (typed per stage)
     kind: str = field(init=False, default="stage_done")
 
 
@@ -107,14 +108,33 @@ class FindingEvent(Event):
     description: str
     recommendation: str
     fix: dict[str, Any]
+    proxy_before: float | None = None
+    proxy_after: float | None = None
+    verdict: str = "untested"
     kind: str = field(init=False, default="finding")
 
 
 @dataclass(frozen=True)
+class StagePlan(Event):
+    """Before a run (or a what-if) starts: the stages that will compute, with estimated seconds."""
+
+    recompute: tuple[str, ...]
+    estimates: dict[str, float] = field(default_factory=dict)  # stage -> estimated seconds (when known)
+    reused: tuple[str, ...] = ()
+    kind: str = field(init=False, default="stage_plan")
+
+
+@dataclass(frozen=True)
 class RunDone(Event):
+    """The run is over; `report` is the typed `prune_core.report.RunReport` (not part of the JSON)."""
+
     results_dir: str
     metrics: dict[str, Any]
+    report: Any = field(default=None, compare=False, repr=False)
     kind: str = field(init=False, default="run_done")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean({"kind": self.kind, "results_dir": self.results_dir, "metrics": self.metrics})
 
 
 EventSink = Callable[[Event], None]

@@ -32,14 +32,24 @@ def _source_file(session_path: Path) -> Path:
     return p
 
 
+# A fix comes from a results folder, which may be someone else's: it may change how the model is pruned,
+# never which model is loaded, where results go, or whether code shipped with a model runs.
+FIXABLE_SECTIONS = ("data", "importance", "correction", "normalization", "pruning", "evaluation", "diagnosis")
+FORBIDDEN_KEYS = ("data.dataset", "evaluation.dataset")
+
+
 def check_fix(fix: dict[str, Any]) -> None:
-    """Raise SessionError listing every key of `fix` that is not `section.key` of the schema."""
+    """Raise SessionError listing every key of `fix` that is not `section.key` of the schema, or that a
+    fix may not change (model, session, output, data sources)."""
     problems = []
     for dotted in fix:
         section, _, key = str(dotted).partition(".")
         cls = SECTIONS.get(section)
         if cls is None or not key or key not in cls.model_fields:
             problems.append((str(dotted), "unknown key (a fix names keys as section.key, e.g. pruning.max_rate)"))
+        elif section not in FIXABLE_SECTIONS or dotted in FORBIDDEN_KEYS:
+            problems.append((str(dotted), "a fix may not change this key (only how the model is pruned); "
+                                          "edit the session file by hand if you mean it"))
     if problems:
         raise SessionError(problems, source="fix")
 

@@ -552,6 +552,14 @@ def resolve_model(
     if spec in tiny.TINY_MODELS:
         model, tokenizer = tiny.build_tiny(spec)
         source, resolved_revision = f"builtin:{spec}", ""
+    elif (Path(spec).expanduser() / "pruning.json").is_file():
+        from prune_core.export import load_pruned  # a model `prune` saved: non-uniform widths, no remote code
+
+        model, tokenizer = load_pruned(Path(spec).expanduser(), device=torch_device, dtype=torch_dtype)
+        if tokenizer is None:
+            raise BadInput(f"the pruned model folder {spec!r} holds no tokenizer",
+                           "save it again with `prune run` ([output] save_model = true), which stores the tokenizer")
+        source, resolved_revision = str(Path(spec).expanduser().resolve()), ""
     else:
         if spec in zoo.ZOO:
             entry = zoo.ZOO[spec]

@@ -1,44 +1,475 @@
-"""The headless orchestrator: run a whole session from its file, emitting events, leaving a results folder.
+"""The one pipeline: every stage declared once, run in order, recomputed only when its inputs change.
 
-    load model → calibration data → importance pass → (block/layer losses when T or tau ≠ 0)
-    → table, correction, normalization → selection → surgery (+ compensation)
-    → evaluation before/after → diagnosis → save
+    model ─▶ calibration ─▶ importance ─▶ block_losses (T or tau ≠ 0) ─▶ allocation ─▶ proxy_base ─▶ proxy
+          ─▶ diagnosis (fixes scored by the proxy) ─▶ eval_data ─▶ eval_before ─▶ surgery (+ bias | reconstruct)
+          ─▶ eval_after ─▶ save_model ─▶ save (the results folder, `RunReport.write`)
 
-`run()` is what `prune run` calls; the TUI drives the same `Workbench` step by step.
+A stage is data (`Stage`): its name, the upstream stages it reads, the session keys that enter its
+cache key, the function that computes it (`steps.py`) and, for expensive ones, how its value is saved
+and loaded under `state/` (`cache.py`). `run(session, until=…, memo=…)` is the only entry point:
+`prune run`, `prune fix`, `prune eval`, `prune tune`, every TUI action and a what-if are calls of it.
+A stage's key is a hash of its session keys and its upstream stages' identities, so a what-if that
+changes only `[pruning]` reuses everything upstream of allocation (from the in-memory `Memo`, or
+from the disk cache in another process), and one that changes `[correction] temperature` computes the
+block losses only — announced first by a `StagePlan` event and a `Notice` with the estimated time.
 """
 
 from __future__ import annotations
 
+import shutil
+import time
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prune_core.events import EventSink, RunDone, null_sink
-from prune_core.workbench import Workbench, ensure_writable, results_dir_for
+from prune_core import steps
+from prune_core.cache import StageCache, stage_key, state_dir
+from prune_core.errors import BadInput, Interrupted
+from prune_core.events import Event, EventSink, Notice, RunDone, StageDone, StagePlan, StageStarted, null_sink
+from prune_core.provenance import base_provenance, device_name, now_iso
+from prune_core.report import RunReport
 from sessions import Session
 
 
+# ---------------------------------------------------------------------------------------------- declarations
 @dataclass
-class RunResult:
-    results_dir: Path
-    metrics: dict[str, Any]
-    workbench: Workbench
+class Ctx:
+    """What a stage's compute function sees."""
+
+    session: Session
+    stage: str
+    key: str
+    values: dict[str, Any]
+    results_dir: Path | None
+    checkpoint_dir: Path | None
+    on_event: EventSink
+    should_stop: Callable[[], bool]
+    in_place: bool
+    try_fix: Callable[[Session], float | None] | None = None
+    summary: str = ""
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    description: str
+    compute: Callable[[Ctx], Any]
+    deps: tuple[str, ...] = ()  # upstream stages read (their identities enter the key when they ran)
+    keys: tuple[str, ...] = ()  # session keys ("section" or "section.key") that enter the key
+    enabled: Callable[[Session, bool], bool] = lambda s, write: True
+    save: Callable[[Path, Any], None] | None = None  # persisted stages: state/<name>/<key>/
+    load: Callable[[Path], Any] | None = None
+    identity: Callable[[Any], str] | None = None  # what downstream keys see (default: this stage's key)
+    expensive: bool = False  # announced with an estimate before it recomputes in a what-if
+    keep: int = 8  # values of this stage kept in a Memo (big ones: 1)
+
+
+def _needs_block(s: Session, write: bool) -> bool:
+    return s.correction.temperature != 0.0 or s.correction.tau != 0.0
+
+
+def _proxy_on(s: Session, write: bool) -> bool:
+    return s.data.proxy_samples > 0
+
+
+def _eval_any(s: Session, write: bool) -> bool:
+    return s.evaluation.before or s.evaluation.after
+
+
+def _needs_surgery(s: Session, write: bool) -> bool:
+    return s.evaluation.after or (write and s.output.save_model)
+
+
+ALLOCATION_KEYS = ("normalization", "correction.temperature", "correction.tau", "pruning.ratio",
+                   "pruning.min_rate", "pruning.max_rate", "pruning.protect_layers", "pruning.early_layers",
+                   "pruning.early_max_rate", "pruning.depth_weight")
+
+STAGES: tuple[Stage, ...] = (
+    Stage("model", "load the model", steps.load_model,
+          keys=("model.id", "model.revision", "model.dtype", "model.device", "model.trust_remote_code"),
+          identity=steps.model_identity, keep=1),
+    Stage("calibration", "calibration windows", steps.load_calibration, deps=("model",),
+          keys=("data.dataset", "data.num_samples", "data.seq_len", "data.proxy_samples", "session.seed"),
+          identity=lambda c: c.fingerprint, keep=2),
+    Stage("importance", "importance pass", steps.compute_importance, deps=("model", "calibration"),
+          keys=("importance.method", "importance.aggregation", "importance.fisher_scale", "data.batch_size"),
+          save=steps.save_importance, load=steps.load_importance, expensive=True, keep=2),
+    Stage("block_losses", "loss increase per skipped block and layer", steps.compute_block_losses,
+          deps=("model",), keys=("data.dataset", "correction.samples", "correction.seq_len", "session.seed",
+                                 "data.batch_size"),
+          enabled=_needs_block, save=steps.save_json_value, load=steps.load_block_losses, expensive=True),
+    Stage("allocation", "correction, normalization and global selection", steps.compute_allocation,
+          deps=("model", "importance", "block_losses"), keys=ALLOCATION_KEYS, keep=16),
+    Stage("proxy_base", "dense loss on the held-out calibration windows", steps.compute_proxy_base,
+          deps=("model", "calibration"), enabled=_proxy_on, save=steps.save_json_value, load=steps.load_json_value),
+    Stage("proxy", "proxy loss of the allocation", steps.compute_proxy, deps=("model", "calibration", "allocation",
+                                                                              "proxy_base"),
+          enabled=_proxy_on, keep=64),
+    Stage("diagnosis", "extreme-pruning diagnosis, fixes scored by the proxy", steps.compute_diagnosis,
+          deps=("importance", "allocation", "proxy"), keys=("diagnosis",)),
+    Stage("eval_data", "held-out evaluation tokens", steps.load_eval_data, deps=("model",),
+          keys=("evaluation.dataset", "data.dataset", "evaluation.max_tokens"), enabled=_eval_any, keep=1),
+    Stage("eval_before", "perplexity before pruning", steps.eval_before, deps=("model", "eval_data"),
+          keys=("evaluation.seq_len",), enabled=lambda s, w: s.evaluation.before,
+          save=steps.save_json_value, load=steps.load_json_value, expensive=True),
+    Stage("surgery", "remove pruned heads and channels, compensate", steps.compute_surgery,
+          deps=("model", "calibration", "importance", "allocation"), keys=("pruning.compensate", "pruning.ridge"),
+          enabled=_needs_surgery, keep=1),
+    Stage("eval_after", "perplexity after pruning", steps.eval_after, deps=("surgery", "eval_data"),
+          keys=("evaluation.seq_len",), enabled=lambda s, w: s.evaluation.after,
+          save=steps.save_json_value, load=steps.load_json_value, expensive=True),
+    Stage("save_model", "save the pruned model", steps.save_model, deps=("surgery",),
+          enabled=lambda s, write: write and s.output.save_model, keep=1),
+    Stage("save", "write the results folder", lambda ctx: None, deps=("allocation", "diagnosis"),
+          enabled=lambda s, write: write),
+)
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+_BY_NAME = {s.name: s for s in STAGES}
+
+
+# ---------------------------------------------------------------------------------------------- memo
+class Memo:
+    """Stage values kept in memory between runs of one process: a what-if is a run with the memo."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, OrderedDict[str, tuple[str, Any]]] = {}
+
+    def get(self, stage: str, key: str) -> tuple[str, Any] | None:
+        slot = self._values.get(stage)
+        if slot is None or key not in slot:
+            return None
+        slot.move_to_end(key)
+        return slot[key]
+
+    def put(self, stage: str, key: str, identity: str, value: Any) -> None:
+        slot = self._values.setdefault(stage, OrderedDict())
+        slot[key] = (identity, value)
+        slot.move_to_end(key)
+        while len(slot) > _BY_NAME[stage].keep:
+            slot.popitem(last=False)
+
+    def drop(self, stage: str) -> None:
+        self._values.pop(stage, None)
+
+    def latest(self, stage: str) -> Any:
+        """The most recently used value of `stage` (e.g. the loaded model), or None."""
+        slot = self._values.get(stage)
+        return next(reversed(slot.values()))[1] if slot else None
+
+    def __contains__(self, stage: str) -> bool:
+        return bool(self._values.get(stage))
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def results_dir_for(session: Session, out: Path | None = None) -> Path:
+    """Where a session's results go: `--out DIR`, or `<output_dir>/<name>/`."""
+    return Path(out) if out is not None else Path(session.session.output_dir) / session.session.name
+
+
+def ensure_writable(results_dir: Path) -> None:
+    if results_dir.exists() and not results_dir.is_dir():
+        raise BadInput(f"results path {str(results_dir)!r} is a file", "choose another --out folder or session name")
+
+
+def has_checkpoint(results_dir: Path) -> bool:
+    """An interrupted pass of this results folder can be resumed."""
+    return StageCache(state_dir(results_dir)).has_checkpoint()
+
+
+def _session_value(session: Session, dotted: str) -> Any:
+    section, _, key = dotted.partition(".")
+    obj = getattr(session, section)
+    if section == "evaluation" and key == "dataset":
+        return session.eval_dataset
+    return obj.model_dump(mode="json") if not key else getattr(obj, key)
+
+
+def _selected(until: str | None) -> tuple[Stage, ...]:
+    """Every stage (until=None), or `until` and the stages it needs, in the declared order."""
+    if until is None:
+        return STAGES
+    if until not in _BY_NAME:
+        raise BadInput(f"unknown stage {until!r}", f"use one of: {', '.join(STAGE_NAMES)}")
+    needed, todo = set(), [until]
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo.extend(_BY_NAME[name].deps)
+    return tuple(s for s in STAGES if s.name in needed)
+
+
+def _key(stage: Stage, session: Session, idents: dict[str, str]) -> str:
+    return stage_key({"stage": stage.name,
+                      "session": {k: _session_value(session, k) for k in stage.keys},
+                      "deps": {d: idents[d] for d in stage.deps if d in idents}})
+
+
+def _estimate(stage: Stage, session: Session, memo: Memo) -> float | None:
+    """A rough time for an expensive stage: from this process's last pass when there is one."""
+    mv = memo.latest("model")
+    if mv is None:
+        return None
+    params = float(mv.facts.get("total_parameters", 0) or 0)
+    flops = 2.0e10  # a modest CPU; a GPU is far faster, and an over-estimate is the safe side
+    if stage.name == "importance":
+        last = memo.latest("importance")
+        tokens = session.data.num_samples * session.data.seq_len
+        if last is not None and getattr(last, "tokens", 0):
+            return float(last.seconds) * tokens / max(float(last.tokens), 1.0)
+        return 6.0 * params * tokens / flops
+    if stage.name == "block_losses":
+        layers = float(mv.facts.get("layers", 1))
+        return (3 * layers + 1) * 2.0 * params * session.correction.samples * session.correction.seq_len / flops
+    if stage.name in ("eval_before", "eval_after"):
+        return 2.0 * params * session.evaluation.max_tokens / flops
+    return None
+
+
+def plan(session: Session, memo: Memo | None = None, *, until: str | None = None, write: bool = False,
+         results_dir: Path | None = None, fresh: bool = False) -> tuple[list[str], list[str]]:
+    """(stages that will compute, stages reused) for a run with this memo, without running anything.
+
+    A stage whose upstream will compute is assumed to compute too, unless the disk cache holds its key.
+    """
+    memo = memo or Memo()
+    cache = StageCache(state_dir(results_dir)) if results_dir is not None else None
+    idents: dict[str, str] = {}
+    unknown: set[str] = set()
+    compute, reused = [], []
+    for stage in _selected(until):
+        if not stage.enabled(session, write):
+            continue
+        if any(d in unknown for d in stage.deps):
+            unknown.add(stage.name)
+            compute.append(stage.name)
+            continue
+        key = _key(stage, session, idents)
+        hit = None if fresh else memo.get(stage.name, key)
+        if hit is not None:
+            idents[stage.name] = hit[0]
+            reused.append(stage.name)
+        elif not fresh and cache is not None and stage.load is not None and cache.has(stage.name, key):
+            idents[stage.name] = key
+            reused.append(stage.name)
+        else:
+            unknown.add(stage.name)
+            compute.append(stage.name)
+    return compute, reused
+
+
+# ---------------------------------------------------------------------------------------------- run
+@dataclass
+class _Record:
+    seconds: dict[str, float] = field(default_factory=dict)
+    cached: list[str] = field(default_factory=list)
+    computed: list[str] = field(default_factory=list)
+    values: dict[str, Any] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
 
 
 def run(
     session: Session,
     *,
     out_dir: Path | None = None,
+    until: str | None = None,
+    memo: Memo | None = None,
     fresh: bool = False,
+    write: bool = True,
     on_event: EventSink = null_sink,
     should_stop: Callable[[], bool] | None = None,
-) -> RunResult:
-    """Run every stage of `session`; stages whose inputs are unchanged come from the cache."""
+) -> RunReport:
+    """Run the declared stages of `session` in order (up to `until`) and return the run's report.
+
+    Stages whose key is in `memo` (this process) or in the results folder's stage cache are reused;
+    `fresh` recomputes everything. Without a `memo` the run owns the model and prunes it in place;
+    with one, surgery works on a copy so the memo stays usable for further what-ifs. `write` writes
+    the results folder (and the model when `[output] save_model`); a what-if passes `write=False`.
+    """
     results_dir = results_dir_for(session, out_dir)
     ensure_writable(results_dir)
-    wb = Workbench(session, results_dir, on_event=on_event, should_stop=should_stop, fresh=fresh,
-                   keep_original=False)
-    metrics = wb.run_all()
-    on_event(RunDone(results_dir=str(results_dir), metrics=metrics))
-    return RunResult(results_dir=results_dir, metrics=metrics, workbench=wb)
+    own = memo is None
+    memo = Memo() if memo is None else memo
+    stop = should_stop or (lambda: False)
+    started = now_iso()
+    cache = StageCache(state_dir(results_dir))
+    record = _Record()
+    idents: dict[str, str] = {}
+    selected = [s for s in _selected(until) if s.enabled(session, write)]
+
+    compute, reused = plan(session, memo, until=until, write=write, results_dir=results_dir, fresh=fresh)
+    estimates = {n: e for n in compute if _BY_NAME[n].expensive
+                 and (e := _estimate(_BY_NAME[n], session, memo)) is not None}
+    on_event(StagePlan(recompute=tuple(compute), estimates=estimates, reused=tuple(reused)))
+    announced = [n for n in compute if _BY_NAME[n].expensive]
+    if announced and reused:
+        parts = [f"{n} (~{_fmt_seconds(estimates[n])})" if n in estimates else n for n in announced]
+        on_event(Notice(f"will compute: {', '.join(parts)}", level="info", stage=announced[0]))
+
+    def try_fix(fixed: Session) -> float | None:
+        """The proxy loss of `fixed` in a what-if, or None when it would need a new importance pass."""
+        todo, _ = plan(fixed, memo, until="proxy", write=False, results_dir=results_dir)
+        if "importance" in todo or "model" in todo or "calibration" in todo:
+            return None
+        sub = run(fixed, out_dir=results_dir, until="proxy", memo=memo, write=False,
+                  on_event=_quiet(on_event), should_stop=stop)
+        loss = sub.metrics.get("proxy", {}).get("loss")
+        return None if loss is None else float(loss)
+
+    for stage in selected:
+        if stop():
+            raise Interrupted(f"stopped before stage {stage.name!r}", "run the same command again to resume")
+        key = _key(stage, session, idents)
+        record.keys[stage.name] = key
+        on_event(StageStarted(stage=stage.name, description=stage.description,
+                              total=_total(stage, session)))
+        t0 = time.perf_counter()
+        hit = None if fresh else memo.get(stage.name, key)
+        ctx = Ctx(session=session, stage=stage.name, key=key, values=record.values,
+                  results_dir=results_dir if write or stage.save is not None else None,
+                  checkpoint_dir=cache.checkpoint_dir(stage.name, key), on_event=_inner(on_event, stage.name),
+                  should_stop=stop, in_place=own, try_fix=try_fix if stage.name == "diagnosis" else None)
+        cached = True
+        if hit is not None:
+            identity, value = hit
+            summary = "reused from this session's memory"
+        elif not fresh and stage.load is not None and cache.has(stage.name, key):
+            value = stage.load(cache.folder(stage.name, key))
+            identity = key
+            summary = "reused from the stage cache"
+        else:
+            cached = False
+            if fresh and stage.save is not None:
+                cache.drop(stage.name, key)
+            if stage.name == "save":
+                value = _write_results(session, record, results_dir, started, on_event)
+            else:
+                value = stage.compute(ctx)
+            identity = stage.identity(value) if stage.identity else key
+            if stage.save is not None:
+                stage.save(cache.folder(stage.name, key), value)
+                cache.mark_complete(stage.name, key, {"stage": stage.name})
+                shutil.rmtree(cache.checkpoint_dir(stage.name, key), ignore_errors=True)
+            summary = ctx.summary
+        if stage.name != "save":
+            memo.put(stage.name, key, identity, value)
+        idents[stage.name] = identity
+        record.values[stage.name] = value
+        seconds = time.perf_counter() - t0
+        record.seconds[stage.name] = seconds
+        (record.cached if cached else record.computed).append(stage.name)
+        if stage.name == "surgery" and own:
+            memo.drop("model")  # the run pruned the model in place: it is no longer the original
+        on_event(StageDone(stage=stage.name, seconds=seconds, cached=cached, summary=summary,
+                           result=dict(ctx.result) if not cached else {}))
+        if stage.name == "diagnosis":
+            for finding in value.findings:
+                on_event(finding.to_event())
+
+    report = record.values.get("save") or build_report(session, record, results_dir if write else None, started)
+    on_event(RunDone(results_dir=str(results_dir), metrics=report.metrics, report=report))
+    return report
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min"
+
+
+def _total(stage: Stage, session: Session) -> int | None:
+    if stage.name == "importance":
+        return -(-session.data.num_samples // session.data.batch_size)
+    return None
+
+
+def _inner(sink: EventSink, stage: str) -> EventSink:
+    """Forward an inner step's events, except its own start/finish of the stage (the pipeline reports those)."""
+
+    def forward(event: Event) -> None:
+        if isinstance(event, StageStarted | StageDone) and event.stage == stage:
+            return
+        sink(event)
+
+    return forward
+
+
+def _quiet(sink: EventSink) -> EventSink:
+    """A nested what-if (scoring a fix) reports only its notices."""
+
+    def forward(event: Event) -> None:
+        if isinstance(event, Notice):
+            sink(event)
+
+    return forward
+
+
+# ---------------------------------------------------------------------------------------------- report
+def build_report(session: Session, record: _Record, results_dir: Path | None, started: str) -> RunReport:
+    """The typed report of what this run's stages produced."""
+    v = record.values
+    mv = v.get("model")
+    alloc = v.get("allocation")
+    imp = v.get("importance")
+    diag = v.get("diagnosis")
+    findings = list(diag.findings) if diag is not None else []
+    metrics: dict[str, Any] = {"session": session.session.name}
+    if alloc is not None and mv is not None:
+        removed = int(alloc.removed_parameters)
+        metrics["parameters"] = {
+            "total_before": mv.total_parameters, "total_after": mv.total_parameters - removed,
+            "prunable_before": int(alloc.prunable_parameters),
+            "prunable_after": int(alloc.prunable_parameters) - removed, "removed": removed,
+        }
+        metrics["ratio"] = {"target": alloc.target_ratio, "achieved": alloc.achieved_ratio,
+                            "reachable": bool(alloc.reachable), "message": alloc.message}
+        metrics["mask_sha256"] = alloc.mask_sha256
+    if "proxy" in v:
+        metrics["proxy"] = dict(v["proxy"])
+    ppl = {which: v[f"eval_{which}"] for which in ("before", "after") if f"eval_{which}" in v}
+    metrics["perplexity"] = ppl
+    if imp is not None:
+        metrics["importance"] = {"method": imp.method, "batches": imp.batches, "tokens": imp.tokens,
+                                 "stats_label": imp.stats_label, "cache_key": record.keys.get("importance", "")}
+    pruned = v.get("surgery")
+    if pruned is not None:
+        metrics.setdefault("parameters", {})["total_after_surgery"] = int(pruned.report.params_after)
+        metrics["compensation"] = {"mode": pruned.compensate, "ridge": session.pruning.ridge,
+                                   "modules": len(pruned.report.compensated),
+                                   "added_bias_parameters": int(pruned.report.added_bias_parameters)}
+    metrics["stage_seconds"] = {k: round(s, 4) for k, s in record.seconds.items()}
+    metrics["stages_cached"] = sorted(record.cached)
+    metrics["findings"] = {sev: sum(1 for f in findings if f.severity == sev)
+                           for sev in ("critical", "high", "warning", "info")}
+    provenance = _provenance(session, v, started) if mv is not None else {}
+    return RunReport(
+        session=session.resolved(), metrics=metrics,
+        summary=alloc.summary if alloc is not None else None, table=alloc.table if alloc is not None else None,
+        findings=tuple(f.to_dict() for f in findings), stats=dict(imp.stats) if imp is not None else {},
+        stats_label=imp.stats_label if imp is not None else "gradient", provenance=provenance,
+        results_dir=results_dir,
+    )
+
+
+def _provenance(session: Session, v: dict[str, Any], started: str) -> dict[str, Any]:
+    mv = v["model"]
+    prov = base_provenance()
+    prov.update({
+        "device": device_name(next(mv.model.parameters()).device),
+        "dtype": session.model.dtype,
+        "model_id": session.model.id,
+        "model_revision": mv.loaded.revision or session.model.revision,
+        "model_source": str(mv.loaded.source),
+        "model_fingerprint": mv.loaded.fingerprint,
+        "data_fingerprint": v["calibration"].fingerprint if "calibration" in v else "",
+        "started": started,
+        "finished": now_iso(),
+    })
+    return prov
+
+
+def _write_results(session: Session, record: _Record, results_dir: Path, started: str,
+                   on_event: EventSink) -> RunReport:
+    report = build_report(session, record, results_dir, started)
+    return report.write(results_dir)

@@ -1,8 +1,8 @@
 """Session files: the schema (pydantic), validation with every problem reported, and TOML I/O."""
 
-from sessions.errors import SessionError, validate_dict
+from sessions.errors import SessionError
 from sessions.io import dumps, load, load_with_extras, parse_text, save
-from sessions.schema import SCHEMA_VERSION, Session, check_against_model
+from sessions.schema import SCHEMA_VERSION, Session, check_against_model, validate_dict
 from sessions.template import template_text
 
 __all__ = [

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from prune_core.errors import BadInput
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class SessionError(BadInput):
@@ -26,16 +28,21 @@ class SessionError(BadInput):
         return f"{self.message}\nFix: {self.fix}"
 
 
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    from sessions.schema import SECTIONS, Session
-
+def _allowed_keys(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     if len(loc) == 1:
-        return [k for k in Session.model_fields]
-    section = SECTIONS.get(str(loc[0]))
-    return list(section.model_fields) if section else []
+        return [k for k in root.model_fields]
+    field = root.model_fields.get(str(loc[0]))
+    section = field.annotation if field is not None else None
+    return list(section.model_fields) if isinstance(section, type) and issubclass(section, BaseModel) else []
 
 
-def _describe(err: Any) -> tuple[str, str]:
+def _default(root: type[BaseModel], section: str, key: str) -> Any:
+    cls = root.model_fields[section].annotation
+    assert isinstance(cls, type) and issubclass(cls, BaseModel)
+    return cls.model_fields[key].default
+
+
+def _describe(root: type[BaseModel], err: Any) -> tuple[str, str]:
     loc = tuple(err["loc"])
     path = ".".join(str(p) for p in loc) or "(top level)"
     typ = err["type"]
@@ -43,7 +50,7 @@ def _describe(err: Any) -> tuple[str, str]:
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     if typ == "extra_forbidden":
-        allowed = _allowed_keys(loc)
+        allowed = _allowed_keys(root, loc)
         msg = f"unknown key (allowed: {', '.join(allowed)})" if allowed else "unknown key"
     elif typ == "literal_error" or typ in {"greater_than", "less_than", "greater_than_equal", "less_than_equal",
                  "int_type", "float_type", "bool_type", "string_type", "list_type", "int_parsing",
@@ -58,32 +65,28 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def _cross_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
+def _cross_problems(root: type[BaseModel], data: dict[str, Any]) -> list[tuple[str, str]]:
     """Checks across keys, done on the raw values so they are reported even when a neighbour key is bad."""
-    from sessions.schema import DataSection, PruningSection
-
     problems = []
     pruning = data.get("pruning") if isinstance(data.get("pruning"), dict) else {}
-    lo = _number(pruning.get("min_rate", PruningSection.model_fields["min_rate"].default))
-    hi = _number(pruning.get("max_rate", PruningSection.model_fields["max_rate"].default))
+    lo = _number(pruning.get("min_rate", _default(root, "pruning", "min_rate")))
+    hi = _number(pruning.get("max_rate", _default(root, "pruning", "max_rate")))
     if lo is not None and hi is not None and lo > hi:
         problems.append(("pruning.min_rate", f"min_rate ({lo}) must not exceed max_rate ({hi})"))
     section = data.get("data") if isinstance(data.get("data"), dict) else {}
-    bs = _number(section.get("batch_size", DataSection.model_fields["batch_size"].default))
-    ns = _number(section.get("num_samples", DataSection.model_fields["num_samples"].default))
+    bs = _number(section.get("batch_size", _default(root, "data", "batch_size")))
+    ns = _number(section.get("num_samples", _default(root, "data", "num_samples")))
     if bs is not None and ns is not None and bs > ns:
         problems.append(("data.batch_size", f"batch_size ({int(bs)}) must not exceed num_samples ({int(ns)})"))
     return problems
 
 
-def validate_dict(data: dict[str, Any], source: str = "session") -> Any:
-    """Validate a plain dict into a Session, raising SessionError with every problem."""
-    from sessions.schema import Session
-
+def validate_with(root: type[M], data: dict[str, Any], source: str = "session") -> M:
+    """Validate a plain dict into `root` (the Session model), raising SessionError with every problem."""
     try:
-        return Session.model_validate(data)
+        return root.model_validate(data)
     except ValidationError as exc:
-        problems = [_describe(e) for e in exc.errors()]
+        problems = [_describe(root, e) for e in exc.errors()]
         # cross-field errors have an empty location; name the keys they concern
         fixed = []
         for path, msg in problems:
@@ -92,7 +95,7 @@ def validate_dict(data: dict[str, Any], source: str = "session") -> Any:
             elif path == "pruning" and "min_rate" in msg:
                 path = "pruning.min_rate"
             fixed.append((path, msg))
-        for problem in _cross_problems(data):
+        for problem in _cross_problems(root, data):
             if problem not in fixed:
                 fixed.append(problem)
         raise SessionError(fixed, source=source) from None

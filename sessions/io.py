@@ -14,8 +14,8 @@ import tomlkit
 
 from prune_core.atomic import write_text
 from prune_core.errors import BadInput
-from sessions.errors import SessionError, validate_dict
-from sessions.schema import Session
+from sessions.errors import SessionError
+from sessions.schema import Session, validate_dict
 from sessions.template import template_document
 
 
@@ -55,17 +55,28 @@ def _merge(doc: Any, values: dict[str, Any]) -> None:
         del doc[key]
 
 
-def dumps(session: Session, existing_text: str | None = None) -> str:
-    """Render a session as TOML; with `existing_text`, rewrite that document keeping its comments."""
+def dumps(session: Session, existing_text: str | None = None,
+          extra_tables: dict[str, dict[str, Any]] | None = None) -> str:
+    """Render a session as TOML; with `existing_text`, rewrite that document keeping its comments.
+
+    `extra_tables` (e.g. `[provenance]` in a results folder) replace any tables of those names and
+    are appended after the schema tables.
+    """
     values = session.model_dump(mode="json")
+    doc = None
     if existing_text is not None:
         try:
             doc = tomlkit.parse(existing_text)
         except Exception:
-            doc = template_document(session)
-    else:
+            doc = None
+    if doc is None:
         doc = template_document(session)
+    for name in extra_tables or {}:
+        doc.pop(name, None)
     _merge(doc, values)
+    for name, table in (extra_tables or {}).items():
+        doc.add(tomlkit.nl())
+        doc[name] = {k: ("" if v is None else v) for k, v in table.items()}
     return tomlkit.dumps(doc)
 
 
@@ -76,19 +87,7 @@ def save(session: Session, path: str | os.PathLike[str], extra_tables: dict[str,
     """
     p = Path(path)
     existing = p.read_text(encoding="utf-8") if p.is_file() else None
-    if existing is not None and extra_tables:
-        doc = tomlkit.parse(existing)
-        for name in extra_tables:
-            doc.pop(name, None)
-        existing = tomlkit.dumps(doc)
-    text = dumps(session, existing)
-    if extra_tables:
-        doc = tomlkit.parse(text)
-        for name, table in extra_tables.items():
-            doc.add(tomlkit.nl())
-            doc[name] = table
-        text = tomlkit.dumps(doc)
-    write_text(p, text)
+    write_text(p, dumps(session, existing, extra_tables))
     return p
 
 

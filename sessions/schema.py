@@ -12,6 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from prune_core.importance.registry import DEFAULT_METHOD, method_keys
+from sessions.errors import SessionError, validate_with
+
 SCHEMA_VERSION = 1
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
@@ -57,6 +60,9 @@ class DataSection(_Section):
     num_samples: int = Field(32, ge=1, description="calibration windows")
     seq_len: int = Field(128, ge=2, le=131072, description="tokens per calibration window")
     batch_size: int = Field(4, ge=1, description="windows per gradient batch")
+    proxy_samples: int = Field(4, ge=0, le=1024,
+                               description="extra calibration windows held out of the importance pass; the proxy "
+                                           "loss that scores every allocation, what-if and fix (0 = off)")
 
     @model_validator(mode="after")
     def _batch(self) -> DataSection:
@@ -65,8 +71,12 @@ class DataSection(_Section):
         return self
 
 
+# the importance methods are those of the registry (prune_core/importance/registry.py, no torch import)
+MethodKey = Literal[method_keys()]  # type: ignore[valid-type]
+
+
 class ImportanceSection(_Section):
-    method: Literal["taylor", "taylor_2nd", "wanda"] = "taylor"
+    method: MethodKey = Field(DEFAULT_METHOD, description="how group importance is scored")
     aggregation: Literal["element", "vector"] = "element"
     fisher_scale: Literal["tokens", "none"] = "tokens"
     hessian_device: Literal["auto", "cpu", "device"] = Field(
@@ -173,13 +183,14 @@ class Session(_Section):
         for dotted, value in updates.items():
             section, _, key = dotted.partition(".")
             if section not in data or not isinstance(data[section], dict) or key not in data[section]:
-                from sessions.errors import SessionError
-
                 raise SessionError([(dotted, "unknown key")], source="update")
             data[section][key] = value
-        from sessions.errors import validate_dict
-
         return validate_dict(data, source="update")
+
+
+def validate_dict(data: dict[str, Any], source: str = "session") -> Session:
+    """Validate a plain dict into a Session, raising SessionError with every problem."""
+    return validate_with(Session, data, source)
 
 
 SECTIONS: dict[str, type[_Section]] = {

@@ -148,19 +148,19 @@ def test_load_panels_from_results_folder(tmp_path: Path):
                   session=s)
     summary.to_csv(tmp_path / "analysis" / "pruning_summary_by_layer.csv", index=False)
     table.to_csv(tmp_path / "analysis" / "global_group_table.csv", index=False)
+    import sessions
+    from cli.charts import render_results_charts
+    from prune_core.charts import panels_from_view
+    from prune_core.report import RunReport
+
+    sessions.save(s, tmp_path / "session.toml", extra_tables={"provenance": {"device": "cpu"}})
+    (tmp_path / "metrics.json").write_text("{}")
     loaded = load_panels(tmp_path)
     direct = gradient_panels(stats, "gradient", summary, table, extreme_rate=s.diagnosis.extreme_rate)
     assert [p.to_dict() for p in loaded] == [p.to_dict() for p in direct]
 
     # `prune show --charts`: the same panels from an opened results folder
-    import sessions
-    from cli.charts import render_results_charts
-    from prune_core.charts import panels_from_view
-    from prune_core.results import open_results
-
-    sessions.save(s, tmp_path / "session.toml", extra_tables={"provenance": {"device": "cpu"}})
-    (tmp_path / "metrics.json").write_text("{}")
-    view = open_results(tmp_path)
+    view = RunReport.read(tmp_path)
     assert [p.to_dict() for p in panels_from_view(view)] == [p.to_dict() for p in direct]
     text = render_results_charts(view, width=90, height=18, color=False)
     assert all(p.title in text for p in direct)

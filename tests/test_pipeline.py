@@ -71,7 +71,7 @@ def test_metrics_json_keys(finished_run: tuple[Path, list[dict]]) -> None:
     for which in ("before", "after"):
         ppl = m["perplexity"][which]
         assert ppl["ppl"] > 1 and ppl["seq_len"] == 64 and ppl["dataset"] == "shakespeare"
-    assert set(m["stage_seconds"]) >= {"model", "data", "importance", "allocation", "surgery", "eval_before",
+    assert set(m["stage_seconds"]) >= {"model", "calibration", "importance", "allocation", "surgery", "eval_before",
                                         "eval_after", "diagnosis", "save_model"}
     assert len(m["mask_sha256"]) == 64
 

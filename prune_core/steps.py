@@ -1,0 +1,367 @@
+"""What each pipeline stage computes, and how its result is saved and loaded (`pipeline.py` declares them).
+
+Each function takes a `pipeline.Ctx` (the session, the upstream values, where to checkpoint, the
+event sink) and returns the stage's value. Values are plain objects the next stages read; the ones
+worth keeping on disk have a `save_*` / `load_*` pair that the pipeline calls through `cache.py`.
+Nothing here orders stages or decides what to recompute: that is the pipeline's job.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from prune_core import atomic
+from prune_core.errors import BadInput
+from prune_core.events import Notice
+from sessions import check_against_model
+from sessions.errors import SessionError
+
+if TYPE_CHECKING:
+    from prune_core.pipeline import Ctx
+
+
+# ---------------------------------------------------------------------------------------------- values
+@dataclass
+class ModelValue:
+    """The loaded model with what every later stage reads off it."""
+
+    loaded: Any  # prune_core.models.LoadedModel
+    adapter: Any
+    total_parameters: int
+    facts: dict[str, Any]
+
+    @cached_property
+    def costs(self) -> Any:
+        """allocation.GroupCosts of the (unpruned) model, read when an allocation needs them."""
+        from prune_core.allocation import GroupCosts
+
+        return GroupCosts.from_model(self.loaded.model, self.adapter)
+
+    @property
+    def model(self) -> Any:
+        return self.loaded.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+
+@dataclass
+class Calibration:
+    """Calibration windows: `tokens` feed the importance pass, `proxy` are held out for the proxy loss."""
+
+    tokens: torch.Tensor
+    proxy: torch.Tensor
+    fingerprint: str
+
+
+@dataclass
+class Pruned:
+    """The model with the allocation physically removed (and compensated)."""
+
+    model: Any
+    report: Any  # surgery.SurgeryReport
+    in_place: bool
+    compensate: str
+
+
+@dataclass
+class Diagnosis:
+    findings: list[Any] = field(default_factory=list)  # diagnosis.Finding, worst first
+
+
+# ---------------------------------------------------------------------------------------------- model
+def load_model(ctx: Ctx) -> ModelValue:
+    """Load the model (nothing is written before it and the calibration data succeed)."""
+    from prune_core.adapters import get_adapter
+    from prune_core.models import resolve_model
+
+    m = ctx.session.model
+    loaded = resolve_model(m.id, revision=m.revision, dtype=m.dtype, device=m.device,
+                           trust_remote_code=m.trust_remote_code, on_event=ctx.on_event)
+    adapter = get_adapter(loaded.model)
+    problems = check_against_model(ctx.session, adapter.num_layers(loaded.model))
+    if problems:
+        raise SessionError(problems, source="session")
+    total = sum(p.numel() for p in loaded.model.parameters())
+    try:
+        facts = dict(adapter.describe(loaded.model))
+        ctx.summary = (f"{facts['family']}, {facts['layers']} layers, {facts['heads']} heads / "
+                       f"{facts['kv_heads']} KV, {facts['prunable_parameters']:,} prunable parameters")
+    except AttributeError:  # an already pruned model whose first layer lost a whole block
+        facts = {"family": loaded.model.config.model_type, "layers": adapter.num_layers(loaded.model),
+                 "total_parameters": total}
+        ctx.summary = f"{facts['family']}, {facts['layers']} layers (pruned), {total:,} parameters"
+    value = ModelValue(loaded=loaded, adapter=adapter, total_parameters=total, facts=facts)
+    ctx.result = {k: v for k, v in facts.items() if isinstance(v, int | str)}
+    return value
+
+
+def model_identity(value: ModelValue) -> str:
+    return f"{value.loaded.fingerprint}:{next(value.model.parameters()).dtype}"
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_calibration(ctx: Ctx) -> Calibration:
+    from prune_core.data import calibration_tokens, token_fingerprint
+
+    s = ctx.session
+    mv: ModelValue = ctx.values["model"]
+    extra = s.data.proxy_samples
+    windows = calibration_tokens(mv.tokenizer, s.data.dataset, s.data.num_samples + extra, s.data.seq_len,
+                                 s.session.seed, on_event=ctx.on_event)
+    # the first num_samples windows are exactly those of a draw of num_samples (sequential draws)
+    tokens, proxy = windows[: s.data.num_samples].contiguous(), windows[s.data.num_samples:].contiguous()
+    fingerprint = token_fingerprint(tokens)
+    if ctx.results_dir is not None:
+        atomic.write_with(ctx.results_dir / "state" / "calibration_tokens.safetensors", lambda p: save_file(
+            {"input_ids": tokens, "proxy_ids": proxy}, str(p),
+            metadata={"sha256": fingerprint, "dataset": s.data.dataset, "seed": str(s.session.seed)}))
+    ctx.summary = (f"{s.data.num_samples} × {s.data.seq_len} tokens (+{extra} held out for the proxy), "
+                   f"sha256 {fingerprint[:12]}…")
+    ctx.result = {"windows": s.data.num_samples, "proxy_windows": extra, "seq_len": s.data.seq_len,
+                  "sha256": fingerprint}
+    return Calibration(tokens=tokens, proxy=proxy, fingerprint=fingerprint)
+
+
+# ---------------------------------------------------------------------------------------------- importance
+def importance_identity(ctx: Ctx) -> dict[str, Any]:
+    s = ctx.session
+    mv: ModelValue = ctx.values["model"]
+    return {
+        "model": s.model.id, "revision": s.model.revision, "dtype": s.model.dtype,
+        "model_fingerprint": mv.loaded.fingerprint, "dataset": s.data.dataset,
+        "data_fingerprint": ctx.values["calibration"].fingerprint, "num_samples": s.data.num_samples,
+        "seq_len": s.data.seq_len, "seed": s.session.seed, "batch_size": s.data.batch_size,
+        "method": s.importance.method, "aggregation": s.importance.aggregation,
+        "fisher_scale": s.importance.fisher_scale,
+    }
+
+
+def compute_importance(ctx: Ctx) -> Any:
+    from prune_core.importance import run_importance
+
+    s = ctx.session
+    mv: ModelValue = ctx.values["model"]
+    result = run_importance(
+        mv.model, mv.adapter, ctx.values["calibration"].tokens,
+        method=s.importance.method, aggregation=s.importance.aggregation,
+        fisher_scale=s.importance.fisher_scale, batch_size=s.data.batch_size,
+        hessian_device=s.importance.hessian_device, gradient_checkpointing=s.importance.gradient_checkpointing,
+        checkpoint_dir=ctx.checkpoint_dir, checkpoint_seconds=s.importance.checkpoint_seconds,
+        identity=importance_identity(ctx), on_event=ctx.on_event, should_stop=ctx.should_stop,
+        stage=ctx.stage,
+    )
+    ctx.summary = f"{result.batches} batches, {result.tokens:,} tokens"
+    ctx.result = {"method": result.method, "batches": result.batches, "tokens": result.tokens,
+                  "seconds": round(float(result.seconds), 3)}
+    return result
+
+
+def save_importance(folder: Path, value: Any) -> None:
+    value.save(folder)
+
+
+def load_importance(folder: Path) -> Any:
+    from prune_core.importance import ImportanceResult
+
+    return ImportanceResult.load(folder)
+
+
+# ---------------------------------------------------------------------------------------------- block losses
+def compute_block_losses(ctx: Ctx) -> Any:
+    from prune_core.data import calibration_tokens
+    from prune_core.importance import block_importance
+
+    s = ctx.session
+    mv: ModelValue = ctx.values["model"]
+    tokens = calibration_tokens(mv.tokenizer, s.data.dataset, s.correction.samples, s.correction.seq_len,
+                                s.session.seed)
+    block = block_importance(mv.model, mv.adapter, tokens, batch_size=min(s.data.batch_size, len(tokens)),
+                             on_event=ctx.on_event, should_stop=ctx.should_stop, stage=ctx.stage)
+    ctx.summary = f"base loss {block.base_loss:.4f}"
+    ctx.result = {"base_loss": block.base_loss}
+    return block
+
+
+def save_json_value(folder: Path, value: Any) -> None:
+    data = value.to_dict() if hasattr(value, "to_dict") else value
+    atomic.write_json(folder / "value.json", data)
+
+
+def load_block_losses(folder: Path) -> Any:
+    from prune_core.importance import BlockImportance
+
+    return BlockImportance.from_dict(json.loads((folder / "value.json").read_text(encoding="utf-8")))
+
+
+def load_json_value(folder: Path) -> Any:
+    return json.loads((folder / "value.json").read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------- allocation
+def compute_allocation(ctx: Ctx) -> Any:
+    from prune_core.allocation import allocate
+
+    mv: ModelValue = ctx.values["model"]
+    alloc = allocate(ctx.values["importance"], mv.costs, ctx.session, block=ctx.values.get("block_losses"))
+    if not alloc.reachable:
+        ctx.on_event(Notice(alloc.message, stage=ctx.stage))
+    ctx.summary = f"{alloc.achieved_ratio:.1%} of prunable parameters removed"
+    ctx.result = {"target_ratio": alloc.target_ratio, "achieved_ratio": alloc.achieved_ratio,
+                  "removed_parameters": int(alloc.removed_parameters), "mask_sha256": alloc.mask_sha256,
+                  "reachable": bool(alloc.reachable)}
+    return alloc
+
+
+# ---------------------------------------------------------------------------------------------- proxy
+def compute_proxy_base(ctx: Ctx) -> dict[str, float]:
+    from prune_core.proxy import proxy_loss
+
+    mv: ModelValue = ctx.values["model"]
+    proxy = ctx.values["calibration"].proxy
+    loss = proxy_loss(mv.model, mv.adapter, proxy, None, batch_size=ctx.session.data.batch_size)
+    ctx.summary = f"dense proxy loss {loss:.4f} on {proxy.shape[0]} held-out windows"
+    ctx.result = {"loss": loss}
+    return {"loss": loss, "windows": int(proxy.shape[0])}
+
+
+def compute_proxy(ctx: Ctx) -> dict[str, float]:
+    from prune_core.proxy import proxy_loss
+
+    mv: ModelValue = ctx.values["model"]
+    proxy = ctx.values["calibration"].proxy
+    alloc = ctx.values["allocation"]
+    loss = proxy_loss(mv.model, mv.adapter, proxy, alloc.pruned_indices(), batch_size=ctx.session.data.batch_size)
+    dense = float(ctx.values["proxy_base"]["loss"])
+    value = {"loss": loss, "dense": dense, "windows": int(proxy.shape[0]), "seq_len": int(proxy.shape[1])}
+    ctx.summary = f"proxy loss {loss:.4f} (dense {dense:.4f})"
+    ctx.result = dict(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- diagnosis
+def compute_diagnosis(ctx: Ctx) -> Diagnosis:
+    """Findings; each fix is tried in a what-if and scored by the proxy before it is recommended."""
+    from prune_core.diagnosis import diagnose
+    from prune_core.verify import verify_findings
+
+    s = ctx.session
+    imp = ctx.values["importance"]
+    alloc = ctx.values["allocation"]
+    findings = diagnose(stats=imp.stats, stats_label=imp.stats_label, summary=alloc.summary, session=s,
+                        second_order_share=second_order_share(imp))
+    proxy = ctx.values.get("proxy")
+    if proxy is not None and ctx.try_fix is not None:
+        findings = verify_findings(findings, base_loss=float(proxy["loss"]), session=s, score=ctx.try_fix)
+    worst = findings[0].severity if findings else "none"
+    ctx.summary = f"{len(findings)} findings (worst: {worst})"
+    ctx.result = {"findings": len(findings), "worst": worst}
+    return Diagnosis(findings=findings)
+
+
+def second_order_share(imp: Any) -> float | None:
+    fo = getattr(imp, "first_order", None)
+    if not fo:
+        return None
+    total = float(imp.attention.sum() + imp.mlp.sum())
+    first = float(fo["attention"].sum() + fo["mlp"].sum())
+    return (total - first) / total if total > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def load_eval_data(ctx: Ctx) -> torch.Tensor:
+    from prune_core.data import evaluation_tokens
+
+    s = ctx.session
+    mv: ModelValue = ctx.values["model"]
+    tokens = evaluation_tokens(mv.tokenizer, s.eval_dataset, s.evaluation.max_tokens, on_event=ctx.on_event)
+    ctx.summary = f"{tokens.numel():,} held-out tokens of {s.eval_dataset}"
+    ctx.result = {"tokens": int(tokens.numel()), "dataset": s.eval_dataset}
+    return tokens
+
+
+def _perplexity(ctx: Ctx, model: Any) -> dict[str, Any]:
+    from prune_core.evaluate import perplexity
+
+    s = ctx.session
+    result = perplexity(model, ctx.values["eval_data"], seq_len=s.evaluation.seq_len, on_event=ctx.on_event,
+                        should_stop=ctx.should_stop, stage=ctx.stage)
+    result = {**result, "dataset": s.eval_dataset, "max_tokens": s.evaluation.max_tokens}
+    ctx.summary = f"PPL {result['ppl']:.3f} ({result['tokens']:,} tokens, seq_len {result['seq_len']})"
+    ctx.result = dict(result)
+    return result
+
+
+def eval_before(ctx: Ctx) -> dict[str, Any]:
+    return _perplexity(ctx, ctx.values["model"].model)
+
+
+def eval_after(ctx: Ctx) -> dict[str, Any]:
+    return _perplexity(ctx, ctx.values["surgery"].model)
+
+
+# ---------------------------------------------------------------------------------------------- surgery
+def compute_surgery(ctx: Ctx) -> Pruned:
+    """Remove the allocation's groups from the model (a copy unless the run owns the model) and compensate."""
+    from prune_core.surgery import apply_pruning
+
+    s = ctx.session
+    mv: ModelValue = ctx.values["model"]
+    alloc = ctx.values["allocation"]
+    model = mv.model if ctx.in_place else copy.deepcopy(mv.model)
+    pruned = alloc.pruned_indices()
+    mode = s.pruning.compensate
+    if mode == "reconstruct":
+        from prune_core.compensation.reconstruct import prune_and_reconstruct
+
+        report = prune_and_reconstruct(model, mv.adapter, pruned, ctx.values["calibration"].tokens,
+                                       ridge=s.pruning.ridge, batch_size=s.data.batch_size,
+                                       on_event=ctx.on_event, should_stop=ctx.should_stop, stage=ctx.stage)
+    else:
+        means = None
+        if mode == "bias":
+            imp = ctx.values["importance"]
+            if not getattr(imp, "input_sums", None):
+                raise BadInput(f"compensate = \"bias\" needs input means, which the {imp.method} pass does not record",
+                               "use compensate = \"reconstruct\" or \"none\" with this importance method")
+            n = max(int(imp.input_tokens), 1)
+            means = {k: v / n for k, v in imp.input_sums.items()}
+        report = apply_pruning(model, mv.adapter, pruned, input_means=means)
+    ctx.summary = f"{report.params_before:,} → {report.params_after:,} parameters ({mode})"
+    ctx.result = {"params_before": report.params_before, "params_after": report.params_after, "compensate": mode}
+    return Pruned(model=model, report=report, in_place=ctx.in_place, compensate=mode)
+
+
+def save_model(ctx: Ctx) -> str:
+    from prune_core.export import save_pruned
+
+    if ctx.results_dir is None:
+        raise BadInput("saving the model needs a results folder", "run with an output folder")
+    s = ctx.session
+    mv: ModelValue = ctx.values["model"]
+    pruned: Pruned = ctx.values["surgery"]
+    target = ctx.results_dir / "model"
+    save_pruned(pruned.model, mv.tokenizer, target, kept=pruned.report.kept,
+                source={"id": s.model.id, "revision": s.model.revision, "fingerprint": mv.loaded.fingerprint},
+                session=s.resolved().to_dict())
+    ctx.summary = str(target)
+    ctx.result = {"model_dir": str(target)}
+    return str(target)
+
+
+def read_calibration_file(path: Path) -> torch.Tensor:
+    return load_file(str(path))["input_ids"]
+
+
+def finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
