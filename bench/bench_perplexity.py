@@ -3,8 +3,8 @@ block correction (T = 1) and bias compensation. Writes the "Perplexity at 20 %" 
 
     python bench/bench_perplexity.py [--samples 16] [--eval-tokens 8192] [--write]
 
-One Workbench per method: its importance pass runs once, and every variant re-allocates, prunes a
-copy and evaluates it (the importance pass is reused, as in the workbench's what-if loop).
+One pipeline Memo per method: its importance pass runs once, and every variant is a what-if that
+re-allocates, prunes a copy and evaluates it (as the TUI's what-if does).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from prune_core.workbench import Workbench
+from prune_core import pipeline
 from sessions import Session
 
 VARIANTS = {
@@ -43,17 +43,20 @@ def main() -> None:
                 "importance.method": method, "pruning.ratio": 0.2,
                 "evaluation.seq_len": 512, "evaluation.max_tokens": args.eval_tokens,
             })
-            wb = Workbench(base, Path(tmp) / method)
+            memo = pipeline.Memo()
             t0 = time.perf_counter()
-            wb.compute_importance()
+            pipeline.run(base, out_dir=Path(tmp) / method, until="importance", memo=memo, write=False)
             pass_s = time.perf_counter() - t0
             if before is None:
-                before = wb.evaluate(before=True, after=False)["before"]["ppl"]
+                report = pipeline.run(base, out_dir=Path(tmp) / method, until="eval_before", memo=memo, write=False)
+                before = report.perplexity["before"]["ppl"]
             for name, updates in VARIANTS.items():
-                wb.allocate(base.with_updates(updates))
-                ppl = wb.evaluate(before=False, after=True)["after"]["ppl"]
-                rows.append((method, name, ppl, wb.allocation.achieved_ratio, pass_s))
-                print(f"{method:10s} {name:11s} PPL {ppl:8.3f}  (ratio {wb.allocation.achieved_ratio:.2%})", flush=True)
+                variant = base.with_updates({**updates, "evaluation.before": False})
+                report = pipeline.run(variant, out_dir=Path(tmp) / method, until="eval_after", memo=memo,
+                                      write=False)
+                ppl = report.perplexity["after"]["ppl"]
+                rows.append((method, name, ppl, report.achieved_ratio, pass_s))
+                print(f"{method:10s} {name:11s} PPL {ppl:8.3f}  (ratio {report.achieved_ratio:.2%})", flush=True)
     lines = [
         "## Perplexity at 20 %",
         "",

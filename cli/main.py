@@ -177,6 +177,47 @@ def _run_errors(renderer: Any, flag: StopFlag, cmd: str) -> Iterator[None]:
     renderer.close()
 
 
+@app.command()
+def tune(
+    session_file: Annotated[Path, typer.Argument(metavar="SESSION", help="The session .toml to tune.")],
+    budget: Annotated[float, typer.Option("--budget", help="Seconds for the search (after the importance pass).")] = 60.0,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Results folder (default <output_dir>/<name>).")] = None,
+    corrections: Annotated[bool, typer.Option("--corrections/--no-corrections",
+                                              help="Also try block/layer correction T and tau (measures block losses once).")] = True,
+    json_mode: Annotated[bool, typer.Option("--json", help="Print the trials as JSON.")] = False,
+) -> None:
+    """Search the cheap knobs (normalization, T/tau, rate limits, protected layers, attention weight) by the
+    proxy loss; write the best session as SESSION-tuned.toml and the trials to <results>/tune/."""
+    import sessions
+    from prune_core.tune import tune as run_tune
+    from prune_core.tune import write_tune
+
+    try:
+        session = sessions.load(session_file)
+    except BadInput as exc:
+        raise fail(exc, EXIT_BAD_INPUT) from None
+    renderer = make_renderer(Console(stderr=True), False)
+    flag = StopFlag()
+    with _run_errors(renderer, flag, f"prune tune {session_file}"), stop_on_signals(flag):
+        result = run_tune(session, budget_s=budget, out_dir=out_dir, corrections=corrections,
+                          on_event=renderer, should_stop=flag)
+        paths = write_tune(result, session_file)
+    if json_mode:
+        typer.echo(json.dumps({**result.to_dict(), "session_file": str(paths["session"])}, indent=2, default=str))
+        return
+    table = Table(title=f"prune tune: {len(result.trials) - 1} trials in {result.seconds:.0f} s ({result.stopped})")
+    for col in ("trial", "knob", "proxy", "achieved", "changes"):
+        table.add_column(col, justify="right" if col in ("trial", "proxy", "achieved") else "left")
+    for t in sorted(result.trials, key=lambda t: t.proxy)[:12]:
+        changes = ", ".join(f"{k}={v}" for k, v in t.updates.items()) or "(start)"
+        table.add_row(str(t.number), t.knob, f"{t.proxy:.4f}", f"{t.achieved_ratio:.1%}", changes)
+    out.print(table)
+    out.print(f"proxy loss {result.base_proxy:.4f} → {result.best_proxy:.4f}", highlight=False)
+    out.print(f"best session: {paths['session']}  (run it: prune run {paths['session']})", markup=False,
+              highlight=False)
+    out.print(f"all trials: {paths['csv']}", markup=False, highlight=False)
+
+
 # ----------------------------------------------------------------------------- listings
 @app.command()
 def models(json_mode: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:

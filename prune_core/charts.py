@@ -10,17 +10,14 @@ Missing values are NaN; on log panels non-positive values are NaN too (renderers
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from prune_core.diagnosis import Stats, num_layers, primary_block, stats_from_statistics
-from prune_core.errors import BadInput
+from prune_core.diagnosis import Stats, num_layers, primary_block
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -99,8 +96,10 @@ def _rates_from_table(table: pd.DataFrame, n: int) -> dict[str, list[float]]:
 def gradient_panels(stats: Stats, stats_label: str, summary: pd.DataFrame | None,
                     table: pd.DataFrame | None, *, extreme_rate: float | None = None) -> list[Panel]:
     """The seed's three panels as data. `stats_label` is "gradient" or "activation" (wanda)."""
+    from prune_core.importance.registry import stats_noun
+
     stats = stats or {}
-    noun = "Activation norm" if stats_label == "activation" else "Gradient"
+    noun = stats_noun(stats_label).capitalize()
     n = num_layers(stats)
     if summary is not None and len(summary):
         n = max(n, int(pd.to_numeric(summary["layer_idx"]).max()) + 1)
@@ -117,7 +116,7 @@ def gradient_panels(stats: Stats, stats_label: str, summary: pd.DataFrame | None
                series={s: _vals(blk.get(s), n, log=True) for s in ("max", "min")}, x=x)
 
     series: dict[str, list[float]] = {
-        ("activation norm / max" if stats_label == "activation" else "gradient norm / max"):
+        (f"{noun.lower()} / max" if noun.lower().endswith("norm") else f"{noun.lower()} norm / max"):
             _scaled(_vals(blk.get("norm"), n)),
     }
     if table is not None and len(table) and "importance" in table:
@@ -147,13 +146,6 @@ def panels_from_view(report: Any) -> list[Panel]:
     if extreme is None and getattr(report, "session", None) is not None:
         extreme = report.session.diagnosis.extreme_rate
     return gradient_panels(report.stats, report.stats_label, report.summary, report.table, extreme_rate=extreme)
-
-
-def load_panels(results: Path) -> list[Panel]:
-    """The panels of a results folder."""
-    from prune_core.report import RunReport
-
-    return panels_from_view(RunReport.read(results))
 
 
 # ------------------------------------------------------------------------------------------ text output

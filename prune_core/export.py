@@ -16,7 +16,8 @@ compensation bias), so the folder stores the *original* config plus a `pruning.j
 `load_pruned` instantiates the architecture from config.json (AutoModelForCausalLM.from_config, no
 hub access, trust_remote_code off), replays the shape surgery of `prune_core.surgery` from the kept
 indices (no importance needed), adds the recorded output biases, then loads the state dict strictly:
-logits are bit-identical to the model that was saved.
+logits are bit-identical to the model that was saved. Group counts and output modules are read from
+the adapter's group layout (`Adapter.layout`), so a family with fused projections exports the same way.
 
     from prune_core.export import load_pruned
     model, tokenizer = load_pruned("runs/my-session/model", device="cpu")   # dtype=None: as saved
@@ -47,8 +48,6 @@ from prune_core import atomic
 from prune_core.adapters import get_adapter
 from prune_core.errors import BadInput, RunFailed
 from prune_core.surgery import (
-    ZeroAttention,
-    ZeroMLP,
     apply_pruning,
     complement,
     output_bias_flags,
@@ -117,10 +116,8 @@ def _recipe(model: nn.Module, adapter: Any, kept: dict[int, dict[str, list[int]]
     for li in range(adapter.num_layers(model)):
         n_att, n_mlp = sizes[li]
         k = kept.get(li, {"attention": list(range(n_att)), "mlp": list(range(n_mlp))})
-        layer = adapter.layers(model)[li]
-        attn, mlp = getattr(layer, adapter.attn_name), getattr(layer, adapter.mlp_name)
-        att_now = 0 if isinstance(attn, ZeroAttention) else attn.k_proj.out_features // adapter.head_dim(model, attn)
-        mlp_now = 0 if isinstance(mlp, ZeroMLP) else mlp.gate_proj.out_features
+        layout = adapter.layout(model, li)  # a removed block (Zero stand-in) has 0 groups
+        att_now, mlp_now = layout.attention.groups, layout.mlp.groups
         if len(k["attention"]) != att_now or len(k["mlp"]) != mlp_now:
             raise BadInput(f"layer {li}: kept lists ({len(k['attention'])} KV heads, {len(k['mlp'])} channels) do "
                            f"not match the model ({att_now}, {mlp_now})", "pass SurgeryReport.kept of this model")
@@ -132,10 +129,9 @@ def _recipe(model: nn.Module, adapter: Any, kept: dict[int, dict[str, list[int]]
         if mlp_now == 0:
             removed_mlp.append(li)
         prefix = f"{adapter.layers_path}.{li}"
-        if flags[li]["attention"] and not original_flags[li]["attention"]:
-            compensation.append(f"{prefix}.{adapter.attn_name}" + ("" if att_now == 0 else ".o_proj"))
-        if flags[li]["mlp"] and not original_flags[li]["mlp"]:
-            compensation.append(f"{prefix}.{adapter.mlp_name}" + ("" if mlp_now == 0 else ".down_proj"))
+        for gl in layout.blocks:  # the output projection, or the stand-in of a removed block
+            if flags[li][gl.block] and not original_flags[li][gl.block]:
+                compensation.append(f"{prefix}.{gl.output}")
         layers.append({
             "layer": li,
             "attention": {"kept": k["attention"], "removed": att_now == 0, "output_bias": flags[li]["attention"],

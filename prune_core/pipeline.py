@@ -30,28 +30,11 @@ from prune_core.errors import BadInput, Interrupted
 from prune_core.events import Event, EventSink, Notice, RunDone, StageDone, StagePlan, StageStarted, null_sink
 from prune_core.provenance import base_provenance, device_name, now_iso
 from prune_core.report import RunReport
+from prune_core.steps import Ctx
 from sessions import Session
 
 
 # ---------------------------------------------------------------------------------------------- declarations
-@dataclass
-class Ctx:
-    """What a stage's compute function sees."""
-
-    session: Session
-    stage: str
-    key: str
-    values: dict[str, Any]
-    results_dir: Path | None
-    checkpoint_dir: Path | None
-    on_event: EventSink
-    should_stop: Callable[[], bool]
-    in_place: bool
-    try_fix: Callable[[Session], float | None] | None = None
-    summary: str = ""
-    result: dict[str, Any] = field(default_factory=dict)
-
-
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -85,7 +68,7 @@ def _needs_surgery(s: Session, write: bool) -> bool:
 
 ALLOCATION_KEYS = ("normalization", "correction.temperature", "correction.tau", "pruning.ratio",
                    "pruning.min_rate", "pruning.max_rate", "pruning.protect_layers", "pruning.early_layers",
-                   "pruning.early_max_rate", "pruning.depth_weight")
+                   "pruning.early_max_rate", "pruning.depth_weight", "pruning.attention_weight")
 
 STAGES: tuple[Stage, ...] = (
     Stage("model", "load the model", steps.load_model,

@@ -11,22 +11,39 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from prune_core import atomic
 from prune_core.errors import BadInput
-from prune_core.events import Notice
-from sessions import check_against_model
+from prune_core.events import EventSink, Notice
+from sessions import Session, check_against_model
 from sessions.errors import SessionError
 
-if TYPE_CHECKING:
-    from prune_core.pipeline import Ctx
+
+# ---------------------------------------------------------------------------------------------- context
+@dataclass
+class Ctx:
+    """What a stage's compute function sees."""
+
+    session: Session
+    stage: str
+    key: str
+    values: dict[str, Any]
+    results_dir: Path | None
+    checkpoint_dir: Path | None
+    on_event: EventSink
+    should_stop: Callable[[], bool]
+    in_place: bool
+    try_fix: Callable[[Session], float | None] | None = None
+    summary: str = ""
+    result: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- values
@@ -331,7 +348,7 @@ def compute_surgery(ctx: Ctx) -> Pruned:
         means = None
         if mode == "bias":
             imp = ctx.values["importance"]
-            if not getattr(imp, "input_sums", None):
+            if not getattr(imp, "input_sums", None) or int(getattr(imp, "input_tokens", 0)) == 0:
                 raise BadInput(f"compensate = \"bias\" needs input means, which the {imp.method} pass does not record",
                                "use compensate = \"reconstruct\" or \"none\" with this importance method")
             n = max(int(imp.input_tokens), 1)

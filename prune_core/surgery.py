@@ -1,17 +1,18 @@
 """Physical pruning: remove the selected attention groups and MLP channels so the model shrinks.
 
-For every layer, the kept rows / columns of q/k/v/o and gate/up/down are copied into new, smaller
-`nn.Linear` modules (weights and biases), following the group definitions of
-`prune_core.adapters.base`: attention group k = KV head k (rows of k/v, its r query heads' rows of q
-and the same columns of o_proj), MLP channel j = row j of gate/up and column j of down_proj. The
-parameter count drops by exactly Σ cost of the pruned groups (plus the output biases compensation
-adds, see below).
+For every layer, the kept rows / columns of every linear the adapter's group layout slices
+(`Adapter.layout`, prune_core/adapters/base.py) are copied into new, smaller `nn.Linear` modules
+(weights and biases): a linear keeps all its indices along an axis except those the removed groups
+own there. Default layout: attention group k = KV head k (rows of k/v, its r query heads' rows of q
+and the same columns of o_proj), MLP channel j = row j of gate/up and column j of down_proj; a
+fused qkv_proj / gate_up_proj loses the rows of every slice at once. The parameter count drops by
+exactly Σ cost of the pruned groups (plus the output biases compensation adds, see below).
 
 The Llama-family attention reshapes with -1 heads and repeats each KV head
 `module.num_key_value_groups` = r times; since a kept KV head keeps all its r query heads, r is
-unchanged and the forward stays valid. Per-module head counts (`num_heads`, `num_key_value_heads`,
-when a transformers version has them) are updated; `model.config` is left as the original (export
-relies on that).
+unchanged and the forward stays valid. `Adapter.resize` then updates the sizes a block module
+caches (head counts, intermediate size); `model.config` is left as the original (export relies on
+that).
 
 A block pruned to 100 % is replaced: attention by `ZeroAttention` (returns `(zeros, None)`, or the
 constant output bias, and writes a 1-element-per-token placeholder into the KV cache so the cache's
@@ -39,11 +40,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from prune_core.adapters.base import GroupLayout, LayerParts
 from prune_core.errors import BadInput
+
+# input_means keys: the input of each block's output projection (ImportanceResult.input_sums)
+INPUT_KEYS: dict[str, str] = {"attention": "o_proj", "mlp": "down_proj"}
 
 
 class ZeroAttention(nn.Module):
     """Stands in for an attention block pruned to 100 %: outputs zeros (or a constant bias)."""
+
+    removed_block = True  # adapters read this: the block has no groups left (adapters.base.removed_block)
 
     def __init__(self, hidden_size: int, layer_idx: int | None, bias: torch.Tensor | None = None, *,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
@@ -75,6 +82,8 @@ class ZeroAttention(nn.Module):
 
 class ZeroMLP(nn.Module):
     """Stands in for an MLP pruned to 100 %: outputs zeros (or a constant bias)."""
+
+    removed_block = True
 
     def __init__(self, hidden_size: int, bias: torch.Tensor | None = None, *,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
@@ -185,13 +194,42 @@ def _mean_row(input_means: Mapping[str, Any], key: str, layer: int, n: int) -> t
     return row.reshape(-1)
 
 
-def _set_head_counts(attn: nn.Module, heads: int, kv_heads: int) -> None:
-    for name in ("num_heads", "num_attention_heads"):
-        if isinstance(getattr(attn, name, None), int):
-            setattr(attn, name, heads)
-    for name in ("num_key_value_heads", "num_kv_heads"):
-        if isinstance(getattr(attn, name, None), int):
-            setattr(attn, name, kv_heads)
+def _replace(layer: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(layer.get_submodule(parent) if parent else layer, leaf, module)
+
+
+def _prune_block(model: nn.Module, adapter: Any, li: int, parts: LayerParts, gl: GroupLayout,
+                 removed: list[int], keep: list[int], input_means: Mapping[str, Any] | None
+                 ) -> tuple[str, int, bool]:
+    """Slice every module of the block (or replace the block); returns (output name, added bias
+    parameters, whether the block was replaced by a zero stand-in)."""
+    out = parts.linear(gl.output)
+    dev = out.weight.device
+    removed_cols = torch.tensor(gl.output_columns(removed), dtype=torch.long, device=dev)
+    bias, added = _output_bias(out, removed_cols, input_means, INPUT_KEYS[gl.block], li)
+    if not keep:
+        container = parts.module(gl.container)
+        dtype = out.weight.dtype
+        zero: nn.Module = (
+            ZeroAttention(out.out_features, getattr(container, "layer_idx", li), bias, dtype=dtype, device=dev)
+            if gl.block == "attention" else ZeroMLP(out.out_features, bias, dtype=dtype, device=dev)
+        )
+        _replace(parts.layer, gl.container, zero)
+        return f"{adapter.layers_path}.{li}.{gl.container}", added, True
+    for path in gl.modules():
+        lin = parts.linear(path)
+        slices = gl.slices_of(path)
+        index: dict[int, torch.Tensor | None] = {0: None, 1: None}
+        for axis, size in ((0, lin.out_features), (1, lin.in_features)):
+            on_axis = [s for s in slices if s.axis == axis]
+            if on_axis:
+                index[axis] = torch.tensor(gl.kept_indices(on_axis, size, removed), dtype=torch.long,
+                                           device=lin.weight.device)
+        new = _new_linear(lin, rows=index[0], cols=index[1], bias=bias if path == gl.output else True)
+        _replace(parts.layer, path, new)
+    adapter.resize(model, li, gl.block, len(keep))
+    return f"{adapter.layers_path}.{li}.{gl.output}", added, False
 
 
 def apply_pruning(model: nn.Module, adapter: Any, pruned: Mapping[Any, Mapping[str, Sequence[int]]], *,
@@ -210,72 +248,32 @@ def apply_pruning(model: nn.Module, adapter: Any, pruned: Mapping[Any, Mapping[s
                                "prune the original model instead of an already pruned one")
     params_before = count_parameters(model)
     kept: dict[int, dict[str, list[int]]] = {}
-    removed_att: list[int] = []
-    removed_mlp: list[int] = []
+    removed_blocks: dict[str, list[int]] = {"attention": [], "mlp": []}
     compensated: list[str] = []
     pruned_params = 0
     added = 0
+    what = {"attention": "attention group", "mlp": "MLP channel"}
 
     with torch.no_grad():
         for li in range(num_layers):
             parts = adapter.parts(model, li)
             spec = requested.get(li, {})
-            att_rm = _indices(spec.get("attention", ()), parts.num_kv_heads, "attention group", li)
-            mlp_rm = _indices(spec.get("mlp", ()), parts.intermediate_size, "MLP channel", li)
-            att_set, mlp_set = set(att_rm), set(mlp_rm)
-            att_keep = [k for k in range(parts.num_kv_heads) if k not in att_set]
-            mlp_keep = [j for j in range(parts.intermediate_size) if j not in mlp_set]
-            kept[li] = {"attention": att_keep, "mlp": mlp_keep}
-            pruned_params += len(att_rm) * parts.attention_group_cost() + len(mlp_rm) * parts.mlp_group_cost()
-
-            if att_rm:
-                d, r = parts.head_dim, parts.group_size
-                o = parts.o_proj
-                dev = o.weight.device
-                kv_rows = torch.tensor([k * d + i for k in att_keep for i in range(d)], dtype=torch.long, device=dev)
-                q_rows = torch.tensor([k * r * d + i for k in att_keep for i in range(r * d)],
-                                      dtype=torch.long, device=dev)
-                q_removed = torch.tensor([k * r * d + i for k in att_rm for i in range(r * d)],
-                                         dtype=torch.long, device=dev)
-                bias, extra = _output_bias(o, q_removed, input_means, "o_proj", li)
+            plan: list[tuple[GroupLayout, list[int], list[int]]] = []
+            kept[li] = {}
+            for gl in parts.layout.blocks:
+                rm = _indices(spec.get(gl.block, ()), gl.groups, what[gl.block], li)
+                gone = set(rm)
+                keep = [g for g in range(gl.groups) if g not in gone]
+                kept[li][gl.block] = keep
+                pruned_params += len(rm) * parts.group_cost(gl.block)
+                plan.append((gl, rm, keep))
+            for gl, rm, keep in plan:
+                if not rm:
+                    continue
+                name, extra, replaced = _prune_block(model, adapter, li, parts, gl, rm, keep, input_means)
                 added += extra
-                if att_keep:
-                    attn = parts.attn
-                    attn.q_proj = _new_linear(parts.q_proj, rows=q_rows)
-                    attn.k_proj = _new_linear(parts.k_proj, rows=kv_rows)
-                    attn.v_proj = _new_linear(parts.v_proj, rows=kv_rows)
-                    attn.o_proj = _new_linear(o, cols=q_rows, bias=bias)
-                    _set_head_counts(attn, len(att_keep) * r, len(att_keep))
-                    name = f"{adapter.layers_path}.{li}.{adapter.attn_name}.o_proj"
-                else:
-                    zero = ZeroAttention(o.out_features, getattr(parts.attn, "layer_idx", li), bias,
-                                         dtype=o.weight.dtype, device=dev)
-                    setattr(parts.layer, adapter.attn_name, zero)
-                    removed_att.append(li)
-                    name = f"{adapter.layers_path}.{li}.{adapter.attn_name}"
-                if input_means is not None:
-                    compensated.append(name)
-
-            if mlp_rm:
-                down = parts.down_proj
-                dev = down.weight.device
-                keep_t = torch.tensor(mlp_keep, dtype=torch.long, device=dev)
-                rm_t = torch.tensor(mlp_rm, dtype=torch.long, device=dev)
-                bias, extra = _output_bias(down, rm_t, input_means, "down_proj", li)
-                added += extra
-                if mlp_keep:
-                    mlp = parts.mlp
-                    mlp.gate_proj = _new_linear(parts.gate_proj, rows=keep_t)
-                    mlp.up_proj = _new_linear(parts.up_proj, rows=keep_t)
-                    mlp.down_proj = _new_linear(down, cols=keep_t, bias=bias)
-                    if isinstance(getattr(mlp, "intermediate_size", None), int):
-                        mlp.intermediate_size = len(mlp_keep)
-                    name = f"{adapter.layers_path}.{li}.{adapter.mlp_name}.down_proj"
-                else:
-                    zero_mlp = ZeroMLP(down.out_features, bias, dtype=down.weight.dtype, device=dev)
-                    setattr(parts.layer, adapter.mlp_name, zero_mlp)
-                    removed_mlp.append(li)
-                    name = f"{adapter.layers_path}.{li}.{adapter.mlp_name}"
+                if replaced:
+                    removed_blocks[gl.block].append(li)
                 if input_means is not None:
                     compensated.append(name)
 
@@ -283,23 +281,27 @@ def apply_pruning(model: nn.Module, adapter: Any, pruned: Mapping[Any, Mapping[s
         params_before=params_before,
         params_after=count_parameters(model),
         kept=kept,
-        removed_attention_blocks=removed_att,
-        removed_mlp_blocks=removed_mlp,
+        removed_attention_blocks=removed_blocks["attention"],
+        removed_mlp_blocks=removed_blocks["mlp"],
         pruned_parameters=pruned_params,
         compensated=compensated,
         added_bias_parameters=added,
     )
 
 
+def _output_modules(model: nn.Module, adapter: Any, li: int) -> dict[str, nn.Module]:
+    """Per block, the module whose bias is the block's output bias: the output projection, or the
+    zero stand-in of a removed block (the adapter's layout names either)."""
+    layout = adapter.layout(model, li)
+    layer = adapter.layers(model)[li]
+    return {gl.block: layer.get_submodule(gl.output) for gl in layout.blocks}
+
+
 def output_bias_flags(model: nn.Module, adapter: Any) -> dict[int, dict[str, bool]]:
     """Per layer: does the attention output (o_proj or ZeroAttention) / MLP output carry a bias?"""
     flags: dict[int, dict[str, bool]] = {}
-    for li, layer in enumerate(adapter.layers(model)):
-        attn = getattr(layer, adapter.attn_name)
-        mlp = getattr(layer, adapter.mlp_name)
-        a = attn if isinstance(attn, ZeroAttention) else attn.o_proj
-        m = mlp if isinstance(mlp, ZeroMLP) else mlp.down_proj
-        flags[li] = {"attention": a.bias is not None, "mlp": m.bias is not None}
+    for li in range(adapter.num_layers(model)):
+        flags[li] = {b: m.bias is not None for b, m in _output_modules(model, adapter, li).items()}
     return flags
 
 
@@ -309,13 +311,7 @@ def set_output_bias_flags(model: nn.Module, adapter: Any, flags: Mapping[Any, Ma
         want = flags.get(li, flags.get(str(li)))  # type: ignore[call-overload]
         if want is None:
             continue
-        attn = getattr(layer, adapter.attn_name)
-        mlp = getattr(layer, adapter.mlp_name)
-        targets = {
-            "attention": attn if isinstance(attn, ZeroAttention) else attn.o_proj,
-            "mlp": mlp if isinstance(mlp, ZeroMLP) else mlp.down_proj,
-        }
-        for key, module in targets.items():
+        for key, module in _output_modules(model, adapter, li).items():
             has = module.bias is not None
             if want.get(key, has) and not has:
                 ref = next(module.parameters(), None)

@@ -18,6 +18,22 @@ from prune_core.errors import PruneError
 
 SAME = 1e-4  # proxy losses closer than this (nats) count as the same
 
+# Remedies tried when a finding's own (seed) fix makes the proxy worse, in order; the best one that
+# beats the current settings becomes the finding's fix. `mean` normalization equalizes block scales
+# while keeping every ratio inside a block (allocation/normalize.py).
+ALTERNATIVES: dict[str, list[dict[str, Any]]] = {
+    "gradient_scale_ratio": [{"normalization.level": "block", "normalization.method": "mean"},
+                             {"normalization.level": "layer", "normalization.method": "mean"},
+                             {"normalization.level": "block", "normalization.method": "sqrt"}],
+    "activation_scale_ratio": [{"normalization.level": "block", "normalization.method": "mean"},
+                               {"normalization.level": "layer", "normalization.method": "mean"}],
+    "blocks_over_pruned": [{"pruning.max_rate": 0.8}, {"pruning.max_rate": 0.9},
+                           {"correction.temperature": 0.25, "correction.tau": 0.0}],
+    "early_layers_over_pruned": [{"pruning.early_layers": 3, "pruning.early_max_rate": 0.5},
+                                 {"pruning.protect_layers": [0]}],
+    "rate_spread": [{"pruning.max_rate": 0.8}, {"pruning.max_rate": 0.9}],
+}
+
 
 def verdict(before: float, after: float) -> str:
     if after < before - SAME:
@@ -49,6 +65,16 @@ def verify_findings(findings: Sequence[Any], *, base_loss: float, session: Any,
         v = verdict(base_loss, loss)
         text = f"proxy loss {base_loss:.4f} → {loss:.4f} with this fix"
         if v == "worse":
+            alt = _best_alternative(f.issue, session, score, base_loss)
+            if alt is not None:
+                fix, alt_loss = alt
+                keys = ", ".join(f"{k} = {val!r}" for k, val in fix.items())
+                rec = (f"set {keys} (proxy loss {base_loss:.4f} → {alt_loss:.4f}); the usual remedy "
+                       f"({', '.join(f'{k} = {val!r}' for k, val in f.fix.items())}) was tried and is worse "
+                       f"({loss:.4f})")
+                out.append(replace(f, fix=fix, proxy_before=base_loss, proxy_after=alt_loss, verdict="better",
+                                   recommendation=rec))
+                continue
             rec = f"tried and worse: {text}; not recommended (keep the current settings)"
         elif v == "same":
             rec = f"{f.recommendation} ({text}: no measurable change)"
@@ -56,3 +82,16 @@ def verify_findings(findings: Sequence[Any], *, base_loss: float, session: Any,
             rec = f"{f.recommendation} ({text})"
         out.append(replace(f, proxy_before=base_loss, proxy_after=loss, verdict=v, recommendation=rec))
     return out
+
+
+def _best_alternative(issue: str, session: Any, score: Callable[[Any], float | None],
+                      base_loss: float) -> tuple[dict[str, Any], float] | None:
+    best: tuple[dict[str, Any], float] | None = None
+    for fix in ALTERNATIVES.get(issue, []):
+        try:
+            loss = score(session.with_updates(dict(fix)))
+        except PruneError:
+            continue
+        if loss is not None and verdict(base_loss, loss) == "better" and (best is None or loss < best[1]):
+            best = (dict(fix), loss)
+    return best

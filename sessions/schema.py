@@ -94,7 +94,7 @@ class CorrectionSection(_Section):
 
 class NormalizationSection(_Section):
     level: Literal["none", "layer", "block"] = "none"
-    method: Literal["log", "minmax", "zscore", "sqrt"] = "log"
+    method: Literal["log", "minmax", "zscore", "sqrt", "mean"] = "log"
     clip: list[float] = Field(default_factory=list, description="[] or [low, high] percentiles (0-100)")
 
     @field_validator("clip")
@@ -113,6 +113,8 @@ class PruningSection(_Section):
     early_layers: int = Field(0, ge=0, description="the first N layers use early_max_rate")
     early_max_rate: float = Field(1.0, ge=0.0, le=1.0)
     depth_weight: float = Field(0.0, ge=0.0, description="importance × (1 + (1 − l/L) × depth_weight)")
+    attention_weight: float = Field(1.0, gt=0.0, description="attention scores × this before the global ranking "
+                                                             "(> 1 prunes attention less, < 1 more)")
     compensate: Literal["none", "bias", "reconstruct"] = Field(
         "none", description="none, bias (FLAP mean compensation) or reconstruct (ridge refit of o_proj/down_proj)")
     ridge: float = Field(1.0, ge=0.0, description="reconstruct: shrinkage toward the original weights, × mean diag of the Gram")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from prune_core.charts import Panel, gradient_panels, load_panels, panels_to_text, sparkline
+from prune_core.charts import Panel, gradient_panels, panels_to_text, sparkline
 from prune_core.diagnosis import diagnose, write_reports
 from prune_core.visualize import INSTALL_HINT, build_figure, text_fallback_path, write_gradient_png
 from sessions import Session
@@ -155,7 +155,7 @@ def test_load_panels_from_results_folder(tmp_path: Path):
 
     sessions.save(s, tmp_path / "session.toml", extra_tables={"provenance": {"device": "cpu"}})
     (tmp_path / "metrics.json").write_text("{}")
-    loaded = load_panels(tmp_path)
+    loaded = panels_from_view(RunReport.read(tmp_path))
     direct = gradient_panels(stats, "gradient", summary, table, extreme_rate=s.diagnosis.extreme_rate)
     assert [p.to_dict() for p in loaded] == [p.to_dict() for p in direct]
 

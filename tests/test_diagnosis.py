@@ -311,7 +311,8 @@ def test_findings_sorted_by_severity_and_seed_case():
     assert "no_problems" not in issues
     for f in found:
         d = f.to_dict()
-        assert set(d) == {"issue", "severity", "description", "recommendation", "fix"}
+        assert set(d) == {"issue", "severity", "description", "recommendation", "fix", "proxy_before",
+                              "proxy_after", "verdict", "recommended"}
         json.dumps(d, allow_nan=False)
         assert f.to_event().to_dict()["kind"] == "finding"
     assert findings_from_dicts([f.to_dict() for f in found]) == found

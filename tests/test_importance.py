@@ -451,7 +451,7 @@ def test_bad_arguments_are_bad_input() -> None:
     adapter = get_adapter(model)
     tokens = tokens_for(n=2)
     bad = [
-        {"method": "magnitude"},
+        {"method": "obs"},  # not registered
         {"method": "taylor", "aggregation": "sum"},
         {"method": "taylor", "fisher_scale": "batch"},
         {"method": "taylor", "batch_size": 0},
@@ -556,3 +556,51 @@ def test_deferred_mode_through_the_engine(monkeypatch: pytest.MonkeyPatch) -> No
     deferred = run_importance(model, adapter, tokens, method="taylor_2nd", aggregation="vector", batch_size=2)
     assert torch.equal(streaming.attention, deferred.attention) and torch.equal(streaming.mlp, deferred.mlp)
     assert streaming.batch_stats == deferred.batch_stats
+
+
+def test_magnitude_matches_brute_force(model64: torch.nn.Module) -> None:
+    """magnitude = sqrt(Σ w²) over every parameter of the group (weights and q/k/v/gate/up biases),
+    data-free: no forward pass, 0 batches / tokens, statistics of the weights themselves."""
+    params = scored_params(model64)
+    values = {k: p.detach() for k, p in params.items()}
+    cfg = model64.config
+    forwards: list[int] = []
+    handle = model64.register_forward_pre_hook(lambda mod, args: forwards.append(1))
+    try:
+        result = run_importance(
+            model64, get_adapter(model64), torch.zeros(0, S, dtype=torch.long), method="magnitude", batch_size=BS
+        )
+    finally:
+        handle.remove()
+    assert forwards == []
+    for block, groups in (("attention", cfg.num_key_value_heads), ("mlp", cfg.intermediate_size)):
+        want = torch.zeros(cfg.num_hidden_layers, groups, dtype=torch.float64)
+        for layer in range(cfg.num_hidden_layers):
+            for g in range(groups):
+                want[layer, g] = sum((p**2).sum() for p in group_pieces(model64, values, layer, block, g)).sqrt()
+        got = getattr(result, block)
+        assert got.dtype == torch.float64 and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0, msg=f"{cfg.model_type} {block}")
+    assert (result.method, result.stats_label, result.first_order) == ("magnitude", "weight", None)
+    assert (result.batches, result.tokens, result.input_tokens, result.batch_stats) == (0, 0, 0, [])
+    assert result.input_sums["o_proj"].shape == (cfg.num_hidden_layers, cfg.hidden_size)
+    assert not result.input_sums["down_proj"].any()
+    # statistics: of the scored parameters of each block, per layer
+    for layer in range(cfg.num_hidden_layers):
+        for block, names in (("attention", LINEARS[:4]), ("mlp", LINEARS[4:])):
+            want_stats = _block_stats([v for k, v in values.items() if k[0] == layer and k[1] in names])
+            for stat, value in want_stats.items():
+                assert result.stats[block][stat][layer] == pytest.approx(value, rel=1e-9), (block, stat)
+
+
+def test_magnitude_result_round_trip_and_notices(tmp_path) -> None:
+    model, _ = build_tiny("tiny-qwen2")
+    events: list[Any] = []
+    r = run_importance(model, get_adapter(model), tokens_for(n=2), method="magnitude", aggregation="vector",
+                       batch_size=1, gradient_checkpointing=True, on_event=events.append)
+    kinds = [type(e).__name__ for e in events]
+    assert "StageStarted" in kinds and kinds[-1] == "StageDone" and "BatchDone" not in kinds
+    assert r.aggregation == "element" and sum(k == "Notice" for k in kinds) == 2
+    r.save(tmp_path)
+    back = ImportanceResult.load(tmp_path)
+    assert torch.equal(back.attention, r.attention) and back.stats == r.stats and back.stats_label == "weight"

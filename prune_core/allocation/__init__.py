@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from prune_core.allocation.correction import apply_correction
@@ -55,7 +56,8 @@ def allocate_table(table: pd.DataFrame, costs: GroupCosts, session: Any, block: 
     num_layers = costs.num_layers
     corrected = apply_correction(table, block, temperature=c.temperature, tau=c.tau,
                                  depth_weight=p.depth_weight, num_layers=num_layers)
-    normalized = normalize(corrected, level=nz.level, method=nz.method, clip=nz.clip)
+    normalized = weigh_attention(normalize(corrected, level=nz.level, method=nz.method, clip=nz.clip),
+                                 getattr(p, "attention_weight", 1.0))
     sel: Selection = select(normalized, ratio=p.ratio, prunable_total=costs.prunable_total,
                             min_rate=p.min_rate, max_rate=p.max_rate, protect_layers=p.protect_layers,
                             early_layers=p.early_layers, early_max_rate=p.early_max_rate)
@@ -72,6 +74,18 @@ def allocate_table(table: pd.DataFrame, costs: GroupCosts, session: Any, block: 
         mask_sha256=mask_sha256(normalized),
         num_layers=num_layers,
     )
+
+
+def weigh_attention(table: pd.DataFrame, weight: float) -> pd.DataFrame:
+    """Attention groups' scores × `weight` (÷ for negative scores), so > 1 prunes attention less, < 1 more."""
+    if weight == 1.0:
+        return table
+    out = table.copy()
+    att = (out["group_type"] == "attention").to_numpy()
+    score = out["score"].to_numpy(dtype=np.float64, copy=True)
+    scaled = np.where(score >= 0, score * weight, score / max(weight, 1e-12))
+    out["score"] = np.where(att, scaled, score)
+    return out
 
 
 def allocate(result: Any, costs: GroupCosts, session: Any, block: Any | None = None) -> Allocation:

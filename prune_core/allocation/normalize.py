@@ -19,6 +19,9 @@ Methods, per unit, x = importance:
 - zscore: (x − mean) / std with the population std (ddof = 0)
 - log:    log(x − min + 1)  (computed as log1p(x − min); always ≥ 0)
 - sqrt:   sqrt(max(x, 0))   (negatives, possible after a corrected second-order score, clamp to 0)
+- mean:   x / mean(x)       equalizes the units' scales and keeps every ratio inside a unit (the order
+          and the relative gaps within a block stay; log and minmax flatten them, which is why the
+          seeds' block-wise log can multiply the perplexity by 9). A unit whose mean is ≤ 0 gives 0.
 
 Degenerate units (one group, or every value equal, i.e. max == min exactly) give 0.0 for every group
 under minmax and zscore (never NaN); log gives log(1) = 0 there anyway, sqrt is element-wise.
@@ -36,7 +39,7 @@ from prune_core.allocation.table import _safe_score, _type_codes
 from prune_core.errors import BadInput
 
 LEVELS = ("none", "layer", "block")
-METHODS = ("log", "minmax", "zscore", "sqrt")
+METHODS = ("log", "minmax", "zscore", "sqrt", "mean")
 
 
 def unit_ids(table: pd.DataFrame, level: str) -> np.ndarray:
@@ -82,6 +85,10 @@ def clip_values(values: np.ndarray, units: np.ndarray, clip: Sequence[float]) ->
 def normalize_values(values: np.ndarray, units: np.ndarray, method: str) -> np.ndarray:
     if method == "sqrt":
         return np.sqrt(np.maximum(values, 0.0))
+    if method == "mean":
+        mean = _per_unit(values, units, "mean")
+        ok = mean > 0
+        return np.where(ok, values / np.where(ok, mean, 1.0), 0.0)
     lo = _per_unit(values, units, "min")
     if method == "log":
         return np.log1p(values - lo)

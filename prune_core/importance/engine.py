@@ -1,4 +1,4 @@
-"""run_importance: the importance pass (taylor, taylor_2nd, wanda) with live stats and resume.
+"""run_importance: the importance pass (every method of registry.py) with live stats and resume.
 
 THE CONTRACT
 Batches are consecutive `batch_size` rows of the calibration tokens [N, S], in order; the last
@@ -18,7 +18,13 @@ wanda: forward passes only (no_grad). For every prunable linear, per input featu
 ‖X_j‖₂ = sqrt(Σ_tokens x_j²) over all calibration tokens (forward pre-hooks, O(features) memory).
 Element score |W_ij|·‖X_j‖₂; group importance = Σ over the group's weight elements (q/k/v/gate/up
 rows use their own input norms, o_proj/down_proj columns theirs); biases are not scored.
-Every pass also sums the inputs of o_proj and down_proj over all tokens (input_sums, input_tokens)
+magnitude: data-free, no batches: group importance = sqrt(Σ w²) over all the group's parameters
+(weights and q/k/v/gate/up biases); the statistics are of the weights (stats_label "weight"),
+batches = tokens = 0 and the input sums are zeros (input_tokens 0), so bias compensation adds
+nothing. `tokens` is not read (an empty [0, S] tensor is fine).
+Which pass runs, which statistics it reports and how the groups are scored are declared by the
+method's MethodSpec (registry.py); group membership by the adapter's layout (adapters/base.py).
+Every data pass also sums the inputs of o_proj and down_proj over all tokens (input_sums, input_tokens)
 for FLAP-style bias compensation. All accumulators are plain sums (Σg, Σn·g², Σx², Σx, counts),
 divided only when the result is produced, so a data-parallel all-reduce can be added later.
 
@@ -50,23 +56,16 @@ from prune_core.errors import BadInput, Interrupted, RunFailed
 from prune_core.events import BatchDone, Checkpointed, EventSink, LayerStats, Notice, StageDone, StageStarted
 from prune_core.importance.accumulate import GradientAccumulator, NonFiniteGradient
 from prune_core.importance.allocator import keep_freed_memory
-from prune_core.importance.groups import (
-    Target,
-    TaylorPartial,
-    assemble_taylor,
-    prunable_targets,
-    taylor_group_scores,
-    taylor_partial,
-    wanda_group_scores,
-)
-from prune_core.importance.hooks import InputHooks
+from prune_core.importance.groups import Target, TaylorPartial, pad_rows, prunable_targets
+from prune_core.importance.hooks import INPUT_SUM_KEYS, InputHooks
+from prune_core.importance.methods.spec import MethodScores, MethodSpec, ScoreInputs
 from prune_core.importance.nonfinite import locate_nonfinite
 from prune_core.importance.prepare import prepared
+from prune_core.importance.registry import get_method
 from prune_core.importance.result import ImportanceResult
 from prune_core.importance.state import CheckpointStore
 from prune_core.importance.stats import BlockStats, aggregate
 
-METHODS = ("taylor", "taylor_2nd", "wanda")
 AGGREGATIONS = ("element", "vector")
 FISHER_SCALES = ("tokens", "none")
 HESSIAN_DEVICES = ("auto", "cpu", "device")
@@ -103,8 +102,7 @@ def _validate(
     checkpoint_seconds: float,
 ) -> None:
     bad = BadInput
-    if method not in METHODS:
-        raise bad(f"unknown importance method {method!r}", f"use one of {', '.join(METHODS)}")
+    spec = get_method(method)
     if aggregation not in AGGREGATIONS:
         raise bad(f"unknown aggregation {aggregation!r}", f"use one of {', '.join(AGGREGATIONS)}")
     if fisher_scale not in FISHER_SCALES:
@@ -115,6 +113,8 @@ def _validate(
         raise bad(f"batch_size must be at least 1 (got {batch_size})", "set batch_size >= 1")
     if checkpoint_seconds < 0:
         raise bad("checkpoint_seconds must be >= 0", "use 0 to checkpoint after every batch")
+    if not spec.needs_calibration:
+        return
     if tokens.dim() != 2 or tokens.is_floating_point() or tokens.is_complex():
         raise bad(
             f"calibration tokens must be an integer tensor [samples, seq_len] (got {tuple(tokens.shape)}, {tokens.dtype})",
@@ -191,7 +191,8 @@ class _Pass:
         self.model, self.adapter, self.tokens = model, adapter, tokens
         self.method, self.aggregation, self.fisher_scale = method, aggregation, fisher_scale
         self.batch_size, self.store, self.emit, self.stage = batch_size, store, emit, stage
-        self.grad_pass = method != "wanda"
+        self.spec: MethodSpec = get_method(method)
+        self.grad_pass = self.spec.needs_gradients
         self.parts = adapter.all_parts(model)
         self.targets = prunable_targets(self.parts)
         self.device = self.targets[0].param.device
@@ -203,7 +204,7 @@ class _Pass:
             "engine": {
                 "version": ENGINE_VERSION,
                 "method": method,
-                "fisher_scale": fisher_scale if method == "taylor_2nd" else None,
+                "fisher_scale": fisher_scale if self.spec.needs_fisher else None,
                 "batch_size": batch_size,
                 "num_samples": self.num_samples,
                 "seq_len": self.seq_len,
@@ -233,7 +234,7 @@ class _Pass:
         )
         self.inputs = stack.enter_context(InputHooks(self.parts, squares=not self.grad_pass))
         if self.grad_pass:
-            second = self.method == "taylor_2nd"
+            second = self.spec.needs_fisher
             nbytes = sum(t.param.numel() for t in self.targets) * 4
             hdev = (
                 _choose_hessian_device(hessian_device, self.device, nbytes, self.emit, self.stage)
@@ -297,7 +298,8 @@ class _Pass:
             size = max(t.param.numel() for t in self.targets)
             self._scratch = torch.empty(size, dtype=grad_sum.dtype, device=grad_sum.device)
         t = self.targets[i]
-        self.partials[i] = taylor_partial(
+        assert self.spec.partial is not None
+        self.partials[i] = self.spec.partial(
             t, self.parts[t.layer], grad_sum, sq_sum, self.aggregation, self._scratch
         )
 
@@ -390,7 +392,7 @@ class _Pass:
                     tokens_per_s=session_tokens / elapsed if elapsed > 0 else 0.0,
                     eta_s=(self.total - b - 1) * elapsed / (b + 1 - self.progress.resumed_from),
                     layer_stats=layer_stats,
-                    stats_label="gradient" if self.grad_pass else "activation",
+                    stats_label=self.spec.stats_label,
                     resumed_from=self.progress.resumed_from,
                 )
             )
@@ -414,25 +416,29 @@ class _Pass:
     def result(self, gradient_checkpointing: bool) -> ImportanceResult:
         acc, inputs = self.acc, self.inputs
         assert inputs is not None
-        first_order = None
-        if acc is not None:
-            if len(self.partials) == len(self.targets):
-                ordered = [self.partials[i] for i in range(len(self.targets))]
-                scores, first = assemble_taylor(
-                    self.parts, self.targets, ordered, acc.batches, self.aggregation
-                )
-            else:  # no last batch in this session (resumed at the very end): one pass over the sums
-                sq_sum = acc.sum_sq if acc.second_order else None
-                scores, first = taylor_group_scores(
-                    self.parts, self.targets, acc.sum_grad, sq_sum, acc.batches, self.aggregation
-                )
-            if first is not None:
-                first_order = {"attention": first.attention, "mlp": first.mlp}
-        else:
-            scores = wanda_group_scores(
-                self.parts, self.targets, lambda t: inputs.input_norm(t.layer, t.module)
+        ordered = (
+            [self.partials[i] for i in range(len(self.targets))]
+            if acc is not None and len(self.partials) == len(self.targets)
+            else None
+        )
+        scored: MethodScores = self.spec.score(
+            ScoreInputs(
+                parts=self.parts,
+                targets=self.targets,
+                aggregation=self.aggregation,
+                batches=acc.batches if acc is not None else 0,
+                partials=ordered,
+                grad_sum=acc.sum_grad if acc is not None else None,
+                sq_sum=acc.sum_sq if acc is not None and acc.second_order else None,
+                input_norm=(lambda t: inputs.input_norm(t.layer, t.module)) if inputs.squares else None,
             )
+        )
+        first = scored.first_order
+        first_order = {"attention": first.attention, "mlp": first.mlp} if first is not None else None
         losses = self.progress.losses
+        stats = scored.stats if scored.stats is not None else aggregate(
+            [b["stats"] for b in self.progress.batch_stats]
+        )
         metadata = {
             "engine_version": ENGINE_VERSION,
             "identity": self.identity,
@@ -455,11 +461,11 @@ class _Pass:
             method=self.method,
             aggregation=self.aggregation,
             fisher_scale=self.fisher_scale,
-            attention=scores.attention,
-            mlp=scores.mlp,
+            attention=scored.scores.attention,
+            mlp=scored.scores.mlp,
             first_order=first_order,
-            stats=aggregate([b["stats"] for b in self.progress.batch_stats]),
-            stats_label="gradient" if self.grad_pass else "activation",
+            stats=stats,
+            stats_label=self.spec.stats_label,
             batch_stats=self.progress.batch_stats,
             input_sums=inputs.input_sums(),
             input_tokens=inputs.tokens,
@@ -468,6 +474,77 @@ class _Pass:
             seconds=self.seconds(),
             metadata=metadata,
         )
+
+
+def _data_free(
+    model: nn.Module,
+    adapter: Adapter,
+    spec: MethodSpec,
+    aggregation: str,
+    fisher_scale: str,
+    identity: dict[str, Any],
+    emit: EventSink,
+    stage: str,
+) -> ImportanceResult:
+    """A method that reads only the weights: no batches, no checkpoint, statistics from the weights."""
+    started = time.perf_counter()
+    emit(StageStarted(stage, f"{spec.key} importance: weights only, no calibration data", 0))
+    parts = adapter.all_parts(model)
+    targets = prunable_targets(parts)
+    with torch.no_grad():
+        scored = spec.score(ScoreInputs(parts=parts, targets=targets, aggregation=aggregation))
+    layout, sample = _targets_digest(targets)
+    sums = {
+        key: pad_rows(
+            [
+                torch.zeros(p.linear(p.layout.block(block).output).in_features, dtype=torch.float64)
+                if p.layout.block(block).groups
+                else torch.zeros(0, dtype=torch.float64)
+                for p in parts
+            ]
+        )
+        for block, key in INPUT_SUM_KEYS.items()
+    }
+    seconds = time.perf_counter() - started
+    metadata = {
+        "engine_version": ENGINE_VERSION,
+        "identity": {
+            "engine": {
+                "version": ENGINE_VERSION,
+                "method": spec.key,
+                "parameters_sha256": layout,
+                "weights_sample_sha256": sample,
+            },
+            "caller": identity,
+        },
+        "dtype": str(targets[0].param.dtype).removeprefix("torch."),
+        "device": str(targets[0].param.device),
+        "mean_loss": None,
+        "num_layers": len(parts),
+        "attention_groups": [p.num_kv_heads for p in parts],
+        "mlp_groups": [p.intermediate_size for p in parts],
+        "num_heads": [p.num_heads for p in parts],
+        "head_dim": [p.head_dim for p in parts],
+    }
+    result = ImportanceResult(
+        method=spec.key,
+        aggregation=aggregation,
+        fisher_scale=fisher_scale,
+        attention=scored.scores.attention,
+        mlp=scored.scores.mlp,
+        first_order=None,
+        stats=scored.stats or {},
+        stats_label=spec.stats_label,
+        batch_stats=[],
+        input_sums=sums,
+        input_tokens=0,
+        batches=0,
+        tokens=0,
+        seconds=seconds,
+        metadata=metadata,
+    )
+    emit(StageDone(stage, seconds, summary=f"{spec.key}: {len(targets)} weight tensors, no data"))
+    return result
 
 
 def run_importance(
@@ -497,13 +574,19 @@ def run_importance(
     """
     emit: EventSink = on_event or (lambda event: None)
     _validate(tokens, method, aggregation, fisher_scale, batch_size, hessian_device, checkpoint_seconds)
-    if method == "wanda" and aggregation == "vector":
+    spec = get_method(method)
+    if aggregation not in spec.aggregations:
         emit(
-            Notice("wanda scores are always summed per element; aggregation 'vector' is ignored", stage=stage)
+            Notice(
+                f"{method} scores are always summed per element; aggregation {aggregation!r} is ignored",
+                stage=stage,
+            )
         )
         aggregation = "element"
-    if method == "wanda" and gradient_checkpointing:
-        emit(Notice("gradient checkpointing is ignored by wanda (no backward pass)", stage=stage))
+    if gradient_checkpointing and not spec.needs_gradients:
+        emit(Notice(f"gradient checkpointing is ignored by {method} (no backward pass)", stage=stage))
+    if not spec.needs_calibration:
+        return _data_free(model, adapter, spec, aggregation, fisher_scale, identity or {}, emit, stage)
     store = CheckpointStore(Path(checkpoint_dir)) if checkpoint_dir is not None else None
     if next(model.parameters()).device.type == "cpu":
         keep_freed_memory()  # see allocator.py: avoids re-faulting the gradient memory every batch

@@ -1,15 +1,17 @@
 """Which parameters the importance pass scores, and how element scores sum into prunable groups.
 
-The group definitions are the adapter's (see prune_core/adapters/base.py):
+The group definitions are the adapter's declared layout (`LayerParts.layout`, see
+prune_core/adapters/base.py): every sliced weight is a target, and so is the bias of every
+row-sliced module (q/k/v/gate/up, or a fused qkv_proj / gate_up_proj); output-projection biases
+(o_proj / down_proj) belong to no group, so they are not targets. Default (Llama family):
 - attention group k of a layer = KV head k: rows [k·d, (k+1)·d) of k_proj and v_proj (and their
   biases), rows [k·r·d, (k+1)·r·d) of q_proj (and its bias), columns [k·r·d, (k+1)·r·d) of o_proj;
 - MLP channel j = row j of gate_proj and up_proj (and their biases), column j of down_proj.
-o_proj / down_proj biases belong to no group, so they are not targets.
 
-Because the rows (columns) of one group are contiguous, summing a parameter-shaped tensor over a
-group is a reshape plus a sum: rows → `t.reshape(G, -1).sum(1)`, columns →
-`t.reshape(out, G, -1).sum((0, 2))`. Everything here works in float64 so the scores of a group
-(up to 4·r·d·hidden elements) do not lose precision.
+Summing a parameter-shaped tensor over a group is: sum along the other axis (a row or column sum),
+then `Slice.group_sums` over each of the parameter's slices (a reshape plus a sum when the groups
+are contiguous). Everything after the row/column sums is float64 so the scores of a group (up to
+4·r·d·hidden elements) do not lose precision.
 """
 
 from __future__ import annotations
@@ -20,43 +22,44 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prune_core.adapters.base import LayerParts
-
-ROW_MODULES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-COLUMN_MODULES = ("o_proj", "down_proj")
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+from prune_core.adapters.base import LayerParts, Slice
+from prune_core.importance.stats import BlockStats, fill_row
 
 
 @dataclass(frozen=True)
 class Target:
-    """One scored parameter: a prunable weight, or a q/k/v/gate/up bias."""
+    """One scored parameter: a sliced weight, or the bias of a row-sliced module."""
 
     key: str  # "layers.3.q_proj.weight"
     layer: int
-    module: str  # q_proj | k_proj | v_proj | o_proj | gate_proj | up_proj | down_proj
+    module: str  # leaf name: q_proj | k_proj | ... | qkv_proj | gate_up_proj
     kind: str  # weight | bias
     param: nn.Parameter
-
-    @property
-    def block(self) -> str:
-        return "attention" if self.module in ATTENTION_MODULES else "mlp"
+    block: str  # attention | mlp
+    slices: tuple[Slice, ...]  # the layout's slices of this module (biases: the row slices only)
+    path: str = ""  # module path relative to the layer ("self_attn.q_proj")
 
 
 def prunable_targets(parts: Sequence[LayerParts]) -> list[Target]:
     """All parameters that carry group importance, in layer order (weights, then biases per module)."""
     targets: list[Target] = []
     for layer, p in enumerate(parts):
-        linears = {**p.attention_linears, **p.mlp_linears}
-        for module, linear in linears.items():
-            targets.append(Target(f"layers.{layer}.{module}.weight", layer, module, "weight", linear.weight))
-            if module in ROW_MODULES and linear.bias is not None:
-                targets.append(Target(f"layers.{layer}.{module}.bias", layer, module, "bias", linear.bias))
+        for gl in p.layout.blocks:
+            for path in gl.modules():
+                linear = p.linear(path)
+                name = path.rsplit(".", 1)[-1]
+                slices = gl.slices_of(path)
+                targets.append(Target(f"layers.{layer}.{name}.weight", layer, name, "weight", linear.weight,
+                                      gl.block, slices, path))
+                rows = tuple(s for s in slices if s.axis == 0)
+                if rows and linear.bias is not None:
+                    targets.append(Target(f"layers.{layer}.{name}.bias", layer, name, "bias", linear.bias,
+                                          gl.block, rows, path))
     return targets
 
 
 def num_groups(parts: LayerParts, block: str) -> int:
-    return parts.num_kv_heads if block == "attention" else parts.intermediate_size
+    return parts.layout.block(block).groups
 
 
 def pad_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -76,15 +79,35 @@ class GroupScores:
     mlp: torch.Tensor
 
 
+def reduce_to_groups(
+    target: Target, parts: LayerParts, axis_sums: Callable[[int], torch.Tensor]
+) -> torch.Tensor:
+    """Σ per group of a parameter-shaped quantity → float64 [groups].
+
+    `axis_sums(axis)` gives the quantity summed down to a vector along `axis` (0: one value per
+    row, 1: one per column); each slice then sums its groups' indices, in float64.
+    """
+    groups = num_groups(parts, target.block)
+    out: torch.Tensor | None = None
+    vectors: dict[int, torch.Tensor] = {}
+    for s in target.slices:
+        if s.axis not in vectors:
+            vectors[s.axis] = axis_sums(s.axis).to(torch.float64)
+        part = s.group_sums(vectors[s.axis], groups)
+        out = part if out is None else out + part
+    assert out is not None
+    return out
+
+
 def _reduce_rows_or_columns(values: torch.Tensor, target: Target, parts: LayerParts) -> torch.Tensor:
     """Sum `values` (shaped like the parameter) per group → float64 [groups].
 
     Sums along each row (or column) first in the tensor's own dtype — at most `in_features` (or
     `out_features`) elements, pairwise-summed — then across rows in float64.
     """
-    if values.dim() == 2:
-        values = values.sum(1 if target.module in ROW_MODULES else 0)
-    return values.to(torch.float64).reshape(num_groups(parts, target.block), -1).sum(1)
+    if values.dim() == 1:
+        return reduce_to_groups(target, parts, lambda axis: values)
+    return reduce_to_groups(target, parts, lambda axis: values.sum(1 if axis == 0 else 0))
 
 
 TaylorPartial = tuple[torch.Tensor, torch.Tensor | None]
@@ -182,6 +205,16 @@ def taylor_group_scores(
     return assemble_taylor(parts, targets, partials, batches, aggregation)
 
 
+def _by_block(parts: Sequence[LayerParts], totals: dict[tuple[int, str], torch.Tensor]) -> GroupScores:
+    def row(i: int, block: str) -> torch.Tensor:
+        return totals.get((i, block), torch.zeros(num_groups(parts[i], block), dtype=torch.float64))
+
+    return GroupScores(
+        attention=pad_rows([row(i, "attention") for i in range(len(parts))]),
+        mlp=pad_rows([row(i, "mlp") for i in range(len(parts))]),
+    )
+
+
 def wanda_group_scores(
     parts: Sequence[LayerParts],
     targets: Sequence[Target],
@@ -189,8 +222,9 @@ def wanda_group_scores(
 ) -> GroupScores:
     """Wanda importance: Σ_group |W_ij|·‖X_j‖₂ over the group's weight elements (biases excluded).
 
-    `input_norm(target)` is ‖X_j‖₂ = sqrt(Σ_tokens x_j²) of the input of the target's linear. Rows
-    (q/k/v/gate/up) reduce as |W|·‖X‖ (a matrix-vector product), columns (o/down) as ‖X_j‖·Σ_i |W_ij|.
+    `input_norm(target)` is ‖X_j‖₂ = sqrt(Σ_tokens x_j²) of the input of the target's linear. Row
+    slices (q/k/v/gate/up) reduce as |W|·‖X‖ (a matrix-vector product), column slices (o/down) as
+    ‖X_j‖·Σ_i |W_ij|.
     """
     weights = [t for t in targets if t.kind == "weight"]
     dtype = torch.promote_types(weights[0].param.dtype, torch.float32)
@@ -201,11 +235,38 @@ def wanda_group_scores(
         w = t.param.detach()
         a = torch.abs(w, out=scratch[: w.numel()].view(w.shape)) if w.dtype == dtype else w.to(dtype).abs_()
         norm = input_norm(t).to(device, dtype)
-        per = torch.mv(a, norm) if t.module in ROW_MODULES else a.sum(0) * norm
-        part = per.to(torch.float64).reshape(num_groups(parts[t.layer], t.block), -1).sum(1).cpu()
+
+        def per(axis: int, a: torch.Tensor = a, norm: torch.Tensor = norm) -> torch.Tensor:
+            return torch.mv(a, norm) if axis == 0 else a.sum(0) * norm
+
+        part = reduce_to_groups(t, parts[t.layer], per).cpu()
         key = (t.layer, t.block)
         totals[key] = totals[key] + part if key in totals else part
-    return GroupScores(
-        attention=pad_rows([totals[(i, "attention")] for i in range(len(parts))]),
-        mlp=pad_rows([totals[(i, "mlp")] for i in range(len(parts))]),
-    )
+    return _by_block(parts, totals)
+
+
+def magnitude_group_scores(parts: Sequence[LayerParts], targets: Sequence[Target]) -> GroupScores:
+    """Magnitude importance: sqrt(Σ w²) over all of the group's parameters (weights and biases)."""
+    totals: dict[tuple[int, str], torch.Tensor] = {}
+    for t in targets:
+        w = t.param.detach()
+        sq = w.to(torch.promote_types(w.dtype, torch.float32)).square()
+        part = _reduce_rows_or_columns(sq, t, parts[t.layer]).cpu()
+        key = (t.layer, t.block)
+        totals[key] = totals[key] + part if key in totals else part
+    scores = _by_block(parts, totals)
+    return GroupScores(attention=scores.attention.sqrt(), mlp=scores.mlp.sqrt())
+
+
+def weight_stats(parts: Sequence[LayerParts], targets: Sequence[Target]) -> dict[str, dict[str, list[float]]]:
+    """Per-layer statistics (stats.py: mean/std/norm/max/min of |x|) of the scored parameters themselves."""
+    plan = BlockStats([(t.layer, t.block) for t in targets], len(parts))
+    rows, counts = [], []
+    for t in targets:
+        flat = t.param.detach().reshape(-1)
+        flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+        out = torch.zeros(5, dtype=flat.dtype, device=flat.device)
+        fill_row(flat, out, torch.empty_like(flat))
+        rows.append(out.tolist())
+        counts.append(flat.numel())
+    return plan.combine(rows, counts)

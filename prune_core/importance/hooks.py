@@ -11,9 +11,13 @@ added by `commit()` only after the engine has checked the batch, so a NaN batch 
 totals. `active` is off outside the forward pass, so the forward that gradient checkpointing
 recomputes during backward is not counted twice.
 
-q/k/v (and gate/up) get the same input tensor in the supported families: the hook recognises the
-same tensor object and reuses the batch result instead of reducing it again (its stat row stays
-empty so the shared input counts once in the activation statistics).
+Which linears are hooked comes from the adapter's group layout: the output projection of each block
+(o_proj, down_proj — `GroupLayout.output`) for the input sums, and every sliced linear for wanda.
+The input sums are keyed by block role, "o_proj" (attention output) and "down_proj" (MLP output),
+whatever the family calls the modules. The row-sliced linears of a block (q/k/v and gate/up, or a
+fused qkv_proj / gate_up_proj) read the block's input: when several get the same tensor object the
+hook reuses the batch result instead of reducing it again (its stat row stays empty so the shared
+input counts once in the activation statistics).
 """
 
 from __future__ import annotations
@@ -23,17 +27,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 from prune_core.adapters.base import LayerParts
-from prune_core.importance.groups import ATTENTION_MODULES, COLUMN_MODULES, pad_rows
+from prune_core.importance.groups import pad_rows
 from prune_core.importance.stats import ROW_WIDTH, fill_row
 
-SHARED_INPUT = {
-    "q_proj": "attn_in",
-    "k_proj": "attn_in",
-    "v_proj": "attn_in",
-    "gate_proj": "mlp_in",
-    "up_proj": "mlp_in",
-}
-Key = tuple[int, str]  # (layer, module name)
+# ImportanceResult.input_sums keys: the input of each block's output projection
+INPUT_SUM_KEYS: dict[str, str] = {"attention": "o_proj", "mlp": "down_proj"}
+Key = tuple[int, str]  # (layer, module leaf name, or an INPUT_SUM_KEYS value for the sums)
 
 
 def sum_dtype(device: torch.device) -> torch.dtype:
@@ -46,16 +45,29 @@ class InputHooks:
     def __init__(self, parts: Sequence[LayerParts], *, squares: bool) -> None:
         self.parts = list(parts)
         self.squares = squares
-        names = tuple(parts[0].attention_linears) + tuple(parts[0].mlp_linears) if squares else COLUMN_MODULES
-        self.slots: list[Key] = [(layer, name) for layer in range(len(parts)) for name in names]
-        self.device = parts[0].o_proj.weight.device
+        # (layer, leaf name) -> (path, block, sum key or None, shares the block input)
+        self._modules: dict[Key, tuple[str, str, str | None, bool]] = {}
+        for layer, p in enumerate(parts):
+            for gl in p.layout.blocks:
+                inputs = gl.input_modules()
+                paths = gl.modules() if squares else (gl.output,)
+                for path in paths:
+                    name = path.rsplit(".", 1)[-1]
+                    sum_key = INPUT_SUM_KEYS[gl.block] if path == gl.output else None
+                    self._modules[(layer, name)] = (path, gl.block, sum_key, path in inputs)
+        self.slots: list[Key] = list(self._modules)
+        first = parts[0].linear(parts[0].layout.attention.output)
+        self.device = first.weight.device
         self.dtype = sum_dtype(self.device)
-        self.sums = {(i, n): self._zeros(i, n) for i in range(len(parts)) for n in COLUMN_MODULES}
-        self.sq = {key: self._zeros(*key) for key in self.slots} if squares else {}
+        self.sums: dict[Key, torch.Tensor] = {}
+        for (layer, _name), (path, _, sum_key, _) in self._modules.items():
+            if sum_key is not None:
+                self.sums[(layer, sum_key)] = self._zeros(layer, path)
+        self.sq = {key: self._zeros(key[0], self._modules[key][0]) for key in self.slots} if squares else {}
         self.tokens = 0
         self.active = False
         self.counts = [0] * len(self.slots)
-        row_dtype = torch.promote_types(parts[0].o_proj.weight.dtype, torch.float32)
+        row_dtype = torch.promote_types(first.weight.dtype, torch.float32)
         self.rows = torch.zeros(len(self.slots), ROW_WIDTH, dtype=row_dtype, device=self.device)
         self._scratch = torch.empty(0, dtype=row_dtype, device=self.device)
         self._pending_sum: dict[Key, torch.Tensor] = {}
@@ -63,21 +75,21 @@ class InputHooks:
         self._last: dict[tuple[int, str], tuple[torch.Tensor, Key]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def _linear(self, layer: int, name: str) -> torch.nn.Linear:
-        p = self.parts[layer]
-        return (p.attention_linears if name in ATTENTION_MODULES else p.mlp_linears)[name]
+    def _linear(self, layer: int, path: str) -> torch.nn.Linear:
+        return self.parts[layer].linear(path)
 
-    def _zeros(self, layer: int, name: str) -> torch.Tensor:
-        return torch.zeros(self._linear(layer, name).in_features, dtype=self.dtype, device=self.device)
+    def _zeros(self, layer: int, path: str) -> torch.Tensor:
+        return torch.zeros(self._linear(layer, path).in_features, dtype=self.dtype, device=self.device)
 
     def owners(self) -> list[tuple[int, str]]:
         """(layer, block) of every stat row, for stats.BlockStats."""
-        return [(i, "attention" if n in ATTENTION_MODULES else "mlp") for i, n in self.slots]
+        return [(i, self._modules[(i, n)][1]) for i, n in self.slots]
 
     # hooks -------------------------------------------------------------------------------------
     def __enter__(self) -> InputHooks:
         for slot, (layer, name) in enumerate(self.slots):
-            handle = self._linear(layer, name).register_forward_pre_hook(self._make_hook(slot, layer, name))
+            linear = self._linear(layer, self._modules[(layer, name)][0])
+            handle = linear.register_forward_pre_hook(self._make_hook(slot, layer, name))
             self._handles.append(handle)
         return self
 
@@ -96,21 +108,21 @@ class InputHooks:
         return hook
 
     def _observe(self, slot: int, key: Key, x: torch.Tensor) -> None:
-        layer, name = key
-        group = SHARED_INPUT.get(name)
-        if self.squares and group is not None:
-            last = self._last.get((layer, group))
+        layer = key[0]
+        _, block, sum_key, shares_input = self._modules[key]
+        if self.squares and shares_input:
+            last = self._last.get((layer, block))
             if last is not None and last[0] is x:
                 self._pending_sq[key] = self._pending_sq[last[1]]
                 return
-            self._last[(layer, group)] = (x, key)
+            self._last[(layer, block)] = (x, key)
         compute = torch.promote_types(x.dtype, torch.float32)
         flat = x.reshape(-1, x.shape[-1])
         if flat.dtype != compute:
             flat = flat.to(compute)
         # per-batch sums in the compute dtype (a batch is at most a few thousand tokens), totals in float64
-        if name in COLUMN_MODULES:
-            self._pending_sum[key] = flat.sum(0)
+        if sum_key is not None:
+            self._pending_sum[(layer, sum_key)] = flat.sum(0)
         if self.squares:
             self._pending_sq[key] = flat.square().sum(0)
             if self._scratch.numel() < flat.numel():
@@ -158,7 +170,7 @@ class InputHooks:
 
     def input_sums(self) -> dict[str, torch.Tensor]:
         """{"o_proj": [L, in], "down_proj": [L, intermediate]} float64 on CPU (NaN-padded if ragged)."""
-        return {n: pad_rows([self.sums[(i, n)] for i in range(len(self.parts))]) for n in COLUMN_MODULES}
+        return {n: pad_rows([self.sums[(i, n)] for i in range(len(self.parts))]) for n in INPUT_SUM_KEYS.values()}
 
     # checkpointing -----------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ Definitions (see prune_core/importance/engine.py for the full contract):
     taylor      s = |w·ḡ|                  group = Σ s    (aggregation "element")
     taylor_2nd  s = |w·ḡ| + 0.5·w²·F        group = Σ s    ("vector": |Σ w·ḡ| + 0.5·Σ w²·F)
     wanda       s = |W_ij|·‖X_j‖₂           group = Σ s over the group's weight elements
+    magnitude   group = sqrt(Σ w²) over all the group's parameters (data-free: 0 batches, 0 tokens)
 
 On disk (`save(folder)`): importance.safetensors (tensors) and importance.json (the rest, plus the
 sha256 of the tensor file). Each file is written atomically and the JSON last, so a folder with a
@@ -39,14 +40,14 @@ VERSION = 1
 
 @dataclass
 class ImportanceResult:
-    method: str  # taylor | taylor_2nd | wanda
+    method: str  # a key of prune_core.importance.registry (taylor | taylor_2nd | wanda | magnitude)
     aggregation: str  # element | vector
     fisher_scale: str  # tokens | none
     attention: torch.Tensor  # float64 [L, kv_heads] raw group importance
     mlp: torch.Tensor  # float64 [L, intermediate]
     first_order: dict[str, torch.Tensor] | None  # taylor_2nd only: {"attention", "mlp"} first-order part
     stats: dict[str, dict[str, list[float]]]  # block -> stat -> [L], aggregated over batches
-    stats_label: str  # "gradient" (taylor*) or "activation" (wanda)
+    stats_label: str  # the method's: "gradient" (taylor*), "activation" (wanda) or "weight" (magnitude)
     batch_stats: list[dict]  # per batch: {"loss": float, "stats": {...same shape as stats...}}
     input_sums: dict[str, torch.Tensor]  # {"o_proj": [L, in], "down_proj": [L, intermediate]} Σ inputs
     input_tokens: int  # tokens the input sums cover
