@@ -483,3 +483,28 @@ def test_group_costs_from_model_matches_adapter() -> None:
     assert costs.attention == [2 * 8 * 32 + 2 * 2 * 8 * 32 + 8 * 2 + 2 * 8] * 2  # + k, v, q biases
     assert costs.prunable_total == adapter.prunable_parameters(model)
     assert GroupCosts.from_dict(costs.to_dict()) == costs
+
+
+def test_mean_normalization_keeps_ratios_inside_a_unit() -> None:
+    table, _ = hand_table()
+    out = normalize(table, level="block", method="mean", clip=[])
+    np.testing.assert_allclose(values(out, 0, "attention"), [1 / 2, 3 / 2])
+    np.testing.assert_allclose(values(out, 1, "mlp"), [0, 10 / 10, 20 / 10])
+    out = normalize(table, level="layer", method="mean", clip=[])  # layer 0: mean of [1, 3, 2, 4, 6] = 3.2
+    np.testing.assert_allclose(values(out, 0, "mlp"), np.array([2, 4, 6]) / 3.2)
+    neg = table.copy()
+    neg["importance"] = neg["importance"] - 100.0  # a unit whose mean is <= 0 gives 0, never a sign flip
+    out = normalize(neg, level="block", method="mean", clip=[])
+    assert (out["importance"] == 0).all()
+
+
+def test_attention_weight_scales_attention_scores_only() -> None:
+    from prune_core.allocation import weigh_attention
+
+    table, _ = hand_table()
+    table = table.assign(score=np.where(table["group_type"] == "attention", [-1.0] * len(table), table["score"]))
+    out = weigh_attention(table, 4.0)
+    att = (table["group_type"] == "attention").to_numpy()
+    np.testing.assert_allclose(out["score"].to_numpy()[att], -0.25)  # negative scores are divided
+    np.testing.assert_allclose(out["score"].to_numpy()[~att], table["score"].to_numpy()[~att])
+    assert weigh_attention(table, 1.0) is table
