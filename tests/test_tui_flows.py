@@ -12,7 +12,7 @@ from textual.widgets import Input, TabbedContent
 
 import sessions
 from prune_core.events import BatchDone
-from tests.test_tui_support import FakeWorkbench, fake_factory, fixed_lists, settle, wait_for  # noqa: F401
+from tests.test_tui_support import FakePipeline, fake_pipeline, fixed_lists, settle, wait_for  # noqa: F401
 from tui import keys
 from tui.app import PruneApp
 from tui.messages import EngineEvent
@@ -26,7 +26,7 @@ SIZE = (80, 24)
 
 
 def make_app(path: Path | None = None, **fake: object) -> PruneApp:
-    return PruneApp(path, cpu_flops=50e9, workbench_factory=fake_factory(**fake))
+    return PruneApp(path, cpu_flops=50e9, pipeline=fake_pipeline(**fake))
 
 
 async def goto_step(app: PruneApp, pilot, key: str) -> SetupScreen:  # type: ignore[no-untyped-def]
@@ -47,7 +47,7 @@ async def test_title_shows_unsaved_changes_and_ctrl_s_saves(tmp_path: Path) -> N
         await goto_step(app, pilot, "pruning")
         assert isinstance(app.focused, Input) and app.focused.id == "f-pruning--ratio"
         await pilot.press(*"0.35")
-        assert app.session.pruning.ratio == 0.35
+        assert app.state.session.pruning.ratio == 0.35
         assert app.title == "prune — mysession *"
         await pilot.press("ctrl+s")
         await pilot.pause()
@@ -90,13 +90,13 @@ async def test_invalid_session_file_opens_with_problems_inline(tmp_path: Path) -
         await settle(app, pilot)
         screen = app.screen
         assert isinstance(screen, SetupScreen) and screen.step == "review"
-        paths = [p for p, _ in app.problems]
+        paths = [p for p, _ in app.state.problems]
         assert "pruning.ratio" in paths and "pruning.typo" in paths
         assert screen.query_one("#row-pruning--ratio", FieldRow).has_class("-invalid")
         assert screen.query_one("#f-data--seq_len", Input).value == "64"
         await pilot.press("ctrl+r")  # refused while invalid
         await pilot.pause()
-        assert app.busy is None and app.run_state.status == "idle"
+        assert app.state.busy is None and app.state.run_state.status == "idle"
 
 
 @pytest.mark.anyio
@@ -108,7 +108,7 @@ async def test_cancel_asks_first_then_stops_and_resume_continues(tmp_path: Path)
         await pilot.press("ctrl+r")
         await wait_for(pilot, lambda: app.screen.id == "run", what="run screen")
         gate.release()
-        await wait_for(pilot, lambda: app.run_state.batch is not None, what="first batch")
+        await wait_for(pilot, lambda: app.state.run_state.batch is not None, what="first batch")
         await pilot.press("x")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="confirmation")
         await pilot.press("n")  # keep running
@@ -121,14 +121,14 @@ async def test_cancel_asks_first_then_stops_and_resume_continues(tmp_path: Path)
         assert app._stop.is_set()
         gate.release()  # the engine finishes the batch, sees the flag and raises Interrupted
         await settle(app, pilot)
-        assert app.run_state.status == "interrupted"
-        assert app.workbench is not None and app.workbench.done_batches == 2
+        assert app.state.run_state.status == "interrupted"
+        assert app.pipeline.done_batches == 2 and app.pipeline.has_checkpoint(app.state.session)
         for _ in range(4):
             gate.release()
         await pilot.press("r")
         await settle(app, pilot)
-        assert app.run_state.status == "done"
-        assert app.run_state.batch is not None and app.run_state.batch.resumed_from == 2
+        assert app.state.run_state.status == "done"
+        assert app.state.run_state.batch is not None and app.state.run_state.batch.resumed_from == 2
         assert app.screen.id == "results"
 
 
@@ -161,8 +161,8 @@ async def test_opening_an_interrupted_session_offers_to_resume(tmp_path: Path) -
         assert "interrupted" in str(app.screen.query_one(".dialog-message").render())
         await pilot.press("y")
         await settle(app, pilot)
-        assert app.run_state.status == "done"
-        assert FakeWorkbench.instances[-1].calls[:2] == ["prepare", "compute_importance"]
+        assert app.state.run_state.status == "done"
+        assert app.pipeline.calls == [("run", None)]
 
 
 @pytest.mark.anyio
@@ -256,17 +256,17 @@ async def test_quit_while_running_asks_and_stops_the_engine(tmp_path: Path) -> N
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
         await pilot.press("ctrl+r")
-        await wait_for(pilot, lambda: app.busy == "run" and app.screen.id == "run", what="running")
+        await wait_for(pilot, lambda: app.state.busy == "run" and app.screen.id == "run", what="running")
         await pilot.press("ctrl+q")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="confirmation")
         assert "still running" in str(app.screen.query_one(".dialog-message").render())
         await pilot.press("y")
         assert app._stop.is_set()
-        for _ in range(FakeWorkbench.batches):
+        for _ in range(FakePipeline.batches):
             gate.release()  # let the engine reach its next should_stop check
         await app.workers.wait_for_complete()
     assert app.return_code == 0
-    assert FakeWorkbench.instances[-1].done_batches == 1  # stopped after the batch it was in
+    assert app.pipeline.done_batches == 1  # stopped after the batch it was in
 
 
 @pytest.mark.anyio
@@ -280,6 +280,6 @@ async def test_open_dialog_loads_another_session(tmp_path: Path) -> None:
         await pilot.pause()
         await pilot.press("ctrl+u", *str(other), "enter")
         await settle(app, pilot)
-        assert app.session_path == other and app.title == "prune — other"
+        assert app.state.session_path == other and app.title == "prune — other"
         assert isinstance(app.screen, SetupScreen) and app.screen.step == "review"
         assert app.screen.query_one("#f-pruning--ratio", Input).value == "0.45"

@@ -42,9 +42,9 @@ async def test_keyboard_walk_run_fix_whatif_save_reopen(tmp_path: Path) -> None:
         assert isinstance(setup, SetupScreen) and setup.step == "model"
         # 1 Model: pick tiny-llama in the list of built-ins; Enter also inspects it in a worker
         await pilot.press(*["down"] * (keys.index("tiny-llama") - keys.index("smollm2-135m")), "enter")
-        await wait_for(pilot, lambda: app.model_info is not None and app.model_info.spec == "tiny-llama",
+        await wait_for(pilot, lambda: app.state.model_info is not None and app.state.model_info.spec == "tiny-llama",
                        what="model inspected")
-        assert app.model_info.layers == 4 and app.model_info.prunable_parameters > 0  # type: ignore[union-attr]
+        assert app.state.model_info.layers == 4 and app.state.model_info.prunable_parameters > 0  # type: ignore[union-attr]
         assert "4 layers" in shown(setup.query_one("#model-info"))
         # 2 Dataset: shakespeare is the first entry
         await pilot.press("pagedown")
@@ -54,7 +54,7 @@ async def test_keyboard_walk_run_fix_whatif_save_reopen(tmp_path: Path) -> None:
         assert "tokens" in shown(setup.query_one("#dataset-stats"))
         # 3 Method: taylor (the highlighted first button)
         await pilot.press("pagedown", "enter")
-        assert setup.step == "method" and app.form_data["importance"]["method"] == "taylor"
+        assert setup.step == "method" and app.state.form_data["importance"]["method"] == "taylor"
         # 4 Length
         await pilot.press("pagedown")
         await type_into(pilot, app, "f-data--seq_len", "32")
@@ -71,7 +71,7 @@ async def test_keyboard_walk_run_fix_whatif_save_reopen(tmp_path: Path) -> None:
         assert setup.step == "review"
         await pilot.press("tab")
         await type_into(pilot, app, "f-session--output_dir", str(out))
-        assert not app.problems, app.problems
+        assert not app.state.problems, app.state.problems
         assert app.title == "prune — walk *"
         await pilot.press("ctrl+s")
         await pilot.pause()
@@ -81,21 +81,21 @@ async def test_keyboard_walk_run_fix_whatif_save_reopen(tmp_path: Path) -> None:
         assert (s.data.seq_len, s.data.num_samples, s.data.batch_size, s.pruning.ratio) == (32, 8, 4, 0.3)
 
         await pilot.press("ctrl+r")
-        assert app.run_state.status != "idle"  # started (a fast machine may already be done)
+        assert app.state.run_state.status != "idle"  # started (a fast machine may already be done)
         run_chart = app.get_screen("run").query_one(LayerStatsChart)
         await settle(app, pilot, cap_s=300)
-        assert app.run_state.status == "done", app.run_state.error
-        assert app.run_state.batches_received >= 1 and app.run_state.batch is not None
-        assert app.run_state.batch.total == 2
+        assert app.state.run_state.status == "done", app.state.run_state.error
+        assert app.state.run_state.batches_received >= 1 and app.state.run_state.batch is not None
+        assert app.state.run_state.batch.total == 2
         assert run_chart.received >= 1 and run_chart.redraws > 0
-        assert {"model", "data", "importance", "allocation", "diagnosis", "save"} <= set(app.run_state.stages)
+        assert {"model", "calibration", "importance", "allocation", "diagnosis", "save"} <= set(app.state.run_state.stages)
         results_dir = out / "walk"
         assert (results_dir / "metrics.json").is_file()
 
         # results, then diagnosis: apply the first finding that has a fix
         assert isinstance(app.screen, ResultsScreen)
-        assert app.results is not None and app.results.allocation is not None
-        assert len(app.results.allocation.rows) == 4
+        assert app.state.results is not None and app.state.results.allocation is not None
+        assert len(app.state.results.allocation.rows) == 4
         await pilot.press("d")
         await pilot.pause()
         findings = app.screen.query_one(FindingsList)
@@ -108,7 +108,7 @@ async def test_keyboard_walk_run_fix_whatif_save_reopen(tmp_path: Path) -> None:
         await settle(app, pilot)
         for key, value in fix.items():
             section, _, name = key.partition(".")
-            assert getattr(getattr(app.session, section), name) == value
+            assert getattr(getattr(app.state.session, section), name) == value
         assert app.title == "prune — walk *"
 
         # what-if: a new ratio, allocated at once with the previous allocation kept beside it
@@ -117,9 +117,9 @@ async def test_keyboard_walk_run_fix_whatif_save_reopen(tmp_path: Path) -> None:
         await type_into(pilot, app, "f-pruning--ratio", "0.25")
         await pilot.press("enter")
         await settle(app, pilot)
-        assert app.session.pruning.ratio == 0.25
-        assert app.results.allocation.target_ratio == 0.25  # type: ignore[union-attr]
-        assert app.results.previous is not None and app.results.previous.target_ratio == 0.3
+        assert app.state.session.pruning.ratio == 0.25
+        assert app.state.results.allocation.target_ratio == 0.25  # type: ignore[union-attr]
+        assert app.state.results.previous is not None and app.state.results.previous.target_ratio == 0.3
 
         await pilot.press("ctrl+s")
         await pilot.pause()
@@ -135,17 +135,17 @@ async def test_keyboard_walk_run_fix_whatif_save_reopen(tmp_path: Path) -> None:
         await settle(again, pilot)
         assert isinstance(again.screen, SetupScreen) and again.screen.step == "review"
         assert again.title == "prune — walk"
-        assert again.session == sessions.load(path)
+        assert again.state.session == sessions.load(path)
 
     # reopen the results folder: results and diagnosis are read back, nothing is recomputed
     folder = PruneApp(results_dir, cpu_flops=50e9)
     async with folder.run_test(size=SIZE) as pilot:
         await settle(folder, pilot)
         assert isinstance(folder.screen, ResultsScreen)
-        r = folder.results
+        r = folder.state.results
         assert r is not None and r.from_folder and r.allocation is not None
         assert len(r.allocation.rows) == 4 and r.findings and r.stats
-        assert folder.workbench is None and folder.run_state.stages == {}
+        assert not folder.state.engine_ready and folder.state.run_state.stages == {}
         assert "walk" in shown(folder.screen.query_one("#results-headline"))
 
 
@@ -170,8 +170,8 @@ async def test_interrupted_run_is_resumable_on_reopen(tmp_path: Path) -> None:
         await settle(app, pilot)
         await pilot.press("ctrl+r")
         await settle(app, pilot, cap_s=300)
-        assert app.run_state.status == "interrupted", app.run_state.error
-        assert app.run_state.checkpoint is not None and app.run_state.checkpoint.batch == 1
+        assert app.state.run_state.status == "interrupted", app.state.run_state.error
+        assert app.state.run_state.checkpoint is not None and app.state.run_state.checkpoint.batch == 1
         assert app.screen.id == "run"
         await pilot.press("ctrl+q")
         await pilot.pause()
@@ -181,6 +181,51 @@ async def test_interrupted_run_is_resumable_on_reopen(tmp_path: Path) -> None:
         await wait_for(pilot, lambda: isinstance(again.screen, ConfirmScreen), cap_s=120, what="resume question")
         await pilot.press("y")
         await settle(again, pilot, cap_s=300)
-        assert again.run_state.status == "done", again.run_state.error
-        assert again.run_state.batch is not None and again.run_state.batch.resumed_from == 1
-        assert again.run_state.batch.batch == 4
+        assert again.state.run_state.status == "done", again.state.run_state.error
+        assert again.state.run_state.batch is not None and again.state.run_state.batch.resumed_from == 1
+        assert again.state.run_state.batch.batch == 4
+
+
+async def test_tui_run_writes_what_prune_run_writes(tmp_path: Path) -> None:
+    """One tiny-model session through `prune run` and through the workbench (ctrl+r): the same pruning
+    (mask_sha256), the same perplexities, and the pruned model saved in both results folders."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli.main import app as cli_app
+    from tests.helpers import tiny_session
+
+    session = tiny_session(tmp_path, "parity", **{"output.save_model": True, "evaluation.before": True,
+                                                  "evaluation.after": True})
+    path = sessions.save(session, tmp_path / "parity.toml")
+    cli_dir = tmp_path / "cli"
+    result = CliRunner().invoke(cli_app, ["run", str(path), "--out", str(cli_dir)])
+    assert result.exit_code == 0, result.output
+
+    app = PruneApp(path, cpu_flops=50e9)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("ctrl+r")
+        await settle(app, pilot, cap_s=300)
+        assert app.state.run_state.status == "done", app.state.run_state.error
+        assert isinstance(app.screen, ResultsScreen)
+        assert "PPL" in shown(app.screen.query_one("#results-headline"))
+    tui_dir = tmp_path / "runs" / "parity"
+
+    cli_metrics = json.loads((cli_dir / "metrics.json").read_text(encoding="utf-8"))
+    tui_metrics = json.loads((tui_dir / "metrics.json").read_text(encoding="utf-8"))
+    assert cli_metrics["mask_sha256"] and tui_metrics["mask_sha256"] == cli_metrics["mask_sha256"]
+    for which in ("before", "after"):
+        assert tui_metrics["perplexity"][which]["ppl"] == pytest.approx(cli_metrics["perplexity"][which]["ppl"])
+    for folder in (cli_dir, tui_dir):
+        assert (folder / "model" / "pruning.json").is_file(), folder
+        assert (folder / "model" / "config.json").is_file(), folder
+
+    # reopening the session shows its finished results at once (read back, nothing recomputed)
+    again = PruneApp(path, cpu_flops=50e9)
+    async with again.run_test(size=SIZE) as pilot:
+        await settle(again, pilot)
+        assert again.state.results is not None and again.state.results.from_folder
+        assert isinstance(again.screen, ResultsScreen) and again.state.run_state.stages == {}
+        assert again.state.results.metrics["mask_sha256"] == cli_metrics["mask_sha256"]

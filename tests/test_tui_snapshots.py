@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from textual.widgets import Input
 
-from tests.test_tui_support import fake_factory, fixed_lists, settle, wait_for  # noqa: F401
+from tests.test_tui_support import fake_pipeline, fixed_lists, settle, wait_for  # noqa: F401
 from tui.app import PruneApp
 from tui.screens.setup import STEP_KEYS, SetupScreen
 from tui.widgets.charts import LayerStatsChart
@@ -25,7 +25,7 @@ SIZES = {"80x24": (80, 24), "120x40": (120, 40)}
 @pytest.fixture
 def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> PruneApp:
     monkeypatch.chdir(tmp_path)  # relative paths in the title and the review step
-    return PruneApp(Path("snap.toml"), cpu_flops=50e9, workbench_factory=fake_factory())
+    return PruneApp(Path("snap.toml"), cpu_flops=50e9, pipeline=fake_pipeline())
 
 
 async def steady(app: PruneApp, pilot: Any) -> None:
@@ -79,7 +79,7 @@ def test_results_screen(snap_compare: Any, app: PruneApp, tab: str, size: str) -
         if tab == "whatif":
             await pilot.press(*"0.3", "enter")  # the ratio field has focus; shows new beside previous
             await settle(app, pilot)
-            assert app.results is not None and app.results.previous is not None
+            assert app.state.results is not None and app.state.results.previous is not None
         if tab == "actions":
             await pilot.press("e")
             await settle(app, pilot)

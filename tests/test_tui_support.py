@@ -1,6 +1,6 @@
-"""Support for the TUI tests: a deterministic fake Workbench, fixed model/dataset lists, wait helpers.
+"""Support for the TUI tests: a deterministic fake pipeline, fixed model/dataset lists, wait helpers.
 
-The fake speaks the Workbench contract (events, attributes, methods) with fixed numbers, so the
+The fake speaks the `tui.engine.Pipeline` contract (events, RunReport) with fixed numbers, so the
 snapshot tests and the flow tests that do not need real gradients are fast and byte-for-byte
 reproducible. The end-to-end pilot and tmux tests use the real engine on the tiny model.
 """
@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pandas as pd
 import pytest
 
-from prune_core.errors import Interrupted
+from prune_core.errors import BadInput, Interrupted
 from prune_core.events import BatchDone, EventSink, Notice, StageDone, StageStarted
+from prune_core.report import RunReport
 from sessions import Session
 
 LAYERS = 4
@@ -46,27 +47,18 @@ def layer_stats(batch: int) -> dict[str, dict[str, list[float]]]:
     return out
 
 
-@dataclass
-class FakeFinding:
-    issue: str
-    severity: str
-    description: str
-    recommendation: str
-    fix: dict[str, Any] = field(default_factory=dict)
+FINDINGS_NONE = {"issue": "gradient_scale_ratio", "severity": "high",
+                 "description": "Per-layer mean |g| spans 1000× (1e-4 … 1e-1).",
+                 "recommendation": "Normalize importance per block (log) before ranking.",
+                 "fix": {"normalization.level": "block", "normalization.method": "log"}}
+FINDING_RATE = {"issue": "blocks_over_pruned", "severity": "warning", "description": "1 block pruned beyond 90 %.",
+                "recommendation": "Cap the rate per block.", "fix": {"pruning.max_rate": 0.8}}
+FINDING_NOTE = {"issue": "note", "severity": "info", "description": "Calibration used 256 tokens.",
+                "recommendation": "More samples steady it.", "fix": {}}
 
 
-@dataclass
-class FakeAllocation:
-    summary: pd.DataFrame
-    target_ratio: float
-    achieved_ratio: float
-    removed_parameters: int
-    prunable_parameters: int
-    reachable: bool = True
-    message: str = ""
-
-
-def fake_allocation(session: Session) -> FakeAllocation:
+def fake_summary(session: Session) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """A per-layer allocation summary and the matching metrics entries, from the pruning settings."""
     p = session.pruning
     rows = []
     removed = 0
@@ -85,124 +77,144 @@ def fake_allocation(session: Session) -> FakeAllocation:
                      "mlp_groups": 172, "mlp_pruned": mp, "mlp_rate": mp / 172, "params_before": before,
                      "params_after": after})
     prunable = LAYERS * (2 * 8192 + 172 * 192)
-    return FakeAllocation(pd.DataFrame(rows), p.ratio, removed / prunable, removed, prunable)
+    metrics = {"parameters": {"prunable_before": prunable, "removed": removed},
+               "ratio": {"target": p.ratio, "achieved": removed / prunable, "reachable": True, "message": ""},
+               "mask_sha256": f"fake-{p.ratio}-{session.normalization.level}"}
+    return pd.DataFrame(rows), metrics
 
 
-class FakeWorkbench:
-    """The Workbench contract with fixed numbers; `gate` (if set) must be released for each batch."""
+class FakeMemo:
+    """Stage values by name (the newest only), like `pipeline.Memo.latest`."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def latest(self, stage: str) -> Any:
+        return self.values.get(stage)
+
+
+@dataclass
+class FakeModel:
+    model: str
+    tokenizer: Any = None
+
+
+class FakePipeline:
+    """The `tui.engine.Pipeline` contract with fixed numbers and timings.
+
+    `gate` (if set) must be released for each importance batch; an interrupted pass keeps its batches
+    as a "checkpoint" (per results folder) that the next run resumes from; `checkpoint=True` makes
+    every session look interrupted.
+    """
 
     batches = 4
-    instances: ClassVar[list[FakeWorkbench]] = []
+    instances: ClassVar[list[FakePipeline]] = []
 
-    def __init__(self, session: Session, results_dir: Path | None, *, on_event: EventSink,
-                 should_stop: Callable[[], bool] | None = None, fresh: bool = False,
-                 gate: threading.Semaphore | None = None, checkpoint: bool = False) -> None:
-        self.session = session
-        self.results_dir = Path(results_dir) if results_dir else Path(session.session.output_dir) / session.session.name
-        self.on_event = on_event
-        self.should_stop = should_stop or (lambda: False)
-        self.fresh = fresh
+    def __init__(self, gate: threading.Semaphore | None = None, checkpoint: bool = False) -> None:
         self.gate = gate
-        self._checkpoint = checkpoint
-        self.loaded: Any = None
-        self.importance: Any = None
-        self.allocation: Any = None
-        self.previous_allocation: Any = None
-        self.findings: list[Any] = []
-        self.metrics: dict[str, Any] = {}
-        self.perplexity: dict[str, Any] = {}
+        self.checkpoint = checkpoint
+        self.checkpoints: dict[str, int] = {}
+        self.calls: list[tuple[str, str | None]] = []
         self.done_batches = 0
-        self.calls: list[str] = []
-        FakeWorkbench.instances.append(self)
+        FakePipeline.instances.append(self)
 
-    def _stage(self, name: str, seconds: float, summary: str = "", total: int | None = None) -> None:
-        self.on_event(StageStarted(stage=name, description=name, total=total))
-        self.on_event(StageDone(stage=name, seconds=seconds, summary=summary))
+    def new_memo(self) -> FakeMemo:
+        return FakeMemo()
 
-    def prepare(self) -> None:
-        self.calls.append("prepare")
-        self._stage("model", 0.5, "llama, 4 layers")
-        self._stage("data", 0.1, "8 × 32 tokens")
-        self.loaded = object()
+    def results_dir_for(self, session: Session, out_dir: Path | None = None) -> Path:
+        return Path(out_dir) if out_dir else Path(session.session.output_dir) / session.session.name
 
-    def has_checkpoint(self) -> bool:
-        return self._checkpoint
+    def has_checkpoint(self, session: Session, out_dir: Path | None = None) -> bool:
+        return self.checkpoint or str(self.results_dir_for(session, out_dir)) in self.checkpoints
 
-    def compute_importance(self) -> Any:
-        self.calls.append("compute_importance")
-        if self.importance is not None:
-            return self.importance
-        self.on_event(StageStarted(stage="importance", description="taylor pass", total=self.batches))
-        start = self.done_batches
+    def read(self, folder: Path) -> Any:
+        raise BadInput(f"{folder} is not a results folder", "run the session first")
+
+    def loaded(self, memo: FakeMemo, stage: str) -> Any:
+        return memo.latest(stage)
+
+    def generate(self, model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 40) -> str:
+        return prompt + (" there was a king" if model == "original" else " king king king")
+
+    @staticmethod
+    def _stage(on_event: EventSink, name: str, seconds: float, summary: str = "", total: int | None = None,
+               cached: bool = False) -> None:
+        on_event(StageStarted(stage=name, description=name, total=total))
+        on_event(StageDone(stage=name, seconds=seconds, summary=summary, cached=cached))
+
+    def _importance(self, folder: str, on_event: EventSink, stop: Callable[[], bool]) -> None:
+        on_event(StageStarted(stage="importance", description="taylor pass", total=self.batches))
+        start = self.checkpoints.pop(folder, 0)
         for b in range(start + 1, self.batches + 1):
             if self.gate is not None:
                 self.gate.acquire()
             self.done_batches = b
-            self.on_event(BatchDone(stage="importance", batch=b, total=self.batches, loss=5.0 - 0.1 * b,
-                                    mean_loss=5.0 - 0.05 * b, tokens_per_s=1234.0, eta_s=float(self.batches - b),
-                                    layer_stats=layer_stats(b), resumed_from=start))
-            if self.should_stop() and b < self.batches:
+            on_event(BatchDone(stage="importance", batch=b, total=self.batches, loss=5.0 - 0.1 * b,
+                               mean_loss=5.0 - 0.05 * b, tokens_per_s=1234.0, eta_s=float(self.batches - b),
+                               layer_stats=layer_stats(b), resumed_from=start))
+            if stop() and b < self.batches:
+                self.checkpoints[folder] = b
                 raise Interrupted(f"stopped after batch {b}", "resume the run")
-        self.on_event(StageDone(stage="importance", seconds=2.0, summary="4 batches"))
-        self.importance = type("Imp", (), {"stats": layer_stats(self.batches), "stats_label": "gradient"})()
-        return self.importance
+        on_event(StageDone(stage="importance", seconds=2.0, summary="4 batches"))
 
-    def allocate(self, session: Session | None = None) -> Any:
-        self.calls.append("allocate")
-        if session is not None:
-            self.session = session
-        self.compute_importance()
-        self.on_event(StageStarted(stage="allocation", description="allocation"))
-        if self.allocation is not None:
-            self.previous_allocation = self.allocation
-        self.allocation = fake_allocation(self.session)
-        self.on_event(StageDone(stage="allocation", seconds=0.01))
-        return self.allocation
-
-    def diagnose(self) -> list[Any]:
-        self.calls.append("diagnose")
-        self._stage("diagnosis", 0.01)
+    def run(self, session: Session, *, out_dir: Path | None = None, until: str | None = None, memo: Any = None,
+            fresh: bool = False, write: bool = True, on_event: EventSink | None = None,
+            should_stop: Callable[[], bool] | None = None) -> RunReport:
+        self.calls.append(("run", until))
+        sink = on_event or (lambda e: None)
+        stop = should_stop or (lambda: False)
+        memo = memo if memo is not None else FakeMemo()
+        folder = self.results_dir_for(session, out_dir)
+        metrics: dict[str, Any] = {}
+        if "model" in memo.values:
+            self._stage(sink, "model", 0.0, cached=True)
+        else:
+            self._stage(sink, "model", 0.5, "llama, 4 layers")
+            memo.values["model"] = FakeModel("original")
+        if until == "model":
+            return RunReport(session=session)
+        self._stage(sink, "calibration", 0.1, "8 × 32 tokens")
+        key = (session.importance.method, session.data.num_samples, session.data.seq_len)
+        if not fresh and memo.values.get("importance") == key:
+            self._stage(sink, "importance", 0.0, cached=True)
+        else:
+            self._importance(str(folder), sink, stop)
+            memo.values["importance"] = key
+        self._stage(sink, "allocation", 0.01)
+        summary, alloc = fake_summary(session)
+        metrics.update(alloc)
         findings = []
-        if self.session.normalization.level == "none":
-            findings.append(FakeFinding("gradient_scale_ratio", "high",
-                                        "Per-layer mean |g| spans 1000× (1e-4 … 1e-1).",
-                                        "Normalize importance per block (log) before ranking.",
-                                        {"normalization.level": "block", "normalization.method": "log"}))
-        if self.session.pruning.max_rate > 0.9:
-            findings.append(FakeFinding("blocks_over_pruned", "warning", "1 block pruned beyond 90 %.",
-                                        "Cap the rate per block.", {"pruning.max_rate": 0.8}))
-        findings.append(FakeFinding("note", "info", "Calibration used 256 tokens.", "More samples steady it."))
-        self.findings = findings
-        return findings
-
-    def evaluate(self) -> dict[str, Any]:
-        self.calls.append("evaluate")
-        self._stage("eval_before", 0.2)
-        self._stage("eval_after", 0.2)
-        self.perplexity = {"before": {"ppl": 1000.5}, "after": {"ppl": 1200.25}}
-        return self.perplexity
-
-    def save_model(self) -> Path:
-        self.calls.append("save_model")
-        self._stage("save_model", 0.1)
-        return self.results_dir / "model"
-
-    def generate_sample(self, prompt: str, max_new_tokens: int = 40) -> tuple[str, str]:
-        self.calls.append("generate")
-        return prompt + " there was a king", prompt + " king king king"
-
-    def save_results(self) -> Path:
-        self.calls.append("save_results")
-        self._stage("save", 0.05)
-        self.on_event(Notice(message="results written", level="info", stage="save"))
-        return self.results_dir
+        if until in (None, "diagnosis"):
+            self._stage(sink, "diagnosis", 0.01)
+            if session.normalization.level == "none":
+                findings.append(FINDINGS_NONE)
+            if session.pruning.max_rate > 0.9:
+                findings.append(FINDING_RATE)
+            findings.append(FINDING_NOTE)
+        ppl: dict[str, Any] = {}
+        ev = session.evaluation
+        if until in (None, "eval_after") and ev.before:
+            self._stage(sink, "eval_before", 0.2)
+            ppl["before"] = {"ppl": 1000.5}
+        if until in ("surgery", "eval_after", "save_model") or (until is None and (ev.after or session.output.save_model)):
+            self._stage(sink, "surgery", 0.05)
+            memo.values["surgery"] = FakeModel("pruned")
+        if until in (None, "eval_after") and ev.after:
+            self._stage(sink, "eval_after", 0.2)
+            ppl["after"] = {"ppl": 1200.25}
+        metrics["perplexity"] = ppl
+        if write and session.output.save_model and until in (None, "save_model"):
+            self._stage(sink, "save_model", 0.1)
+        if write and until is None:
+            self._stage(sink, "save", 0.05)
+            sink(Notice(message="results written", level="info", stage="save"))
+        return RunReport(session=session, metrics=metrics, summary=summary, findings=tuple(findings),
+                         stats=layer_stats(self.batches), stats_label="gradient",
+                         results_dir=folder if write else None)
 
 
-def fake_factory(**kwargs: Any) -> Callable[..., FakeWorkbench]:
-    def make(session: Session, results_dir: Path | None, *, on_event: EventSink,
-             should_stop: Callable[[], bool] | None = None, fresh: bool = False) -> FakeWorkbench:
-        return FakeWorkbench(session, results_dir, on_event=on_event, should_stop=should_stop, fresh=fresh, **kwargs)
-    return make
+def fake_pipeline(**kwargs: Any) -> FakePipeline:
+    return FakePipeline(**kwargs)
 
 
 @pytest.fixture
@@ -243,10 +255,10 @@ async def settle(app: Any, pilot: Any, cap_s: float = 120.0) -> None:
     while time.monotonic() < deadline:
         await app.workers.wait_for_complete()
         await pilot.pause()
-        if app.busy is None and not any(w.is_running for w in app.workers):
+        if app.state.busy is None and not any(w.is_running for w in app.workers):
             await pilot.pause()
             return
-    raise AssertionError(f"the app did not settle within {cap_s} s (busy={app.busy})")
+    raise AssertionError(f"the app did not settle within {cap_s} s (busy={app.state.busy})")
 
 
 async def wait_for(pilot: Any, condition: Callable[[], bool], cap_s: float = 120.0, what: str = "") -> None:

@@ -1,8 +1,11 @@
 """PruneApp: the Textual workbench — guided set-up, live run view, results with diagnosis and what-if.
 
-The app holds one session's state (the session being edited, its file, the live Workbench, the
-results shown) and runs every engine call in a thread worker (see `tui.jobs`). Screens render that
-state; they never call the engine themselves.
+The app owns one `WorkbenchState` (the session being edited, its file, the run, the results shown)
+and hands it to the screens it builds; screens render it and post request messages
+(`tui.messages.Request`) for everything else. Every engine action (run, resume, what-if, fix,
+evaluate, save model, sample, inspect, open results) is one `pipeline.run(...)` with the app's
+`Memo`, or one `RunReport.read`, on the app's one engine worker thread (`tui.jobs`); the worker
+talks back only through `post_message`.
 """
 
 from __future__ import annotations
@@ -11,28 +14,52 @@ import contextlib
 import copy
 import threading
 import tomllib
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-import tomlkit
 from textual import work
 from textual.app import App
-from textual.binding import Binding, BindingType
+from textual.binding import BindingType
 from textual.theme import Theme
 
 import sessions
-from prune_core.errors import PruneError
-from sessions import Session, SessionError, check_against_model, validate_dict
-from tui import engine, keys
+import tui.engine as engine
+import tui.jobs as jobs
+import tui.keys as keys
+from prune_core.errors import Interrupted, PruneError
+from prune_core.events import Event
+from sessions import Session, SessionError
 from tui.commands import PruneCommands
-from tui.jobs import JOB_LABELS, JobsMixin
-from tui.messages import StateChanged
-from tui.results_model import FindingView, ResultsData, perplexities
-from tui.runstate import RunState
+from tui.engine import Pipeline
+from tui.jobs import JobContext
+from tui.messages import (
+    CancelRequested,
+    EngineEvent,
+    EvaluateRequested,
+    FixRequested,
+    FormEdited,
+    HelpRequested,
+    InspectRequested,
+    JobDone,
+    JobFailed,
+    Measured,
+    OpenRequested,
+    RunRequested,
+    SampleRequested,
+    SaveModelRequested,
+    SaveRequested,
+    ShowRequested,
+    StateChanged,
+    WhatIfRequested,
+)
+from tui.results_model import from_report
 from tui.screens.dialogs import ConfirmScreen, HelpScreen, PathScreen
 from tui.screens.results import ResultsScreen
 from tui.screens.run import RunScreen
 from tui.screens.setup import SetupScreen
+from tui.state import WorkbenchState, job_label
 
 # Colours picked from the xterm-256 palette, so a 256-colour terminal shows exactly these.
 PRUNE_THEME = Theme(
@@ -52,55 +79,21 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class PruneApp(JobsMixin, App[int]):
+class PruneApp(App[int]):
     """The prune workbench."""
 
     CSS_PATH = "app.tcss"
     TITLE = "prune"
     COMMANDS = App.COMMANDS | {PruneCommands}
-    BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("f1,question_mark", "help", "Help", key_display="F1", id="app.help",
-                tooltip="Every key and a short guide (also ?)."),
-        Binding("ctrl+s", "save", "Save", id="app.save", tooltip="Save the session file (asks for a name once)."),
-        Binding("ctrl+r", "run", "Run", id="app.run",
-                tooltip="Run the importance pass, allocation and diagnosis for this session."),
-        Binding("ctrl+o", "open", "Open", show=False, id="app.open",
-                tooltip="Open a session .toml or a results folder."),
-        Binding("f2", "show('setup')", "Set-up", show=False, id="app.setup", tooltip="Show the set-up steps."),
-        Binding("f3", "show('run')", "Run view", show=False, id="app.runview", tooltip="Show the run progress."),
-        Binding("f4", "show('results')", "Results", show=False, id="app.results",
-                tooltip="Show results, diagnosis and what-if."),
-        Binding("ctrl+q", "quit", "Quit", priority=True, id="app.quit",
-                tooltip="Quit (asks first when there are unsaved changes or a job is running)."),
-    ]
+    BINDINGS: ClassVar[list[BindingType]] = keys.APP_BINDINGS
 
     def __init__(self, path: Path | None = None, *, cpu_flops: float | None = None,
-                 workbench_factory: Any = None, show_timings: bool = True) -> None:
+                 pipeline: Pipeline | None = None, show_timings: bool = True) -> None:
         super().__init__()
         self.start_path = path
-        self.workbench_factory = workbench_factory or engine.new_workbench
-        self.show_timings = show_timings
-        self.cpu_flops = cpu_flops
-        self.has_cuda = False
-        self.session = Session()
-        self.form_data: dict[str, Any] = self.session.model_dump()
-        self.problems: list[tuple[str, str]] = []
-        self.session_path: Path | None = None
-        self.saved_dump: dict[str, Any] = self.session.model_dump()
-        self.saved_form: dict[str, Any] = copy.deepcopy(self.form_data)
-        self.saved_text: str | None = None
-        self.builtin_models: list[dict[str, Any]] = []
-        self.model_info: engine.ModelInfo | None = None
-        self.model_busy: str | None = None
-        self.model_error = ""
-        self.run_state = RunState()
-        self.workbench: Any = None
-        self._job_workbench: Any = None
-        self.results: ResultsData | None = None
-        self.results_path: Path | None = None
-        self.saved_model_path: Path | None = None
-        self.samples: tuple[str, str] = ("", "")
-        self.busy: str | None = None
+        self.pipeline = pipeline or Pipeline()
+        self.memo = self.pipeline.new_memo()   # stage values kept between this app's jobs
+        self.state = WorkbenchState(cpu_flops=cpu_flops, show_timings=show_timings)
         self._stop = threading.Event()
         self._pending_alloc: tuple[Session, str] | None = None
 
@@ -109,131 +102,120 @@ class PruneApp(JobsMixin, App[int]):
         self.register_theme(PRUNE_THEME)
         self.theme = "prune"
         initial = self._load_start_path()
-        self.install_screen(SetupScreen(initial), "setup")
-        self.install_screen(RunScreen(), "run")
-        self.install_screen(ResultsScreen(), "results")
+        self.install_screen(SetupScreen(self.state, initial), "setup")
+        self.install_screen(RunScreen(self.state), "run")
+        self.install_screen(ResultsScreen(self.state), "results")
         self.push_screen("setup")
         self.update_title()
-        if self.cpu_flops is None:
+        if self.state.cpu_flops is None:
             self._measure()
         path = self.start_path
         if path is not None and engine.is_results_folder(path):
             self.job_open_results(path)
-        elif self.session_path is not None and self.session_path.is_file() and not self.problems:
+        elif self.state.session_path is not None and self.state.session_path.is_file() and not self.state.problems:
             self.job_check_checkpoint()
 
     def _load_start_path(self) -> str:
         """Read the path given on the command line; return the set-up step to start at."""
-        path = self.start_path
+        path, state = self.start_path, self.state
         if path is None or engine.is_results_folder(path):
             return "model"
         if path.is_dir():
-            self.notify(f"{path} is not a results folder (no session.toml)", severity="error")
+            self.notify(f"{path} is not a results folder (no session.toml)", severity="error", markup=False)
             return "model"
         if not path.exists():
-            self.session_path = path
+            state.session_path = path
             with contextlib.suppress(SessionError):  # a new file: name the session after it if that is valid
-                self.set_session(self.session.with_updates({"session.name": path.stem}), saved=True)
+                state.set_session(state.session.with_updates({"session.name": path.stem}), saved=True)
             return "model"
-        self.session_path = path
-        self.saved_text = path.read_text(encoding="utf-8")
+        state.session_path = path
+        state.saved_text = path.read_text(encoding="utf-8")
         try:
-            self.set_session(sessions.parse_text(self.saved_text, source=str(path)), saved=True)
+            state.set_session(sessions.parse_text(state.saved_text, source=str(path)), saved=True)
         except SessionError as exc:
             try:
-                raw = tomllib.loads(self.saved_text)
+                raw = tomllib.loads(state.saved_text)
             except tomllib.TOMLDecodeError:
                 raw = {}
-            self.form_data = _deep_merge(Session().model_dump(), raw)
-            self.saved_form = copy.deepcopy(self.form_data)
-            self.problems = list(exc.problems)
+            state.form_data = _deep_merge(Session().model_dump(), raw)
+            state.saved_form = copy.deepcopy(state.form_data)
+            state.problems = list(exc.problems)
         return "review"
 
     @work(thread=True, group="measure", exit_on_error=False)
     def _measure(self) -> None:
-        flops, cuda = engine.measure_cpu_flops(), engine.cuda_available()
-        self.call_from_thread(self._measured, flops, cuda)
+        self.post_message(Measured(engine.measure_cpu_flops(), engine.cuda_available()))
 
-    def _measured(self, flops: float, cuda: bool) -> None:
-        self.cpu_flops, self.has_cuda = flops, cuda
+    def on_measured(self, message: Measured) -> None:
+        self.state.cpu_flops, self.state.has_cuda = message.cpu_flops, message.cuda
         self.broadcast("estimate")
 
-    def gpu_for(self, device: str) -> bool:
-        return device.startswith("cuda") or (device == "auto" and self.has_cuda)
-
     # -- session state ---------------------------------------------------------------------------
-    @property
-    def dirty(self) -> bool:
-        if self.problems:
-            return self.form_data != self.saved_form
-        return self.session.model_dump() != self.saved_dump
-
     def update_title(self) -> None:
-        name = (self.form_data.get("session") or {}).get("name") or self.session.session.name
-        self.title = f"prune — {name}{' *' if self.dirty else ''}"
-        self.sub_title = str(self.session_path) if self.session_path else "not saved"
+        self.title = self.state.title()
+        self.sub_title = self.state.sub_title()
 
     def broadcast(self, what: str) -> None:
-        """Tell the active screen to re-read the app state (inactive ones re-read when shown)."""
+        """Tell the active screen to re-read the state (inactive ones re-read when shown)."""
         self.screen.post_message(StateChanged(what))
 
     def set_session(self, session: Session, *, saved: bool = False) -> None:
-        self.session = session
-        self.form_data = session.model_dump()
-        self.problems = []
-        if saved:
-            self.saved_dump = session.model_dump()
-            self.saved_form = copy.deepcopy(self.form_data)
+        self.state.set_session(session, saved=saved)
         self.update_title()
         if self.is_running:
             self.broadcast("session")
 
-    def apply_form(self, data: dict[str, Any]) -> None:
-        """Validate the set-up form; a valid form becomes the session, problems are kept for display."""
-        self.form_data = data
-        try:
-            session: Session | None = validate_dict(copy.deepcopy(data), source="form")
-            problems: list[tuple[str, str]] = []
-        except SessionError as exc:
-            session, problems = None, list(exc.problems)
-        info = self.model_info
-        if session is not None and info is not None and info.spec == session.model.id and info.layers:
-            problems += check_against_model(session, info.layers)
-        self.problems = problems
-        if session is not None:
-            self.session = session
+    def on_form_edited(self, message: FormEdited) -> None:
         self.update_title()
 
-    def draft_toml(self) -> str:
-        """The session as it will be saved (or, while invalid, the form's raw values)."""
-        if not self.problems:
-            return sessions.dumps(self.session, self.saved_text)
-        try:
-            return "# not valid yet: see the problems above\n" + tomlkit.dumps(self.form_data)
-        except Exception:
-            return "# not valid yet: see the problems above\n"
+    # -- requests from screens and the palette ----------------------------------------------------
+    def on_run_requested(self, message: RunRequested) -> None:
+        self.action_run(fresh=message.fresh, resume=message.resume)
 
-    def action_status(self) -> str:
-        lines = []
-        if self.busy:
-            cur = self.run_state.current
-            step = ""
-            if cur is not None:
-                step = f" · {cur.name}"
-                if cur.total:
-                    step += f" {cur.done:g}/{cur.total:g} {cur.unit}".rstrip()
-            lines.append(f"Working: {JOB_LABELS.get(self.busy, self.busy)}{step}… (x stops it)")
-        if self.results is not None:
-            before, after = perplexities(self.results.metrics)
-            if before is not None or after is not None:
-                b = f"{before:.2f}" if before is not None else "?"
-                a = f"{after:.2f}" if after is not None else "?"
-                lines.append(f"Perplexity before {b} → after {a}")
-            if self.results.results_dir:
-                lines.append(f"Results folder: {self.results.results_dir}")
-        if self.saved_model_path:
-            lines.append(f"Pruned model saved to {self.saved_model_path}")
-        return "\n".join(lines) or "Evaluate, save the pruned model, or generate a sample below."
+    def on_cancel_requested(self, message: CancelRequested) -> None:
+        self.action_cancel_run()
+
+    def on_fix_requested(self, message: FixRequested) -> None:
+        try:
+            new = self.state.session.with_updates(message.updates)
+        except SessionError as exc:
+            self.notify(f"The fix does not apply: {exc.problems}", severity="error", markup=False)
+            return
+        self.request_allocation(new, reason=f"fix for {message.issue}")
+
+    def on_what_if_requested(self, message: WhatIfRequested) -> None:
+        if message.session != self.state.session:
+            self.request_allocation(message.session, reason="what-if")
+
+    def on_evaluate_requested(self, message: EvaluateRequested) -> None:
+        self.action_evaluate()
+
+    def on_save_model_requested(self, message: SaveModelRequested) -> None:
+        self.action_save_model()
+
+    def on_sample_requested(self, message: SampleRequested) -> None:
+        self.action_generate(message.prompt)
+
+    def on_save_requested(self, message: SaveRequested) -> None:
+        if message.ask:
+            self.action_save_as()
+        else:
+            self.action_save()
+
+    def on_open_requested(self, message: OpenRequested) -> None:
+        self.action_open()
+
+    def on_show_requested(self, message: ShowRequested) -> None:
+        if message.step is not None:
+            self.action_step(message.step)
+        else:
+            self.action_show(message.view)
+
+    def on_help_requested(self, message: HelpRequested) -> None:
+        self.action_help()
+
+    def on_inspect_requested(self, message: InspectRequested) -> None:
+        self.inspect_model()
 
     # -- actions ---------------------------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
@@ -246,20 +228,22 @@ class PruneApp(JobsMixin, App[int]):
             self.push_screen(HelpScreen(keys.markdown()))
 
     def action_show(self, name: str) -> None:
-        if name == "results" and self.results is None:
-            self.notify("No results yet: run the session (ctrl+r) or open a results folder (ctrl+o).")
+        if name == "results" and self.state.results is None:
+            self.notify("No results yet: run the session (ctrl+r) or open a results folder (ctrl+o).", markup=False)
             return
         if self.screen.id != name and not self.screen.is_modal:
             self.switch_screen(name)
 
     def action_step(self, key: str) -> None:
         self.action_show("setup")
-        self.call_after_refresh(lambda: self.get_screen("setup").go(key))  # type: ignore[attr-defined]
+        setup = self.get_screen("setup")
+        assert isinstance(setup, SetupScreen)
+        self.call_after_refresh(setup.go, key)
 
     def _refuse_invalid(self) -> bool:
-        if self.problems:
-            n = len(self.problems)
-            self.notify(f"The session has {n} problem{'s' if n != 1 else ''}: see step 6 Review.", severity="error")
+        if self.state.problems:
+            n = len(self.state.problems)
+            self.notify(f"The session has {n} problem{'s' if n != 1 else ''}: see step 6 Review.", severity="error", markup=False)
             self.action_step("review")
             return True
         return False
@@ -267,29 +251,27 @@ class PruneApp(JobsMixin, App[int]):
     def action_save(self) -> None:
         if self._refuse_invalid():
             return
-        if self.session_path is None:
+        if self.state.session_path is None:
             self.action_save_as()
             return
-        self.write_session(self.session_path)
+        self.write_session(self.state.session_path)
 
     def write_session(self, path: Path) -> None:
         try:
-            sessions.save(self.session, path)
+            sessions.save(self.state.session, path)
         except (OSError, PruneError) as exc:
-            self.notify(f"Cannot save {path}: {exc}", severity="error")
+            self.notify(f"Cannot save {path}: {exc}", severity="error", markup=False)
             return
-        self.session_path = path
-        self.saved_text = path.read_text(encoding="utf-8")
-        self.saved_dump = self.session.model_dump()
-        self.saved_form = copy.deepcopy(self.form_data)
+        self.state.session_path = path
+        self.state.mark_saved(path.read_text(encoding="utf-8"))
         self.update_title()
-        self.notify(f"Saved {path}")
+        self.notify(f"Saved {path}", markup=False)
         self.broadcast("saved")
 
     def action_save_as(self) -> None:
         if self._refuse_invalid():
             return
-        default = str(self.session_path or Path(f"{self.session.session.name}.toml"))
+        default = str(self.state.session_path or Path(f"{self.state.session.session.name}.toml"))
 
         def chosen(value: str | None) -> None:
             if value:
@@ -302,7 +284,8 @@ class PruneApp(JobsMixin, App[int]):
             if value:
                 self.open_path(Path(value).expanduser())
 
-        self.push_screen(PathScreen("Open a session file or a results folder", str(self.session_path or "")), chosen)
+        self.push_screen(PathScreen("Open a session file or a results folder", str(self.state.session_path or "")),
+                         chosen)
 
     def open_path(self, path: Path) -> None:
         if engine.is_results_folder(path):
@@ -311,10 +294,11 @@ class PruneApp(JobsMixin, App[int]):
         try:
             session = sessions.load(path)
         except PruneError as exc:
-            self.notify(str(exc), severity="error", timeout=10)
+            self.notify(str(exc), severity="error", timeout=10, markup=False)
             return
-        self.session_path, self.saved_text = path, path.read_text(encoding="utf-8")
-        self.workbench, self.results, self.samples, self.saved_model_path = None, None, ("", ""), None
+        state = self.state
+        state.session_path, state.saved_text = path, path.read_text(encoding="utf-8")
+        state.results, state.results_path, state.samples, state.saved_model_path = None, None, ("", ""), None
         self.set_session(session, saved=True)
         self.action_step("review")
         self.job_check_checkpoint()
@@ -322,80 +306,73 @@ class PruneApp(JobsMixin, App[int]):
     def action_run(self, fresh: bool = False, resume: bool = False) -> None:
         if self._refuse_invalid():
             return
-        if self.busy is not None:
-            self.notify(f"Wait for {self.busy} to finish.", severity="warning")
+        if self.state.busy is not None:
+            self.notify(f"Wait for {job_label(self.state.busy)} to finish.", severity="warning", markup=False)
             return
-        self.run_state.reset()
-        if not resume:
-            self.workbench = None
-        if self.job_run(fresh=fresh, resume=resume):
+        self.state.run_state.reset()
+        if self.job_run(fresh=fresh):
             if self.screen.id != "run" and not self.screen.is_modal:
                 self.switch_screen("run")
             self.broadcast("run_started")
 
     def action_cancel_run(self) -> None:
         """Ask, then set the should_stop flag: the engine stops after its current step."""
-        job = self.busy
+        job = self.state.busy
         if job is None:
-            self.notify("Nothing is running.")
+            self.notify("Nothing is running.", markup=False)
             return
 
         def answer(yes: bool | None) -> None:
-            if yes and self.busy == job:
+            if yes and self.state.busy == job:
                 self._stop.set()
-                self.notify("Stopping after the current step…")
+                self.notify("Stopping after the current step…", markup=False)
 
         if job == "run":
             title, text = "Cancel the run?", ("The importance pass stops after the current batch and is "
                                               "checkpointed: you can resume it later (r).")
         else:
-            title, text = f"Stop {JOB_LABELS.get(job, job)}?", "It stops after its current step."
+            title, text = f"Stop {job_label(job)}?", "It stops after its current step."
         self.push_screen(ConfirmScreen(title, text, "Stop", "Keep running"), answer)
 
     def request_allocation(self, session: Session, reason: str) -> None:
-        if self.busy == "allocate":
+        if self.state.busy == "allocate":
             self._pending_alloc = (session, reason)
-        elif self.busy is None:
+        elif self.state.busy is None:
             self.job_allocate(session, reason)
         else:
-            self.notify(f"Wait for {self.busy} to finish.", severity="warning")
-
-    def apply_fix(self, finding: FindingView) -> None:
-        try:
-            new = self.session.with_updates(finding.fix)
-        except SessionError as exc:
-            self.notify(f"The fix does not apply: {exc.problems}", severity="error")
-            return
-        self.request_allocation(new, reason=f"fix for {finding.issue}")
+            self.notify(f"Wait for {job_label(self.state.busy)} to finish.", severity="warning", markup=False)
 
     def action_evaluate(self) -> None:
         if self._need_results():
-            self.job_simple("evaluate", lambda wb: (wb.evaluate(), wb.save_results())[0])
+            ctx, session = self._jobs(), self.state.session
+            self._start("evaluate", lambda: jobs.evaluate(ctx, session))
 
     def action_save_model(self) -> None:
         if self._need_results():
-            self.job_simple("save_model", lambda wb: wb.save_model())
+            ctx, session = self._jobs(), self.state.session
+            self._start("save_model", lambda: jobs.save_model(ctx, session))
 
     def action_generate(self, prompt: str | None = None) -> None:
         if self._need_results():
-            text = prompt or "Once upon a time"
-            self.job_simple("generate", lambda wb: wb.generate_sample(text))
+            ctx, session, text = self._jobs(), self.state.session, prompt or "Once upon a time"
+            self._start("generate", lambda: jobs.sample(ctx, session, text))
 
     def _need_results(self) -> bool:
-        if self.results is None:
-            self.notify("Run the session first (ctrl+r) or open a results folder.", severity="warning")
+        if self.state.results is None:
+            self.notify("Run the session first (ctrl+r) or open a results folder.", severity="warning", markup=False)
             return False
         return True
 
     async def action_quit(self) -> None:
-        if not (self.dirty or self.busy):
+        state = self.state
+        if not (state.dirty or state.busy):
             self.exit(0)
             return
         why = []
-        if self.dirty:
+        if state.dirty:
             why.append("the session has unsaved changes")
-        if self.busy:
-            why.append(f"{self.busy} is still running (it will be stopped and checkpointed)")
+        if state.busy:
+            why.append(f"{state.busy} is still running (it will be stopped and checkpointed)")
 
         def answer(yes: bool | None) -> None:
             if yes:
@@ -406,30 +383,186 @@ class PruneApp(JobsMixin, App[int]):
 
     # -- model inspection (Model step) -----------------------------------------------------------
     def inspect_model(self) -> None:
-        spec = str((self.form_data.get("model") or {}).get("id") or "")
-        if not spec or (self.problems and any(p.startswith("model.") for p, _ in self.problems)):
+        state = self.state
+        spec = str((state.form_data.get("model") or {}).get("id") or "")
+        if not spec or (state.problems and any(p.startswith("model.") for p, _ in state.problems)):
             return
-        self.model_busy, self.model_error = spec, ""
-        self.broadcast("model")
-        session = self.session
+        session = state.session
         if session.model.id != spec:
             try:
                 session = session.with_updates({"model.id": spec})
             except SessionError:
                 return
-        self._inspect(session)
+        ctx = self._jobs()
+        if self._start("inspect", lambda: (spec, jobs.inspect(ctx, session))):
+            state.model_busy, state.model_error = spec, ""
+            self.broadcast("model")
 
-    @work(thread=True, exclusive=True, group="inspect", exit_on_error=False)
-    def _inspect(self, session: Session) -> None:
-        try:
-            info, error = engine.inspect_model(session), ""
-        except Exception as exc:
-            info, error = None, str(exc)
-        with contextlib.suppress(RuntimeError):
-            self.call_from_thread(self._inspected, session.model.id, info, error)
-
-    def _inspected(self, spec: str, info: engine.ModelInfo | None, error: str) -> None:
-        if spec != (self.form_data.get("model") or {}).get("id"):
-            return  # the user moved on to another model
-        self.model_busy, self.model_info, self.model_error = None, info, error
+    def _inspected(self, spec: str, info: Any, error: str) -> None:
+        state = self.state
+        state.model_busy = None
+        if spec == (state.form_data.get("model") or {}).get("id"):  # else the user moved on to another model
+            state.model_info, state.model_error = info, error
         self.broadcast("model")
+
+    # -- engine jobs -----------------------------------------------------------------------------
+    def sink(self, event: Event) -> None:
+        """The EventSink handed to the engine: called on the worker thread, so it only posts."""
+        self.post_message(EngineEvent(event))
+
+    def _jobs(self) -> JobContext:
+        """The context of a job started now: the results folder shown, the memo, the sink and stop flag."""
+        folder = self.state.results_path if self.state.results is not None else None
+        return JobContext(self.pipeline, self.memo, self.sink, self._stop.is_set, out_dir=folder)
+
+    def _start(self, name: str, fn: Callable[[], Any]) -> bool:
+        if self.state.busy is not None:
+            self.notify(f"Wait for {job_label(self.state.busy)} to finish.", severity="warning", markup=False)
+            return False
+        self.state.busy = name
+        self._stop.clear()
+        self._engine_worker(name, fn)
+        self.refresh_bindings()
+        return True
+
+    @work(thread=True, group="engine", exit_on_error=False, name="engine")
+    def _engine_worker(self, name: str, fn: Callable[[], Any]) -> None:
+        try:
+            result = fn()
+        except Interrupted as exc:
+            self.post_message(JobFailed(name, exc, interrupted=True))
+            return
+        except BaseException as exc:  # reported in the UI, never raised into Textual
+            self.post_message(JobFailed(name, exc))
+            return
+        self.post_message(JobDone(name, result))
+
+    def job_run(self, *, fresh: bool = False) -> bool:
+        """The whole session (a resume is the same call: the pass continues from its checkpoint)."""
+        ctx, session = self._jobs(), self.state.session
+        return self._start("run", lambda: jobs.run_session(ctx, session, fresh=fresh))
+
+    def job_allocate(self, session: Session, reason: str) -> bool:
+        ctx = self._jobs()
+        return self._start("allocate", lambda: (jobs.reallocate(ctx, session), session, reason))
+
+    @work(thread=True, exclusive=True, group="check", exit_on_error=False)
+    def job_check_checkpoint(self) -> None:
+        """Look for an interrupted pass or finished results of the session (outside the job lock)."""
+        session = self.state.session
+        try:
+            has, report = jobs.look_for_results(self.pipeline, session)
+        except Exception:
+            return
+        self.post_message(JobDone("check", (session, has, report)))
+
+    def job_open_results(self, path: Path) -> bool:
+        pipeline = self.pipeline
+        return self._start("open", lambda: (path, pipeline.read(path)))
+
+    def on_engine_event(self, message: EngineEvent) -> None:
+        self.state.run_state.apply(message.event)
+
+    def on_job_done(self, message: JobDone) -> None:
+        name, result, state = message.job, message.result, self.state
+        if name == "check":
+            self._checked(*result)
+            return
+        state.busy = None
+        old = state.results
+        if name == "run":
+            state.results = from_report(result)
+            state.results_path = state.results.results_dir
+            state.engine_ready, state.samples, state.saved_model_path = True, ("", ""), result.model_dir
+            state.run_state.results_dir = str(state.results_path or "")
+            state.run_state.finish("done")
+            self.broadcast("run_finished")
+            if self.screen.id == "run":
+                self.switch_screen("results")
+        elif name == "allocate":
+            report, session, reason = result
+            self.set_session(session)
+            state.results = from_report(report, previous=old.allocation if old else None,
+                                        results_dir=state.results_path, from_folder=bool(old and old.from_folder))
+            state.engine_ready = True
+            a = state.results.allocation
+            self.notify(f"{reason}: achieved {a.achieved_ratio:.1%}" if a else reason, markup=False)
+            if self._pending_alloc is not None:
+                pending, self._pending_alloc = self._pending_alloc, None
+                if pending[0] != state.session:
+                    self.job_allocate(*pending)
+        elif name == "evaluate":
+            state.engine_ready = True
+            if old is not None:
+                state.results = replace(old, metrics={**old.metrics, "perplexity": result.perplexity})
+        elif name == "save_model":
+            state.engine_ready = True
+            state.saved_model_path = result.model_dir or (state.results_path or Path()) / "model"
+            self.notify(f"Saved the pruned model to {state.saved_model_path}", markup=False)
+        elif name == "generate":
+            state.engine_ready, state.samples = True, result
+        elif name == "inspect":
+            spec, info = result
+            self._inspected(spec, info, "")
+        elif name == "open":
+            path, report = result
+            self._show_report(report, path)
+            if self.screen.id != "results" and not self.screen.is_modal:
+                self.switch_screen("results")
+        self.refresh_bindings()
+        self.broadcast("results")
+
+    def _show_report(self, report: Any, path: Path) -> None:
+        """Results read back from a folder become the shown results (and their session the current one)."""
+        state = self.state
+        state.results, state.results_path = from_report(report, from_folder=True, results_dir=path), path
+        state.samples, state.saved_model_path, state.engine_ready = ("", ""), report.model_dir, False
+        if isinstance(state.results.session, Session):
+            state.session_path, state.saved_text = None, None
+            self.set_session(state.results.session, saved=True)
+
+    def _checked(self, session: Session, has: bool, report: Any) -> None:
+        """Offer to resume an interrupted pass, or show the session's finished results at once."""
+        state = self.state
+        if state.busy is not None or session != state.session:
+            return  # the user already moved on
+        if report is not None and state.results is None:
+            state.results, state.results_path = from_report(report, from_folder=True), report.results_dir
+            state.saved_model_path = report.model_dir
+            same = report.session.resolved().model_dump() == session.resolved().model_dump()
+            if same and not self.screen.is_modal:
+                self.switch_screen("results")
+            else:
+                self.notify(f"This session's last results ({report.results_dir}) are one key away: F4. "
+                            "They were written with other settings.", markup=False)
+            self.refresh_bindings()
+            self.broadcast("results")
+        if not has:
+            return
+
+        def answer(yes: bool | None) -> None:
+            if yes and self.state.busy is None:
+                self.action_run(resume=True)
+
+        self.push_screen(ConfirmScreen("Resume the interrupted run?", "This session's importance pass was "
+                                       "interrupted and checkpointed. Resume it now?", "Resume", "Not now"), answer)
+
+    def on_job_failed(self, message: JobFailed) -> None:
+        state, error = self.state, message.error
+        state.busy = None
+        text = str(error) if isinstance(error, PruneError) else f"{type(error).__name__}: {error}"
+        if message.job == "run":
+            state.run_state.finish("interrupted" if message.interrupted else "failed", str(error))
+            self.broadcast("run_finished")
+        if message.job == "inspect":
+            self._inspected(str(state.model_busy or ""), None, text)
+        elif message.interrupted and message.job == "run":
+            self.notify("Interrupted: the importance pass was checkpointed; press r on the run screen to resume.",
+                        severity="warning", timeout=8, markup=False)
+        elif message.interrupted:
+            self.notify(f"Stopped {job_label(message.job)}.", severity="warning", markup=False)
+        else:
+            self.notify(text, title=f"{message.job} failed", severity="error", timeout=12, markup=False)
+        self._pending_alloc = None
+        self.refresh_bindings()
+        self.broadcast("results")

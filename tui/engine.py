@@ -1,13 +1,16 @@
 """The TUI's one door into the engine: every `prune_core` call the workbench UI makes goes through here.
 
-Imports are lazy so the app starts quickly and the screens stay testable; nothing here computes
-anything the engine already does — it only gathers facts for display (model geometry, a text preview).
-All functions may be slow (loading a model, reading a corpus): call them from worker threads.
+`Pipeline` wraps `prune_core.pipeline.run` and `RunReport.read` (the app's jobs call nothing else);
+the rest gathers facts for display (built-in lists, a text preview, the machine's speed). Imports
+are lazy so the app starts quickly and the screens stay testable. Nothing here loads a model: the
+Model step's facts come from the pipeline's own "model" stage value (`model_info`).
+All functions may be slow (reading a corpus, a pipeline stage): call them from worker threads.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,20 +52,14 @@ def dataset_names() -> list[dict[str, Any]]:
     return list(_names())
 
 
-def inspect_model(session: Session) -> ModelInfo:
-    """Resolve the session's model (may download or convert) and read its geometry."""
-    from prune_core.adapters import get_adapter
-    from prune_core.models import resolve_model
-
-    m = session.model
-    loaded = resolve_model(m.id, revision=m.revision, dtype=m.dtype, device=m.device,
-                           trust_remote_code=m.trust_remote_code)
-    facts = get_adapter(loaded.model).describe(loaded.model)
-    device = str(next(loaded.model.parameters()).device)
-    info = ModelInfo(spec=m.id, source=str(loaded.source), device=device, tokenizer=loaded.tokenizer,
+def model_info(spec: str, model_value: Any) -> ModelInfo:
+    """The Model step's facts, read off the pipeline's loaded model (`steps.ModelValue`): no second load."""
+    facts = dict(getattr(model_value, "facts", {}) or {})
+    model = model_value.model
+    device = str(next(model.parameters()).device)
+    return ModelInfo(spec=spec, source=str(model_value.loaded.source), device=device,
+                     tokenizer=model_value.tokenizer,
                      **{k: v for k, v in facts.items() if k in ModelInfo.__dataclass_fields__})
-    del loaded
-    return info
 
 
 def preview_text(dataset: str, chars: int = 1200) -> tuple[str, int]:
@@ -109,37 +106,62 @@ def measure_cpu_flops(seconds: float = 0.2) -> float:
     return 2.0 * n ** 3 * count / max(elapsed, 1e-9)
 
 
-def new_workbench(session: Session, results_dir: Path | None, *, on_event: EventSink,
-                  should_stop: Any, fresh: bool = False) -> Any:
-    """A `prune_core.workbench.Workbench` for the session (results in `results_dir_for` by default)."""
-    from prune_core.workbench import Workbench, results_dir_for
+class Pipeline:
+    """The workbench's door into `prune_core.pipeline` and `prune_core.report` (tests pass a fake).
 
-    folder = results_dir or results_dir_for(session)
-    return Workbench(session, folder, on_event=on_event, should_stop=should_stop, fresh=fresh)
+    Every engine job of the app is one of these calls, made on the app's engine worker thread.
+    """
 
+    def new_memo(self) -> Any:
+        """A `pipeline.Memo`: stage values kept between runs of this process (what-ifs reuse them)."""
+        from prune_core.pipeline import Memo
 
-def results_dir_for(session: Session) -> Path:
-    from prune_core.workbench import results_dir_for as _rd
+        return Memo()
 
-    return Path(_rd(session))
+    def run(self, session: Session, *, out_dir: Path | None = None, until: str | None = None, memo: Any = None,
+            fresh: bool = False, write: bool = True, on_event: EventSink | None = None,
+            should_stop: Callable[[], bool] | None = None) -> Any:
+        """`pipeline.run`: the declared stages up to `until`; returns a `RunReport`."""
+        from prune_core import pipeline
+        from prune_core.events import null_sink
 
+        return pipeline.run(session, out_dir=out_dir, until=until, memo=memo, fresh=fresh, write=write,
+                            on_event=on_event or null_sink, should_stop=should_stop)
 
-def open_results(path: Path) -> Any:
-    """Read a results folder without recomputing (`prune_core.results.open_results`)."""
-    try:
-        from prune_core.workbench import open_results as _open  # type: ignore[attr-defined]
-    except ImportError:
-        from prune_core.results import open_results as _open
+    def read(self, folder: Path) -> Any:
+        """`RunReport.read`: a finished run's results, nothing recomputed."""
+        from prune_core.report import RunReport
 
-    return _open(path)
+        return RunReport.read(folder)
 
+    def has_checkpoint(self, session: Session, out_dir: Path | None = None) -> bool:
+        from prune_core import pipeline
 
-def stats_from_statistics(doc: dict[str, Any]) -> tuple[dict[str, dict[str, list[float]]], str]:
-    """Per-layer statistics (block -> stat -> [L]) from a results folder's gradient_statistics.json."""
-    from prune_core.diagnosis import stats_from_statistics as _convert
+        return pipeline.has_checkpoint(pipeline.results_dir_for(session, out_dir))
 
-    return _convert(doc)
+    def results_dir_for(self, session: Session, out_dir: Path | None = None) -> Path:
+        from prune_core import pipeline
+
+        return Path(pipeline.results_dir_for(session, out_dir))
+
+    def loaded(self, memo: Any, stage: str) -> Any:
+        """The newest value of `stage` in the memo (the loaded model, the pruned copy), or None."""
+        return memo.latest(stage) if memo is not None else None
+
+    def generate(self, model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 40) -> str:
+        """A short greedy continuation of `prompt` (the new text only)."""
+        import torch
+
+        device = next(model.parameters()).device
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=getattr(tokenizer, "eos_token_id", None))
+        return str(tokenizer.decode(out[0][ids.shape[1]:], skip_special_tokens=True))
 
 
 def is_results_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "session.toml").is_file()
+    """A folder a finished run wrote (`prune_core.report.is_results_folder`)."""
+    from prune_core.report import is_results_folder as _is
+
+    return _is(path)

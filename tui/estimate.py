@@ -1,8 +1,10 @@
 """A back-of-the-envelope time and memory estimate for the importance pass, shown before anything runs.
 
-Time ≈ FLOPs / throughput, with FLOPs ≈ tokens × params × 6 for a forward + backward pass (taylor,
-taylor_2nd) or × 2 for forward only (wanda), plus the attention term that grows with seq_len.
-Memory ≈ weights + gradients (taylor*) + Fisher diagonal (taylor_2nd, fp32 over prunable weights)
+Time ≈ FLOPs / throughput, with FLOPs ≈ tokens × params × 6 for a forward + backward pass (methods
+that need gradients) or × 2 for forward only (wanda), plus the attention term that grows with
+seq_len; a data-free method (magnitude) reads the weights once. What a method needs comes from the
+importance-method registry (prune_core/importance/registry.py).
+Memory ≈ weights + gradients + Fisher diagonal (taylor_2nd, fp32 over prunable weights)
 + activations (∝ batch × seq_len, per layer s·b·h·(34 + 5·a·s/h) bytes at 16 bits) + logits.
 These are rough by design: they show the trade-off between choices, not a promise.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from prune_core.importance.registry import DEFAULT_METHOD, METHODS
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CPU_EFFICIENCY = 0.5          # share of the measured matmul throughput a real pass reaches
@@ -52,19 +56,22 @@ def estimate(geo: Geometry, *, method: str, seq_len: int, num_samples: int, batc
              dtype: str = "float32", gpu: bool = False, cpu_flops: float | None = None,
              gradient_checkpointing: bool = False) -> Estimate:
     """Estimate one importance pass for the given settings."""
-    tokens = seq_len * num_samples
-    backward = method != "wanda"
+    spec = METHODS.get(method) or METHODS[DEFAULT_METHOD]  # the registry says what the method needs
+    tokens = seq_len * num_samples if spec.needs_calibration else 0
+    backward = spec.needs_gradients
     per_token = 2 * geo.parameters + 4 * geo.layers * seq_len * geo.hidden  # forward: weights + attention
     flops = tokens * per_token * (3 if backward else 1)
     if backward and gradient_checkpointing:
         flops *= 4 / 3  # one extra forward
     throughput = GPU_FLOPS if gpu else (cpu_flops or ASSUMED_CPU_FLOPS) * CPU_EFFICIENCY
+    if not spec.needs_calibration:
+        flops = 2.0 * geo.prunable  # data-free: one pass over the prunable weights
     seconds = flops / max(throughput, 1.0)
 
     width = BYTES.get(dtype, 4)
     weights = geo.parameters * width
     grads = geo.parameters * width if backward else 0
-    fisher = geo.prunable * 4 if method == "taylor_2nd" else 0
+    fisher = geo.prunable * 4 if spec.needs_fisher else 0
     s, b, h, a = seq_len, batch_size, geo.hidden, geo.heads
     per_layer = s * b * h * (34 + 5 * a * s / h) * width / 2
     if not backward:
@@ -74,6 +81,8 @@ def estimate(geo: Geometry, *, method: str, seq_len: int, num_samples: int, batc
     else:
         activations = per_layer * geo.layers
     logits = b * s * geo.vocab * 4 * (2 if backward else 1)
+    if not spec.needs_calibration:
+        activations = logits = 0  # no forward pass
     memory = int(weights + grads + fisher + activations + logits)
     return Estimate(seq_len=seq_len, tokens=tokens, seconds=seconds, memory_bytes=memory, flops=flops)
 

@@ -1,8 +1,25 @@
-"""The key reference, read off the Binding lists themselves so the help screen and docs never drift."""
+"""The app-wide key bindings and the key reference, read off the Binding lists themselves so the help
+screen and docs never drift. The app takes `APP_BINDINGS` from here; the screens declare their own."""
 
 from __future__ import annotations
 
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
+
+APP_BINDINGS: list[BindingType] = [
+    Binding("f1,question_mark", "help", "Help", key_display="F1", id="app.help",
+            tooltip="Every key and a short guide (also ?)."),
+    Binding("ctrl+s", "save", "Save", id="app.save", tooltip="Save the session file (asks for a name once)."),
+    Binding("ctrl+r", "run", "Run", id="app.run",
+            tooltip="Run the importance pass, allocation and diagnosis for this session."),
+    Binding("ctrl+o", "open", "Open", show=False, id="app.open",
+            tooltip="Open a session .toml or a results folder."),
+    Binding("f2", "show('setup')", "Set-up", show=False, id="app.setup", tooltip="Show the set-up steps."),
+    Binding("f3", "show('run')", "Run view", show=False, id="app.runview", tooltip="Show the run progress."),
+    Binding("f4", "show('results')", "Results", show=False, id="app.results",
+            tooltip="Show results, diagnosis and what-if."),
+    Binding("ctrl+q", "quit", "Quit", priority=True, id="app.quit",
+            tooltip="Quit (asks first when there are unsaved changes or a job is running)."),
+]
 
 GUIDE = """\
 **prune workbench.** Set up a session in six steps (PgDn / PgUp or the tabs), run the importance pass,
@@ -24,17 +41,17 @@ def _key_name(binding: Binding) -> str:
 
 def sections() -> list[tuple[str, list[tuple[str, str, str]]]]:
     """(context, [(keys, description, tooltip)]) for the app and each main screen."""
-    from tui.app import PruneApp
     from tui.screens.dialogs import ConfirmScreen
     from tui.screens.results import ResultsScreen
     from tui.screens.run import RunScreen
     from tui.screens.setup import SetupScreen
 
     out = []
-    for title, cls in (("Everywhere", PruneApp), ("Set-up", SetupScreen), ("Run", RunScreen),
-                       ("Results", ResultsScreen), ("Dialogs", ConfirmScreen)):
+    for title, bindings in (("Everywhere", APP_BINDINGS), ("Set-up", SetupScreen.BINDINGS),
+                            ("Run", RunScreen.BINDINGS), ("Results", ResultsScreen.BINDINGS),
+                            ("Dialogs", ConfirmScreen.BINDINGS)):
         rows = []
-        for b in cls.BINDINGS:
+        for b in bindings:
             if isinstance(b, Binding) and not b.system:
                 rows.append((_key_name(b), b.description, b.tooltip))
         out.append((title, rows))

@@ -1,7 +1,7 @@
-"""View models for the results screen, built from a live Workbench or from a results folder.
+"""View models for the results screen, built from a `RunReport` (`from_report`).
 
-Both sources end up as the same plain records, so the screen renders one shape whether it just ran
-the pipeline or opened `runs/<name>/` (where nothing is recomputed).
+A run, a what-if and a results folder read back (`RunReport.read`, nothing recomputed) all give a
+RunReport, so the screen renders one shape whatever it came from.
 """
 
 from __future__ import annotations
@@ -110,16 +110,6 @@ class AllocationView:
         return sum(r.params_after for r in self.rows) or self.prunable - self.removed
 
     @classmethod
-    def from_allocation(cls, alloc: Any) -> AllocationView:
-        return cls(rows=[LayerRow.from_record(r) for r in _records(_get(alloc, "summary"))],
-                   target_ratio=_num(_get(alloc, "target_ratio")),
-                   achieved_ratio=_num(_get(alloc, "achieved_ratio")),
-                   removed=int(_num(_get(alloc, "removed_parameters"))),
-                   prunable=int(_num(_get(alloc, "prunable_parameters"))),
-                   reachable=bool(_get(alloc, "reachable", True)),
-                   message=str(_get(alloc, "message", "") or ""))
-
-    @classmethod
     def from_summary(cls, summary: Any, info: dict[str, Any]) -> AllocationView:
         rows = [LayerRow.from_record(r) for r in _records(summary)]
         before = sum(r.params_before for r in rows)
@@ -169,38 +159,25 @@ def _allocation_info(metrics: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
-def from_workbench(wb: Any) -> ResultsData:
-    alloc = getattr(wb, "allocation", None)
-    prev = getattr(wb, "previous_allocation", None)
-    imp = getattr(wb, "importance", None)
+def from_report(report: Any, *, from_folder: bool = False, previous: AllocationView | None = None,
+                results_dir: Path | None = None) -> ResultsData:
+    """What the results screen shows of a `RunReport` (a run, a what-if, or a folder read back).
+
+    `previous` is the allocation shown before (a what-if shows both); `results_dir` names the folder
+    the results belong to when the report has none (a what-if writes nothing).
+    """
+    metrics = dict(_get(report, "metrics", {}) or {})
+    summary = _get(report, "summary")
+    stats = _get(report, "stats") or None
+    folder = _get(report, "results_dir") or results_dir
     return ResultsData(
-        session=wb.session,
-        allocation=AllocationView.from_allocation(alloc) if alloc is not None else None,
-        previous=AllocationView.from_allocation(prev) if prev is not None else None,
-        findings=sort_findings(list(getattr(wb, "findings", []) or [])),
-        metrics={**dict(getattr(wb, "metrics", {}) or {}), "perplexity": dict(getattr(wb, "perplexity", {}) or {})},
-        stats=getattr(imp, "stats", None) if imp is not None else None,
-        stats_label=getattr(imp, "stats_label", "gradient") if imp is not None else "gradient",
-        results_dir=Path(wb.results_dir) if getattr(wb, "results_dir", None) else None,
-        total_parameters=int(getattr(wb, "total_parameters", 0) or 0) or None,
-    )
-
-
-def from_results_view(view: Any, path: Path) -> ResultsData:
-    metrics = dict(_get(view, "metrics", {}) or {})
-    summary = _get(view, "summary")
-    stats, label = None, "gradient"
-    doc = _get(view, "statistics")
-    if isinstance(doc, dict) and doc.get("blocks"):
-        from tui.engine import stats_from_statistics
-
-        stats, label = stats_from_statistics(doc)
-    return ResultsData(
-        session=_get(view, "session"),
+        session=_get(report, "session"),
         allocation=AllocationView.from_summary(summary, _allocation_info(metrics)) if summary is not None else None,
-        findings=sort_findings(list(_get(view, "findings", []) or [])),
+        previous=previous,
+        findings=sort_findings(list(_get(report, "findings", ()) or ())),
         metrics=metrics, stats=stats if isinstance(stats, dict) and stats else None,
-        stats_label=label, results_dir=path, from_folder=True,
+        stats_label=str(_get(report, "stats_label", "gradient") or "gradient"),
+        results_dir=Path(folder) if folder else None, from_folder=from_folder,
         total_parameters=int(_num((metrics.get("parameters") or {}).get("total_before"))) or None,
     )
 

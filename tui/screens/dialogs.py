@@ -26,8 +26,8 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog-box"):
-            yield Label(self.title_text, classes="dialog-title")
-            yield Static(self.message, classes="dialog-message")
+            yield Label(self.title_text, classes="dialog-title", markup=False)
+            yield Static(self.message, classes="dialog-message", markup=False)
             with Horizontal(classes="dialog-buttons"):
                 yield Button(f"{self.yes} (y)", id="yes", variant="error", compact=True)
                 yield Button(f"{self.no} (n)", id="no", variant="primary", compact=True)
@@ -54,9 +54,9 @@ class PathScreen(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog-box"):
-            yield Label(self.title_text, classes="dialog-title")
+            yield Label(self.title_text, classes="dialog-title", markup=False)
             yield Input(self.value, id="path-input", compact=True)
-            yield Static(self.hint or "Enter to accept · Escape to cancel", classes="dialog-message")
+            yield Static(self.hint or "Enter to accept · Escape to cancel", classes="dialog-message", markup=False)
 
     def on_mount(self) -> None:
         self.query_one("#path-input", Input).focus()

@@ -1,12 +1,12 @@
 """The results screen: per-layer allocation (chart + table), diagnosis, what-if, importance, actions.
 
-It shows a `ResultsData` the app built from the live Workbench or from a results folder; every
-action (fix, what-if, evaluate, save model, sample) goes through the app, which runs it in a worker.
+It shows the `ResultsData` of the `WorkbenchState` the app hands it; every action (fix, what-if,
+evaluate, save model, sample) is a request message to the app, which runs it in its engine worker.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from rich.text import Text
 from textual import on
@@ -17,15 +17,21 @@ from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, OptionList, Static, TabbedContent, TabPane
 
 from tui.estimate import human_count
-from tui.messages import StateChanged
+from tui.messages import (
+    CancelRequested,
+    EvaluateRequested,
+    FixRequested,
+    SampleRequested,
+    SaveModelRequested,
+    SaveRequested,
+    StateChanged,
+)
 from tui.results_model import ResultsData, perplexities
 from tui.screens.whatif import WhatIfPanel
+from tui.state import WorkbenchState
 from tui.widgets.charts import LayerStatsChart, RatesChart
 from tui.widgets.findings import FindingDetail, FindingsList
 from tui.widgets.tables import AllocationTable
-
-if TYPE_CHECKING:
-    from tui.app import PruneApp
 
 TABS = ("allocation", "diagnosis", "whatif", "importance", "actions")
 
@@ -78,13 +84,10 @@ class ResultsScreen(Screen):
                 tooltip="Importance chart: switch attention / MLP."),
     ]
 
-    def __init__(self) -> None:
+    def __init__(self, state: WorkbenchState) -> None:
         super().__init__(id="results")
+        self.state = state
         self._was_busy = False
-
-    @property
-    def prune_app(self) -> PruneApp:
-        return self.app  # type: ignore[return-value]
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -98,7 +101,7 @@ class ResultsScreen(Screen):
                 with VerticalScroll(id="finding-detail-box"):
                     yield FindingDetail("", id="finding-detail")
             with TabPane("What-if", id="tab-whatif"):
-                yield WhatIfPanel(id="whatif")
+                yield WhatIfPanel(self.state, id="whatif")
             with TabPane("Importance", id="tab-importance"):
                 yield LayerStatsChart(id="importance-chart")
             with TabPane("Actions", id="tab-actions"), VerticalScroll():
@@ -121,9 +124,9 @@ class ResultsScreen(Screen):
 
     def _tick_status(self) -> None:
         """While a job runs, keep its progress line current (throttled like the run view)."""
-        if self.prune_app.busy is not None or self._was_busy:
-            self._was_busy = self.prune_app.busy is not None
-            self.query_one("#action-status", Static).update(self.prune_app.action_status())
+        if self.state.busy is not None or self._was_busy:
+            self._was_busy = self.state.busy is not None
+            self.query_one("#action-status", Static).update(Text(self.state.status_text()))
             self.refresh_bindings()
 
     def on_screen_resume(self) -> None:
@@ -136,8 +139,8 @@ class ResultsScreen(Screen):
             self.query_one("#whatif", WhatIfPanel).load_values()
 
     def sync(self) -> None:
-        app = self.prune_app
-        r = app.results
+        state = self.state
+        r = state.results
         self.query_one("#results-headline", Static).update(headline(r))
         cur, prev = (r.allocation, r.previous) if r else (None, None)
         self.query_one("#alloc-chart", RatesChart).show(cur)
@@ -149,8 +152,8 @@ class ResultsScreen(Screen):
         chart = self.query_one("#importance-chart", LayerStatsChart)
         if r is not None and r.stats:
             chart.update_stats(r.stats, r.stats_label, now=True)
-        self.query_one("#action-status", Static).update(app.action_status())
-        orig, pruned = app.samples
+        self.query_one("#action-status", Static).update(Text(state.status_text()))
+        orig, pruned = state.samples
         self.query_one("#sample-original", Static).update(Text.assemble(("original\n", "bold"), orig or ""))
         self.query_one("#sample-pruned", Static).update(Text.assemble(("pruned\n", "bold"), pruned or ""))
 
@@ -179,18 +182,18 @@ class ResultsScreen(Screen):
             return
         finding = self.query_one("#findings", FindingsList).selected
         if finding is None or not finding.fix:
-            self.app.notify("This finding has no automatic fix.", severity="warning")
+            self.notify("This finding has no automatic fix.", severity="warning")
             return
-        self.prune_app.apply_fix(finding)
+        self.post_message(FixRequested(finding.issue, finding.fix))
 
     def action_evaluate(self) -> None:
-        self.prune_app.action_evaluate()
+        self.post_message(EvaluateRequested())
 
     def action_save_model(self) -> None:
-        self.prune_app.action_save_model()
+        self.post_message(SaveModelRequested())
 
     def action_generate(self) -> None:
-        self.prune_app.action_generate(self.query_one("#prompt", Input).value)
+        self.post_message(SampleRequested(self.query_one("#prompt", Input).value))
 
     def action_leave_input(self) -> None:
         self.query_one("#results-tabs", TabbedContent).query_one("Tabs").focus()
@@ -211,11 +214,11 @@ class ResultsScreen(Screen):
         if action in ("cycle_stat", "toggle_block"):
             return self.tab == "importance"
         if action == "cancel":
-            return self.prune_app.busy is not None
+            return self.state.busy is not None
         return True
 
     def action_cancel(self) -> None:
-        self.prune_app.action_cancel_run()
+        self.post_message(CancelRequested())
 
     @on(Button.Pressed, "#act-evaluate")
     def _evaluate(self) -> None:
@@ -227,7 +230,7 @@ class ResultsScreen(Screen):
 
     @on(Button.Pressed, "#act-save")
     def _save(self) -> None:
-        self.prune_app.action_save()
+        self.post_message(SaveRequested())
 
     @on(Button.Pressed, "#act-generate")
     @on(Input.Submitted, "#prompt")

@@ -8,6 +8,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.widgets import Button, Static
 
+from tui.messages import RunRequested, SaveRequested
 from tui.screens.steps_base import Step
 from tui.widgets.fields import FieldSpec
 
@@ -56,8 +57,8 @@ class ReviewStep(Step):
         self.on_form_changed()
 
     def on_form_changed(self) -> None:
-        app = self.prune_app
-        problems = app.problems
+        state = self.state
+        problems = state.problems
         box = self.query_one("#review-problems", Static)
         if problems:
             text = Text()
@@ -73,14 +74,14 @@ class ReviewStep(Step):
                 text.append("\n")
             box.update(text)
         else:
-            target = app.session_path or "(not saved yet: ctrl+s asks for a file name)"
+            target = state.session_path or "(not saved yet: ctrl+s asks for a file name)"
             box.update(Text(f"✓ valid · saves to {target}", style="green"))
-        self.query_one("#review-toml", Static).update(toml_text(app.draft_toml()))
+        self.query_one("#review-toml", Static).update(toml_text(state.draft_toml()))
 
     @on(Button.Pressed, "#review-save")
     def _save(self) -> None:
-        self.prune_app.action_save()
+        self.post_message(SaveRequested())
 
     @on(Button.Pressed, "#review-run")
     def _run(self) -> None:
-        self.prune_app.action_run()
+        self.post_message(RunRequested())

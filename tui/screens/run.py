@@ -1,9 +1,10 @@
 """The run screen: stage list with timings, importance progress (batch i/N, tokens/s, ETA, loss) and a
-live per-layer chart. It re-reads the app's RunState on a timer, so redraws are throttled."""
+live per-layer chart. It re-reads the state's RunState on a timer, so redraws are throttled; its keys
+post request messages (cancel, resume, show results) to the app."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -13,23 +14,37 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, ProgressBar, Static
 
 from tui.estimate import human_seconds
-from tui.messages import StateChanged
+from tui.messages import CancelRequested, RunRequested, ShowRequested, StateChanged
 from tui.runstate import RunState
+from tui.state import WorkbenchState
 from tui.widgets.charts import LayerStatsChart
-
-if TYPE_CHECKING:
-    from tui.app import PruneApp
 
 ICONS = {"running": ("▶", "bold cyan"), "done": ("✓", "green"), "cached": ("✓", "green"), "failed": ("✗", "red")}
 REFRESH_S = 0.5
 
 
-def stage_lines(state: RunState, *, timings: bool = True) -> Text:
+STAGE_LINES = 9  # what #run-top shows; earlier stages fold into one line beyond that
+
+
+def stage_lines(state: RunState, *, timings: bool = True, limit: int = STAGE_LINES) -> Text:
+    """One line per stage in the order the pipeline reported them; the earliest fold when there are many."""
     text = Text()
     if not state.stages:
         text.append("No run yet: set up a session and press ctrl+r.", style="dim")
         return text
-    for info in state.stages.values():
+    infos = list(state.stages.values())
+    if limit and len(infos) > limit:
+        cut = len(infos) - limit + 1
+        head, infos = infos[:cut], infos[cut:]
+        failed = any(i.status == "failed" for i in head)
+        icon, style = ICONS["failed" if failed else "done"]
+        text.append(f"{icon} ", style=style)
+        text.append(f"{f'{cut} earlier stages':<18}")
+        seconds = sum(i.seconds or 0.0 for i in head)
+        if timings:
+            text.append(f" {seconds:6.2f} s" if seconds < 10 else f" {seconds:6.1f} s", style="dim")
+        text.append("\n")
+    for info in infos:
         icon, style = ICONS.get(info.status, ("·", ""))
         text.append(f"{icon} ", style=style)
         text.append(f"{info.name:<18}", style="bold" if info.status == "running" else "")
@@ -79,14 +94,11 @@ class RunScreen(Screen):
         Binding("enter", "results", "Results", id="run.results", tooltip="Show the results of a finished run."),
     ]
 
-    def __init__(self) -> None:
+    def __init__(self, state: WorkbenchState) -> None:
         super().__init__(id="run")
+        self.state = state
         self._seen = -1
         self._batches_seen = 0
-
-    @property
-    def prune_app(self) -> PruneApp:
-        return self.app  # type: ignore[return-value]
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -113,14 +125,14 @@ class RunScreen(Screen):
             self.refresh_bindings()
 
     def sync(self) -> None:
-        """Redraw from the app's RunState if it moved since the last redraw."""
-        state = self.prune_app.run_state
+        """Redraw from the RunState if it moved since the last redraw."""
+        state = self.state.run_state
         if state.version == self._seen:
             return
         self._seen = state.version
-        self.query_one("#run-stages", Static).update(stage_lines(state, timings=self.prune_app.show_timings))
+        self.query_one("#run-stages", Static).update(stage_lines(state, timings=self.state.show_timings))
         stats = progress_lines(state)
-        self.query_one("#run-stats", Static).update(stats if self.prune_app.show_timings else _masked(state))
+        self.query_one("#run-stats", Static).update(stats if self.state.show_timings else _masked(state))
         bar = self.query_one("#run-progress", ProgressBar)
         cur = state.current
         if cur is not None and cur.total:
@@ -149,7 +161,7 @@ class RunScreen(Screen):
         self.refresh_bindings()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        status = self.prune_app.run_state.status
+        status = self.state.run_state.status
         if action == "cancel":
             return status == "running"
         if action == "resume":
@@ -165,13 +177,13 @@ class RunScreen(Screen):
         self.query_one("#run-chart", LayerStatsChart).toggle_block()
 
     def action_cancel(self) -> None:
-        self.prune_app.action_cancel_run()
+        self.post_message(CancelRequested())
 
     def action_resume(self) -> None:
-        self.prune_app.action_run(resume=True)
+        self.post_message(RunRequested(resume=True))
 
     def action_results(self) -> None:
-        self.prune_app.action_show("results")
+        self.post_message(ShowRequested("results"))
 
 
 def _masked(state: RunState) -> Text:

@@ -1,13 +1,14 @@
 """The set-up screen: six steps (Model, Dataset, Method, Length, Pruning, Review), back and forth freely.
 
-Every edit re-validates the whole form against the session schema; each problem is shown at the
-field whose dotted key it names and listed on the Review step with the step to go to.
+Every edit re-validates the whole form against the session schema (`WorkbenchState.apply_form`);
+each problem is shown at the field whose dotted key it names and listed on the Review step with the
+step to go to. Run and inspect are request messages to the app.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from textual import on
 from textual.app import ComposeResult
@@ -27,15 +28,13 @@ from textual.widgets import (
     TabPane,
 )
 
-from tui.messages import StateChanged
+from tui.messages import FormEdited, InspectRequested, RunRequested, StateChanged
 from tui.screens.review import ReviewStep
 from tui.screens.steps_base import Step
 from tui.screens.steps_options import LengthStep, MethodStep, PruningStep
 from tui.screens.steps_source import DatasetStep, ModelStep
+from tui.state import WorkbenchState
 from tui.widgets.fields import FieldRow, control_id
-
-if TYPE_CHECKING:
-    from tui.app import PruneApp
 
 STEPS: tuple[type[Step], ...] = (ModelStep, DatasetStep, MethodStep, LengthStep, PruningStep, ReviewStep)
 STEP_KEYS = tuple(s.key for s in STEPS)
@@ -53,20 +52,17 @@ class SetupScreen(Screen):
                 tooltip="Resolve the model and show its layers, heads and size (Model step)."),
     ]
 
-    def __init__(self, initial: str = "model") -> None:
+    def __init__(self, state: WorkbenchState, initial: str = "model") -> None:
         super().__init__(id="setup")
+        self.state = state
         self.initial = initial if initial in STEP_KEYS else "model"
-
-    @property
-    def prune_app(self) -> PruneApp:
-        return self.app  # type: ignore[return-value]
 
     def compose(self) -> ComposeResult:
         yield Header()
         with TabbedContent(id="steps", initial=f"step-{self.initial}"):
             for cls in STEPS:
                 with TabPane(cls.title, id=f"step-{cls.key}"):
-                    yield cls(id=f"pane-{cls.key}")
+                    yield cls(self.state, id=f"pane-{cls.key}")
         with Horizontal(id="setup-nav"):
             yield Button("◀ Back", id="nav-back", compact=True)
             yield Static("", id="nav-hint")
@@ -100,7 +96,7 @@ class SetupScreen(Screen):
         self.go(STEP_KEYS[max(i - 1, 0)])
 
     def action_inspect(self) -> None:
-        self.prune_app.inspect_model()
+        self.post_message(InspectRequested())
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "next_step":
@@ -129,7 +125,7 @@ class SetupScreen(Screen):
         self.query_one("#nav-back", Button).disabled = i == 0
         nxt = self.query_one("#nav-next", Button)
         nxt.label = "Run ▶" if i == len(STEP_KEYS) - 1 else "Next ▶"
-        n = len(self.prune_app.problems)
+        n = len(self.state.problems)
         hint = f"step {i + 1} of {len(STEP_KEYS)}" + (f" · {n} problem{'s' if n != 1 else ''}" if n else " · valid")
         self.query_one("#nav-hint", Static).update(hint)
 
@@ -140,7 +136,7 @@ class SetupScreen(Screen):
     @on(Button.Pressed, "#nav-next")
     def _next(self) -> None:
         if self.step == STEP_KEYS[-1]:
-            self.prune_app.action_run()
+            self.post_message(RunRequested())
         else:
             self.action_next_step()
 
@@ -155,8 +151,8 @@ class SetupScreen(Screen):
         return ""
 
     def gather(self) -> dict[str, Any]:
-        """The form's raw values over the app's form data (unknown keys from a file are kept)."""
-        data = copy.deepcopy(self.prune_app.form_data)
+        """The form's raw values over the state's form data (unknown keys from a file are kept)."""
+        data = copy.deepcopy(self.state.form_data)
         for row in self.query(FieldRow):
             section, _, key = row.spec.key.partition(".")
             node = data.setdefault(section, {})
@@ -168,10 +164,11 @@ class SetupScreen(Screen):
         return data
 
     def revalidate(self) -> None:
-        app = self.prune_app
-        app.apply_form(self.gather())
+        state = self.state
+        state.apply_form(self.gather())
+        self.post_message(FormEdited())
         by_key: dict[str, str] = {}
-        for path, msg in app.problems:
+        for path, msg in state.problems:
             by_key.setdefault(path, msg)
         for row in self.query(FieldRow):
             key = row.spec.key
@@ -186,8 +183,8 @@ class SetupScreen(Screen):
         self._update_nav()
 
     def load_form(self) -> None:
-        """Put the app's form data back into the controls (after open, a fix or a what-if change)."""
-        data = self.prune_app.form_data
+        """Put the state's form data back into the controls (after open, a fix or a what-if change)."""
+        data = self.state.form_data
         for row in self.query(FieldRow):
             section, _, key = row.spec.key.partition(".")
             node = data.get(section)

@@ -1,16 +1,15 @@
-"""The base of a set-up step: a scrolling pane of field rows bound to session keys."""
+"""The base of a set-up step: a scrolling pane of field rows bound to session keys, reading the
+`WorkbenchState` the set-up screen hands it."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
+from tui.state import WorkbenchState
 from tui.widgets.fields import FieldRow, FieldSpec
-
-if TYPE_CHECKING:
-    from tui.app import PruneApp
 
 
 def value_at(data: dict[str, Any], key: str) -> Any:
@@ -29,18 +28,18 @@ class Step(VerticalScroll):
     key = "step"
     title = "Step"
 
-    @property
-    def prune_app(self) -> PruneApp:
-        return self.app  # type: ignore[return-value]
+    def __init__(self, state: WorkbenchState, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.state = state
 
     def row(self, spec: FieldSpec) -> FieldRow:
-        return FieldRow(spec, value_at(self.prune_app.form_data, spec.key))
+        return FieldRow(spec, value_at(self.state.form_data, spec.key))
 
     def intro(self, text: str) -> Static:
         return Static(text, classes="step-intro")
 
     def _revalidate(self) -> None:
-        """Fold the controls into the app's form now (not when the Changed messages arrive)."""
+        """Fold the controls into the state's form now (not when the Changed messages arrive)."""
         revalidate = getattr(self.screen, "revalidate", None)
         if revalidate is not None:
             revalidate()

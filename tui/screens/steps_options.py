@@ -9,15 +9,13 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.widgets import Collapsible, RadioButton, RadioSet, Static
 
+from prune_core.importance.registry import METHODS as IMPORTANCE_METHODS
 from tui.estimate import Estimate, Geometry, estimate, human_bytes, human_count, human_seconds
 from tui.screens.steps_base import Step, value_at
+from tui.state import WorkbenchState
 from tui.widgets.fields import FieldSpec, control_id
 
-METHODS = (
-    ("taylor", "1 fwd+bwd per batch · good accuracy · the default"),
-    ("taylor_2nd", "+Fisher diag. (mem ≈ prunable fp32) · better at high ratios"),
-    ("wanda", "forward only · ~half the time · no gradients"),
-)
+METHODS = tuple((spec.key, spec.description) for spec in IMPORTANCE_METHODS.values())  # the registry's
 
 METHOD_FIELDS = (
     FieldSpec("importance.aggregation", "aggregation", "choice",
@@ -67,7 +65,7 @@ class MethodStep(Step):
 
     def compose(self) -> ComposeResult:
         yield self.intro("How each group's importance is scored (arrows to move, Enter or space to pick).")
-        current = value_at(self.prune_app.form_data, "importance.method") or "taylor"
+        current = value_at(self.state.form_data, "importance.method") or "taylor"
         with RadioSet(id=control_id("importance.method")):
             for key, desc in METHODS:
                 yield RadioButton(f"{key:<11} {desc}", value=key == current, id=f"method-{key}")
@@ -76,19 +74,19 @@ class MethodStep(Step):
             yield self.row(spec)
 
     def on_form_changed(self) -> None:
-        msg = next((m for p, m in self.prune_app.problems if p == "importance.method"), "")
+        msg = next((m for p, m in self.state.problems if p == "importance.method"), "")
         self.query_one("#method-error", Static).update(Text(f"✗ {msg}", style="red") if msg else "")
 
 
-def geometry_for(app: Any) -> Geometry | None:
+def geometry_for(state: WorkbenchState) -> Geometry | None:
     """Exact geometry once the model was inspected; a guess from the built-in size otherwise."""
-    info = app.model_info
-    spec = value_at(app.form_data, "model.id")
+    info = state.model_info
+    spec = value_at(state.form_data, "model.id")
     if info is not None and info.spec == spec and info.total_parameters:
         vocab = len(info.tokenizer) if info.tokenizer is not None else 32000
         return Geometry(parameters=info.total_parameters, prunable=info.prunable_parameters, layers=info.layers,
                         hidden=info.hidden_size, heads=info.heads, vocab=vocab)
-    for m in app.builtin_models or []:
+    for m in state.builtin_models or []:
         if m.get("key") == spec and isinstance(m.get("parameters"), int | float):
             return Geometry.guess(int(m["parameters"]))
     return None
@@ -111,9 +109,9 @@ class LengthStep(Step):
         self.query_one("#estimate", Static).update(self.render_estimate())
 
     def render_estimate(self) -> Any:
-        app = self.prune_app
-        data = app.form_data
-        geo = geometry_for(app)
+        state = self.state
+        data = state.form_data
+        geo = geometry_for(state)
         if geo is None:
             return Text("Estimate: inspect the model in step 1 to see time and memory.", style="dim")
         try:
@@ -124,7 +122,7 @@ class LengthStep(Step):
             return Text("Estimate: enter whole numbers above.", style="dim")
         kw = {"method": str(value_at(data, "importance.method") or "taylor"), "num_samples": n,
               "batch_size": max(1, b), "dtype": str(value_at(data, "model.dtype") or "float32"),
-              "gpu": app.gpu_for(str(value_at(data, "model.device") or "auto")), "cpu_flops": app.cpu_flops,
+              "gpu": state.gpu_for(str(value_at(data, "model.device") or "auto")), "cpu_flops": state.cpu_flops,
               "gradient_checkpointing": bool(value_at(data, "importance.gradient_checkpointing"))}
         lengths = sorted({128, 256, 512, max(2, seq)})
         rows: list[Estimate] = [estimate(geo, seq_len=s, **kw) for s in lengths]  # type: ignore[arg-type]
@@ -136,7 +134,7 @@ class LengthStep(Step):
             when = human_seconds(e.seconds)
             table.add_row(str(e.seq_len), human_count(e.tokens), when if when.startswith("<") else "~" + when,
                           "~" + human_bytes(e.memory_bytes), mark, style="bold" if mark else "")
-        where = "GPU (assumed)" if kw["gpu"] else ("CPU (measured)" if app.cpu_flops else "CPU (assumed)")
+        where = "GPU (assumed)" if kw["gpu"] else ("CPU (measured)" if state.cpu_flops else "CPU (assumed)")
         note = Text.assemble(
             ("Estimate", "bold"), f" for {kw['method']} on {where}{'' if geo.exact else ', model size guessed'}:\n",
             ("longer windows see more context (steadier importance) but time grows with tokens and memory with "

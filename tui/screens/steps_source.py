@@ -1,12 +1,12 @@
 """Set-up steps 1 and 2: the model to prune and the calibration data.
 
-Listing built-ins, resolving a model and reading a text preview all run in thread workers; their
-results come back with `call_from_thread`, so typing never waits on a download or a model load.
+Listing built-ins and reading a text preview run in thread workers that post a `Loaded` message back
+to their step; resolving a model is a request to the app (`InspectRequested`). Typing never waits on
+a download or a model load.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from rich.text import Text
@@ -16,8 +16,9 @@ from textual.containers import Vertical
 from textual.widgets import Button, Collapsible, Input, OptionList, Static
 from textual.widgets.option_list import Option
 
-from tui import engine
+import tui.engine as engine
 from tui.estimate import human_count
+from tui.messages import InspectRequested, Loaded, StateChanged
 from tui.screens.steps_base import Step, value_at
 from tui.widgets.fields import FieldRow, FieldSpec, row_id
 
@@ -27,12 +28,6 @@ MODEL_ADVANCED = (
     FieldSpec("model.revision", "revision", "text", "hub branch, tag or commit (empty = default)"),
     FieldSpec("model.trust_remote_code", "trust remote code", "bool", "run code shipped with a hub model"),
 )
-
-
-def _call(step: Step, fn: Any, *args: Any) -> None:
-    """Run `fn` on the UI thread from a worker; ignore an app that is already closing."""
-    with contextlib.suppress(RuntimeError):
-        step.app.call_from_thread(fn, *args)
 
 
 def model_label(m: dict[str, Any]) -> Text:
@@ -83,32 +78,37 @@ class ModelStep(Step):
         try:
             models = engine.builtin_models()
         except Exception as exc:  # an engine problem must not take the UI down
-            _call(self, self._fill, [], str(exc))
+            self.post_message(Loaded("models", [], str(exc)))
             return
-        _call(self, self._fill, models, "")
+        self.post_message(Loaded("models", models))
+
+    def on_loaded(self, message: Loaded) -> None:
+        message.stop()
+        if message.what == "models":
+            self._fill(message.value, message.error)
 
     def _fill(self, models: list[dict[str, Any]], error: str) -> None:
-        self.prune_app.builtin_models = models
+        self.state.builtin_models = models
         ol = self.query_one("#model-list", OptionList)
         ol.clear_options()
         if error:
             ol.add_option(Option(Text(f"cannot list built-in models: {error}", style="red"), disabled=True))
             return
         ol.add_options([Option(model_label(m), id=f"model-{m['key']}") for m in models])
-        current = value_at(self.prune_app.form_data, "model.id")
+        current = value_at(self.state.form_data, "model.id")
         keys = [m["key"] for m in models]
         if current in keys:
             ol.highlighted = keys.index(current)
-        self.prune_app.broadcast("estimate")
+        self.screen.post_message(StateChanged("estimate"))
 
     @on(OptionList.OptionSelected, "#model-list")
     def _picked(self, event: OptionList.OptionSelected) -> None:
         key = (event.option.id or "").removeprefix("model-")
         self.query_one(f"#{row_id('model.id')}", FieldRow).set_value(key)
         self._revalidate()
-        entry = next((m for m in self.prune_app.builtin_models if m.get("key") == key), {})
+        entry = next((m for m in self.state.builtin_models if m.get("key") == key), {})
         if entry.get("cached", True):
-            self.prune_app.inspect_model()
+            self.post_message(InspectRequested())
         else:  # inspecting would download it: only on request
             self.query_one("#model-info", Static).update(
                 f"{key} is not cached yet: Inspect (i) downloads and converts it in the background; "
@@ -117,32 +117,32 @@ class ModelStep(Step):
     @on(OptionList.OptionHighlighted, "#model-list")
     def _highlighted(self, event: OptionList.OptionHighlighted) -> None:
         key = (event.option.id or "").removeprefix("model-")
-        info = self.prune_app.model_info
-        if self.prune_app.model_busy or (info is not None and info.spec == key):
+        info = self.state.model_info
+        if self.state.model_busy or (info is not None and info.spec == key):
             return
-        entry = next((m for m in self.prune_app.builtin_models if m.get("key") == key), None)
+        entry = next((m for m in self.state.builtin_models if m.get("key") == key), None)
         if entry is not None:
-            self.query_one("#model-info", Static).update(
-                f"{key}: {entry.get('description', '')}\nEnter picks it and shows its layers, heads and size.")
+            self.query_one("#model-info", Static).update(Text(
+                f"{key}: {entry.get('description', '')}\nEnter picks it and shows its layers, heads and size."))
 
     @on(Input.Submitted)
     def _submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "f-model--id":
-            self.prune_app.inspect_model()
+            self.post_message(InspectRequested())
 
     @on(Button.Pressed, "#inspect")
     def _inspect(self) -> None:
-        self.prune_app.inspect_model()
+        self.post_message(InspectRequested())
 
     def show_info(self) -> None:
-        app = self.prune_app
+        state = self.state
         box = self.query_one("#model-info", Static)
-        if app.model_busy:
-            box.update(f"Inspecting {app.model_busy} … (loading runs in the background)")
-        elif app.model_error:
-            box.update(Text(f"✗ {app.model_error}", style="red"))
-        elif app.model_info is not None:
-            box.update(describe_model(app.model_info))
+        if state.model_busy:
+            box.update(Text(f"Inspecting {state.model_busy} … (loading runs in the background)"))
+        elif state.model_error:
+            box.update(Text(f"✗ {state.model_error}", style="red"))
+        elif state.model_info is not None:
+            box.update(Text(describe_model(state.model_info)))
 
     def on_form_changed(self) -> None:
         self.show_info()
@@ -168,9 +168,16 @@ class DatasetStep(Step):
         try:
             names = engine.dataset_names()
         except Exception as exc:
-            _call(self, self._fill, [], str(exc))
+            self.post_message(Loaded("datasets", [], str(exc)))
             return
-        _call(self, self._fill, names, "")
+        self.post_message(Loaded("datasets", names))
+
+    def on_loaded(self, message: Loaded) -> None:
+        message.stop()
+        if message.what == "datasets":
+            self._fill(message.value, message.error)
+        elif message.what == "preview":
+            self._show(*message.value, message.error)
 
     def _fill(self, names: list[dict[str, Any]], error: str) -> None:
         ol = self.query_one("#dataset-list", OptionList)
@@ -185,7 +192,7 @@ class DatasetStep(Step):
             label.append("ready     " if ready else "download  ", style="green" if ready else "yellow")
             label.append(short(str(d.get("description", "")), 44), style="dim")
             ol.add_option(Option(label, id=f"dataset-{d['key']}"))
-        current = value_at(self.prune_app.form_data, "data.dataset")
+        current = value_at(self.state.form_data, "data.dataset")
         keys = [d["key"] for d in names]
         if current in keys:
             ol.highlighted = keys.index(current)
@@ -208,17 +215,17 @@ class DatasetStep(Step):
             self.preview()
 
     def on_activated(self) -> None:
-        dataset = value_at(self.prune_app.form_data, "data.dataset")
+        dataset = value_at(self.state.form_data, "data.dataset")
         if dataset and dataset != self._previewed:
             self.preview()
 
     def preview(self) -> None:
-        dataset = str(value_at(self.prune_app.form_data, "data.dataset") or "")
+        dataset = str(value_at(self.state.form_data, "data.dataset") or "")
         if not dataset:
             return
         self._previewed = dataset
-        self.query_one("#dataset-stats", Static).update(f"Reading {dataset} …")
-        info = self.prune_app.model_info
+        self.query_one("#dataset-stats", Static).update(Text(f"Reading {dataset} …"))
+        info = self.state.model_info
         self._load_preview(dataset, info.tokenizer if info is not None else None)
 
     @work(thread=True, exclusive=True, group="preview", exit_on_error=False)
@@ -229,9 +236,9 @@ class DatasetStep(Step):
             if tokenizer is not None:
                 tokens = engine.count_tokens(tokenizer, dataset)
         except Exception as exc:
-            _call(self, self._show, dataset, "", 0, None, str(exc))
+            self.post_message(Loaded("preview", (dataset, "", 0, None), str(exc)))
             return
-        _call(self, self._show, dataset, text, chars, tokens, "")
+        self.post_message(Loaded("preview", (dataset, text, chars, tokens)))
 
     def _show(self, dataset: str, text: str, chars: int, tokens: tuple[int, bool] | None, error: str) -> None:
         stats = self.query_one("#dataset-stats", Static)
@@ -243,6 +250,6 @@ class DatasetStep(Step):
             count = f"≈{human_count(chars / 4)} tokens (inspect the model in step 1 for an exact count)"
         else:
             count = f"{'≈' if tokens[1] else ''}{human_count(tokens[0])} tokens"
-        stats.update(f"{dataset}: {human_count(chars)} characters · {count}")
+        stats.update(Text(f"{dataset}: {human_count(chars)} characters · {count}"))
         lines = [line for line in text.strip().splitlines() if line.strip()][:8]
         self.query_one("#dataset-preview", Static).update(Text("\n".join(lines), style="italic"))

@@ -1,9 +1,10 @@
 """The what-if panel: change ratio, normalization, clipping, T/tau or rate limits and see the new
-per-layer allocation at once, next to the previous one. Importance is reused (Workbench.allocate)."""
+per-layer allocation at once, next to the previous one. Importance is reused: the panel posts a
+`WhatIfRequested` with the changed session and the app re-allocates in its engine worker."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.text import Text
 from textual import on
@@ -13,12 +14,11 @@ from textual.widgets import Input, Select, Static
 
 from sessions import SessionError
 from tui.estimate import human_count
+from tui.messages import WhatIfRequested
 from tui.results_model import AllocationView, ResultsData
+from tui.state import WorkbenchState
 from tui.widgets.charts import RatesChart
 from tui.widgets.fields import FieldRow, FieldSpec
-
-if TYPE_CHECKING:
-    from tui.app import PruneApp
 
 WHATIF_FIELDS = (
     FieldSpec("pruning.ratio", "ratio", "float"),
@@ -52,6 +52,10 @@ def compare_text(cur: AllocationView | None, prev: AllocationView | None) -> Tex
 class WhatIfPanel(Horizontal):
     """Controls on the left, the new vs previous per-layer rates on the right."""
 
+    def __init__(self, state: WorkbenchState, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.state = state
+
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="whatif-form"):
             yield Static("Enter applies; selects apply at once.", classes="hint")
@@ -62,19 +66,15 @@ class WhatIfPanel(Horizontal):
             yield RatesChart("previous", id="whatif-previous")
             yield Static("", id="whatif-summary")
 
-    @property
-    def prune_app(self) -> PruneApp:
-        return self.app  # type: ignore[return-value]
-
     def on_mount(self) -> None:
         self._timer: Any = None
         self._loading = False
         self.load_values()
 
     def load_values(self) -> None:
-        """Show the app's current session values in the controls (without triggering an apply)."""
+        """Show the current session's values in the controls (without triggering an apply)."""
         self._loading = True
-        data = self.prune_app.session.model_dump()
+        data = self.state.session.model_dump()
         for row in self.query(FieldRow):
             section, _, key = row.spec.key.partition(".")
             row.set_value(data[section][key])
@@ -90,7 +90,7 @@ class WhatIfPanel(Horizontal):
         self.query_one("#whatif-chart", RatesChart).show(cur)
         self.query_one("#whatif-previous", RatesChart).show(prev)
         summary = compare_text(cur, prev)
-        if results is not None and results.from_folder and self.prune_app.workbench is None:
+        if results is not None and results.from_folder and not self.state.engine_ready:
             summary.append("\nfirst change loads the model and cached importance (a few seconds)", style="dim")
         self.query_one("#whatif-summary", Static).update(summary)
 
@@ -101,9 +101,9 @@ class WhatIfPanel(Horizontal):
         if self._timer is not None:
             self._timer.stop()
             self._timer = None
-        app = self.prune_app
+        current = self.state.session
         try:
-            new = app.session.with_updates(self.updates())
+            new = current.with_updates(self.updates())
         except SessionError as exc:
             problems = dict(exc.problems)
             for row in self.query(FieldRow):
@@ -111,8 +111,8 @@ class WhatIfPanel(Horizontal):
             return
         for row in self.query(FieldRow):
             row.set_error(None)
-        if new != app.session:
-            app.request_allocation(new, reason="what-if")
+        if new != current:
+            self.post_message(WhatIfRequested(new))
 
     @on(Input.Submitted)
     def _submitted(self, event: Input.Submitted) -> None:

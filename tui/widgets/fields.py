@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widget import Widget
@@ -141,4 +142,4 @@ class FieldRow(Vertical):
 
     def set_error(self, message: str | None) -> None:
         self.set_class(bool(message), "-invalid")
-        self.query_one(".field-error", Static).update(f"✗ {message}" if message else "")
+        self.query_one(".field-error", Static).update(Text(f"✗ {message}") if message else "")
