@@ -28,7 +28,7 @@ def smol(tmp_path_factory: pytest.TempPathFactory) -> tuple[Session, pipeline.Me
 
 
 def test_reconstruct_beats_plain_removal_and_recomputes_surgery_only(smol) -> None:
-    session, memo, tmp = smol
+    session, memo, _ = smol
     plain = pipeline.run(session, memo=memo, write=False)
     events: list = []
     recon = pipeline.run(session.with_updates({"pruning.compensate": "reconstruct"}), memo=memo, write=False,

@@ -30,7 +30,7 @@ def commands() -> list[tuple[str, str, Callable[[], Request]]]:
         ("Save session", "Write the session file (ctrl+s)", SaveRequested),
         ("Save session as…", "Write the session to a new file", partial(SaveRequested, ask=True)),
         ("Open session or results…", "Open a session .toml or a results folder (ctrl+o)", OpenRequested),
-        ("Run", "Run the importance pass, allocation and diagnosis (ctrl+r)", RunRequested),
+        ("Run", "Run the whole session, as prune run does (ctrl+r)", RunRequested),
         ("Run fresh", "Run ignoring cached stages and checkpoints", partial(RunRequested, fresh=True)),
         ("Resume interrupted run", "Continue an interrupted importance pass", partial(RunRequested, resume=True)),
         ("Cancel run or job", "Stop after the current batch or step (a run stays resumable)", CancelRequested),

@@ -10,7 +10,7 @@ APP_BINDINGS: list[BindingType] = [
             tooltip="Every key and a short guide (also ?)."),
     Binding("ctrl+s", "save", "Save", id="app.save", tooltip="Save the session file (asks for a name once)."),
     Binding("ctrl+r", "run", "Run", id="app.run",
-            tooltip="Run the importance pass, allocation and diagnosis for this session."),
+            tooltip="Run the whole session, as prune run does (importance, allocation, diagnosis, evaluation, model)."),
     Binding("ctrl+o", "open", "Open", show=False, id="app.open",
             tooltip="Open a session .toml or a results folder."),
     Binding("f2", "show('setup')", "Set-up", show=False, id="app.setup", tooltip="Show the set-up steps."),
