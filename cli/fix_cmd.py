@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
 
 from cli.render import JsonRenderer, make_renderer
 from cli.signals import StopFlag, stop_on_signals
@@ -30,13 +31,18 @@ def _proxy_line(f: dict[str, Any]) -> str:
     return f"proxy loss {before:.4f} → {after:.4f} with this fix ({word})"
 
 
-def print_findings(console: Console, findings: list[dict[str, Any]], results: Path) -> None:
+def print_findings(console: Console, findings: list[dict[str, Any]], results: Path, report: Any = None) -> None:
     if not findings:
+        if report is not None and not report.diagnosis:
+            console.print("no diagnosis in this folder (analysis/gradient_diagnosis.json is missing): "
+                          "re-run the session to diagnose it", markup=False, highlight=False)
+            return
         console.print("no findings: the allocation looks healthy")
         return
     for i, f in enumerate(findings, 1):
         sev = str(f.get("severity", "info"))
-        console.print(f"{i}. [{STYLES.get(sev, '')}]{MARKERS.get(sev, '[----]')}[/] {f.get('issue')}", highlight=False)
+        console.print(Text.assemble(f"{i}. ", (MARKERS.get(sev, "[----]"), STYLES.get(sev, "")), f" {f.get('issue')}"),
+                      highlight=False)
         console.print(f"   {f.get('description', '')}", markup=False, highlight=False)
         console.print(f"   recommendation: {f.get('recommendation', '')}", markup=False, highlight=False)
         fix = f.get("fix") or {}
@@ -62,7 +68,7 @@ def run_fix(results: Path, apply: int | None, json_mode: bool, console: Console,
         if json_mode:
             JsonRenderer().emit({"kind": "findings", "results_dir": str(results), "findings": findings})
         else:
-            print_findings(console, findings, results)
+            print_findings(console, findings, results, report=report)
         return 0
     if not findings:
         raise BadInput(f"{results} has no diagnosis findings to apply", "nothing to fix; see `prune show`")
@@ -83,7 +89,8 @@ def run_fix(results: Path, apply: int | None, json_mode: bool, console: Console,
     new_session = apply_fix(results, fix, session_path, name=new_name)
     StageCache(state_dir(new_dir)).copy_reusable(StageCache(state_dir(results)))
     if not json_mode:
-        console.print(f"wrote {session_path} with {', '.join(f'{k} = {v!r}' for k, v in fix.items())}")
+        console.print(f"wrote {session_path} with {', '.join(f'{k} = {v!r}' for k, v in fix.items())}",
+                      markup=False, highlight=False)
     renderer = make_renderer(Console(stderr=json_mode), json_mode)
     flag = StopFlag()
     try:

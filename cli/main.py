@@ -1,7 +1,8 @@
 """The `prune` command line: a Typer app whose commands render engine events and results.
 
 Exit codes (documented in the README): 0 success, 1 the run failed, 2 bad input (session file,
-arguments, unknown model or dataset), 130 interrupted (state checkpointed; run again to resume).
+arguments, unknown model or dataset), 3 the results folder is in use by another run (`prune attach`
+follows it), 130 interrupted (state checkpointed; run again to resume).
 `prune` with no command opens the Textual workbench.
 """
 
@@ -18,14 +19,18 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from cli import runs_cmd
 from cli.fix_cmd import print_findings
 from cli.output import print_summary, run_summary
 from cli.render import JsonRenderer, make_renderer
 from cli.signals import StopFlag, stop_on_signals
 from prune_core.errors import BadInput, Interrupted, PruneError
+from prune_core.lock import FolderLocked
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_LOCKED = 3  # the results folder is in use by another run (prune_core.lock)
 
 app = typer.Typer(
     name="prune",
@@ -35,8 +40,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-out = Console()
-err = Console(stderr=True)
+# messages hold user text (paths, dataset names, folder contents): never read as Rich markup
+out = Console(markup=False)
+err = Console(stderr=True, markup=False)
 state: dict[str, bool] = {"debug": False}
 
 
@@ -52,12 +58,45 @@ def fail(exc: BaseException, code: int) -> typer.Exit:
     """Print one clear line (the traceback only with --debug) and return the exit to raise."""
     if state["debug"]:
         traceback.print_exception(exc, file=sys.stderr)
-    text = str(exc) if isinstance(exc, PruneError) else f"{type(exc).__name__}: {exc}"
-    label = {EXIT_BAD_INPUT: "error", EXIT_FAILED: "run failed", EXIT_INTERRUPTED: "interrupted"}[code]
-    err.print(f"[bold red]{label}:[/] {text}", highlight=False, markup=True, soft_wrap=True)
+    text = str(exc) if isinstance(exc, PruneError) else f"{type(exc).__name__}: {exc}. Fix: {_fix_for(exc)}"
+    label = {EXIT_BAD_INPUT: "error", EXIT_FAILED: "run failed", EXIT_INTERRUPTED: "interrupted", EXIT_LOCKED: "busy"}[code]
+    line = Text()
+    line.append(f"{label}:", style="bold red")
+    line.append(f" {text}")
+    err.print(line, highlight=False, soft_wrap=True)
     if code == EXIT_FAILED and not state["debug"]:
         err.print("(run again with --debug for the full traceback)", style="dim")
     return typer.Exit(code)
+
+
+def _fix_for(exc: BaseException) -> str:
+    """A fix for an error the engine did not foresee (it raises PruneError with its own fix otherwise)."""
+    if isinstance(exc, PermissionError):
+        return "check the permissions of the file or folder named above"
+    if isinstance(exc, OSError):
+        return "check the path named above, that its folder is writable and that the disk has free space"
+    if isinstance(exc, MemoryError):
+        return "use a smaller model, seq_len or batch_size, or a machine with more memory"
+    return "run again with --debug for the full traceback, and report it if the input looks right"
+
+
+@contextlib.contextmanager
+def _guard() -> Iterator[None]:
+    """Every command's errors: BadInput exits 2, any other failure 1, a stop 130 (no traceback without --debug)."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except FolderLocked as exc:
+        raise fail(exc, EXIT_LOCKED) from None
+    except BadInput as exc:
+        raise fail(exc, EXIT_BAD_INPUT) from None
+    except Interrupted as exc:
+        raise fail(exc, EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt:
+        raise fail(Interrupted("stopped (Ctrl-C)", "run the command again"), EXIT_INTERRUPTED) from None
+    except (Exception, RecursionError, MemoryError) as exc:
+        raise fail(exc, EXIT_FAILED) from None
 
 
 @app.callback(invoke_without_command=True)
@@ -98,24 +137,24 @@ def new(
     from prune_core.atomic import write_text
     from sessions import template_text
 
-    if path.exists() and not force:
-        raise fail(BadInput(f"{path} already exists", "choose another path or pass --force to overwrite it"),
-                   EXIT_BAD_INPUT)
-    write_text(path, template_text())
-    out.print(f"wrote {path}  (edit it, then `prune validate {path}` and `prune run {path}`)")
+    with _guard():
+        if path.exists() and not force:
+            raise BadInput(f"{path} already exists", "choose another path or pass --force to overwrite it")
+        write_text(path, template_text())
+    out.print(f"wrote {path}  (edit it, then `prune validate {path}` and `prune run {path}`)", highlight=False)
 
 
 @app.command()
 def validate(path: Annotated[Path, typer.Argument(help="The session file to check.")]) -> None:
     """Check a session file; exit 0 when valid, 2 with every problem listed when not."""
     import sessions
+    from prune_core import preflight
 
-    try:
+    with _guard():
         s = sessions.load(path)
-    except BadInput as exc:
-        raise fail(exc, EXIT_BAD_INPUT) from None
+        preflight.check(s, source=str(path))  # the checks `prune run` makes before any work
     out.print(f"{path}: valid (session {s.session.name!r}, model {s.model.id}, {s.importance.method}, "
-              f"ratio {s.pruning.ratio})")
+              f"ratio {s.pruning.ratio})", highlight=False)
 
 
 # ----------------------------------------------------------------------------- run
@@ -125,22 +164,34 @@ def run(
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Results folder (default <output_dir>/<name>).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore the stage cache and checkpoints.")] = False,
     json_mode: Annotated[bool, typer.Option("--json", help="Newline-delimited JSON events and a final summary.")] = False,
+    detach: Annotated[bool, typer.Option("--detach", help="Run in the background, immune to the terminal going "
+                                                          "away; prints the results folder (see prune attach).")] = False,
 ) -> None:
     """Run a session headless: importance, allocation, surgery, evaluation, diagnosis, results folder."""
     import sessions
     from prune_core import pipeline
 
-    try:
+    if detach:
+        _detach(session_file, out_dir, fresh)
+    with _guard():
         session = sessions.load(session_file)
-    except BadInput as exc:
-        raise fail(exc, EXIT_BAD_INPUT) from None
     console = Console(stderr=json_mode)
-    renderer = make_renderer(console, json_mode)
     flag = StopFlag()
+    renderer = make_renderer(console, json_mode, stop=flag)
     cmd = f"prune run {session_file}" + (f" --out {out_dir}" if out_dir else "")
     with _run_errors(renderer, flag, cmd), stop_on_signals(flag):
         report = pipeline.run(session, out_dir=out_dir, fresh=fresh, on_event=renderer, should_stop=flag)
     _print_report(report, json_mode)
+
+
+def _detach(session_file: Path, out_dir: Path | None, fresh: bool) -> None:
+    try:
+        code = runs_cmd.detach(session_file, out_dir, fresh, out)
+    except FolderLocked as exc:
+        raise fail(exc, EXIT_LOCKED) from None
+    except BadInput as exc:
+        raise fail(exc, EXIT_BAD_INPUT) from None
+    raise typer.Exit(code)
 
 
 def _print_report(report: Any, json_mode: bool) -> None:
@@ -165,6 +216,9 @@ def _run_errors(renderer: Any, flag: StopFlag, cmd: str) -> Iterator[None]:
         renderer.close()
         raise fail(Interrupted("stopped at once (second Ctrl-C); the last periodic checkpoint is kept",
                                f"run `{cmd}` again to resume"), EXIT_INTERRUPTED) from None
+    except FolderLocked as exc:
+        renderer.close()
+        raise fail(exc, EXIT_LOCKED) from None
     except BadInput as exc:
         renderer.close()
         raise fail(exc, EXIT_BAD_INPUT) from None
@@ -192,10 +246,8 @@ def tune(
     from prune_core.tune import tune as run_tune
     from prune_core.tune import write_tune
 
-    try:
+    with _guard():
         session = sessions.load(session_file)
-    except BadInput as exc:
-        raise fail(exc, EXIT_BAD_INPUT) from None
     renderer = make_renderer(Console(stderr=True), False)
     flag = StopFlag()
     with _run_errors(renderer, flag, f"prune tune {session_file}"), stop_on_signals(flag):
@@ -264,20 +316,18 @@ def show(
     """Summarize a finished run (and draw its gradient charts with --charts)."""
     from prune_core.report import RunReport
 
-    try:
+    with _guard():
         report = RunReport.read(results)
-    except BadInput as exc:
-        raise fail(exc, EXIT_BAD_INPUT) from None
-    obj = run_summary(report)
-    if json_mode:
-        typer.echo(json.dumps(obj, indent=2, default=str))
-        return
-    print_summary(out, obj)
-    print_findings(out, list(report.findings), results)
-    if charts:
-        from cli.charts import render_results_charts
+        obj = run_summary(report)
+        if json_mode:
+            typer.echo(json.dumps(obj, indent=2, default=str))
+            return
+        print_summary(out, obj)
+        print_findings(out, list(report.findings), results, report=report)
+        if charts:
+            from cli.charts import render_results_charts
 
-        out.print(render_results_charts(report), markup=False, highlight=False)
+            out.print(render_results_charts(report), markup=False, highlight=False)
 
 
 @app.command("eval")
@@ -302,10 +352,16 @@ def eval_cmd(
                            "pass the model/ folder of a results folder")
         try:
             info = json.loads((model_dir / "pruning.json").read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise BadInput(f"{model_dir / 'pruning.json'} is not valid JSON ({exc})",
                            "save the model again with `prune run`") from None
-        ds = dataset or ((info.get("session") or {}).get("evaluation") or {}).get("dataset") or "shakespeare"
+        saved = info.get("session") if isinstance(info, dict) else None
+        evaluation = saved.get("evaluation") if isinstance(saved, dict) else None
+        recorded = evaluation.get("dataset") if isinstance(evaluation, dict) else None
+        if not isinstance(info, dict):
+            raise BadInput(f"{model_dir / 'pruning.json'} is not a pruning recipe (a JSON object)",
+                           "save the model again with `prune run`")
+        ds = dataset or (recorded if isinstance(recorded, str) else None) or "shakespeare"
         session = Session().with_updates({
             "session.name": "eval", "model.id": str(model_dir), "model.device": device,
             "evaluation.dataset": ds, "evaluation.seq_len": seq_len, "evaluation.max_tokens": max_tokens,
@@ -313,6 +369,9 @@ def eval_cmd(
         })
     except BadInput as exc:
         raise fail(exc, EXIT_BAD_INPUT) from None
+    except OSError as exc:
+        raise fail(BadInput(f"cannot read {model_dir / 'pruning.json'} ({exc.strerror})",
+                            "check the path and its permissions"), EXIT_BAD_INPUT) from None
     parent = model_dir.resolve().parent
     renderer = make_renderer(Console(stderr=True), False)  # progress on stderr; stdout holds the result
     flag = StopFlag()
@@ -339,14 +398,12 @@ def compare(
     from cli.compare_view import print_comparison
     from prune_core.compare import compare_results
 
-    try:
+    with _guard():
         cmp = compare_results(a, b)
-    except BadInput as exc:
-        raise fail(exc, EXIT_BAD_INPUT) from None
-    if json_mode:
-        typer.echo(json.dumps(cmp, indent=2, default=str))
-    else:
-        print_comparison(out, cmp)
+        if json_mode:
+            typer.echo(json.dumps(cmp, indent=2, default=str))
+        else:
+            print_comparison(out, cmp)
 
 
 @app.command()
@@ -359,15 +416,12 @@ def fix(
     """List the diagnosis findings and their fixes; --apply N writes a fixed session and runs it."""
     from cli.fix_cmd import run_fix
 
-    try:
+    with _guard():
         code = run_fix(results, apply, json_mode, out, force=force)
-    except BadInput as exc:
-        raise fail(exc, EXIT_BAD_INPUT) from None
-    except Interrupted as exc:
-        raise fail(exc, EXIT_INTERRUPTED) from None
-    except Exception as exc:
-        raise fail(exc, EXIT_FAILED) from None
     raise typer.Exit(code)
+
+
+runs_cmd.register(app, fail)  # prune attach, prune ps
 
 
 def main() -> Any:

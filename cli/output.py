@@ -1,4 +1,8 @@
-"""One output object per command, rendered for humans (Rich) or as JSON: the summary of a run."""
+"""One output object per command, rendered for humans (Rich) or as JSON: the summary of a run.
+
+Every value read from a results folder is printed as text (`rich.text.Text`, `markup=False`), never
+as Rich markup: a path or message holding brackets is shown as it is.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from typing import Any
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 
 def condensed_rates(summary: pd.DataFrame | None) -> list[dict[str, Any]]:
@@ -28,7 +33,15 @@ def run_summary(report: Any) -> dict[str, Any]:
     return {**report.summary_dict(), "layers": condensed_rates(report.summary)}
 
 
+def _plain(console: Console) -> Any:
+    def say(text: str) -> None:
+        console.print(Text(text), highlight=False)
+
+    return say
+
+
 def print_summary(console: Console, obj: dict[str, Any]) -> None:
+    say = _plain(console)
     p = obj.get("parameters", {})
     r = obj.get("ratio", {})
     table = Table(title="Per-layer pruning (runs of equal rates)", show_lines=False)
@@ -40,14 +53,16 @@ def print_summary(console: Console, obj: dict[str, Any]) -> None:
         table.add_row(span, str(row["attention_pct"]), str(row["mlp_pct"]))
     console.print(table)
     if p:
-        console.print(f"parameters: {p.get('total_before', 0):,} → {p.get('total_after', 0):,} "
+        say(f"parameters: {p.get('total_before', 0):,} → {p.get('total_after', 0):,} "
                       f"(prunable {p.get('prunable_before', 0):,} → {p.get('prunable_after', 0):,})")
     if r:
-        console.print(f"ratio: target {r.get('target', 0):.1%}, achieved {r.get('achieved', 0):.2%}"
-                      + ("" if r.get("reachable", True) else f"  [yellow]{r.get('message', '')}[/]"))
+        line = Text(f"ratio: target {r.get('target', 0):.1%}, achieved {r.get('achieved', 0):.2%}")
+        if not r.get("reachable", True):
+            line.append(f"  {r.get('message', '')}", style="yellow")
+        console.print(line, highlight=False)
     proxy = obj.get("proxy") or {}
     if proxy.get("loss") is not None:
-        console.print(f"proxy loss: {proxy['loss']:.4f} (dense {proxy.get('dense', float('nan')):.4f}, "
+        say(f"proxy loss: {proxy['loss']:.4f} (dense {proxy.get('dense', float('nan')):.4f}, "
                       f"{proxy.get('windows', 0)} held-out windows)")
     ppl = obj.get("perplexity", {})
     settings = obj.get("perplexity_settings", {})
@@ -57,13 +72,13 @@ def print_summary(console: Console, obj: dict[str, Any]) -> None:
             if ppl.get(k) is not None:
                 parts.append(f"{k} {ppl[k]:.3f}")
         any_s = next(iter(settings.values()), {})
-        console.print("perplexity: " + ", ".join(parts)
+        say("perplexity: " + ", ".join(parts)
                       + f"  (dataset {any_s.get('dataset')}, seq_len {any_s.get('seq_len')}, {any_s.get('tokens', 0):,} tokens)")
     f = obj.get("findings", {})
     if f and any(f.values()):
-        console.print("diagnosis: " + ", ".join(f"{n} {k}" for k, n in f.items() if n)
+        say("diagnosis: " + ", ".join(f"{n} {k}" for k, n in f.items() if n)
                       + f"  (see `prune fix {obj['results_dir']}`)")
     if obj.get("stages_cached"):
-        console.print(f"reused from cache: {', '.join(obj['stages_cached'])}")
-    console.print(f"mask sha256: {obj.get('mask_sha256', '')[:16]}…")
-    console.print(f"results: [bold]{obj['results_dir']}[/]")
+        say(f"reused from cache: {', '.join(obj['stages_cached'])}")
+    say(f"mask sha256: {obj.get('mask_sha256', '')[:16]}…")
+    console.print(Text.assemble("results: ", (str(obj["results_dir"]), "bold")), highlight=False)

@@ -5,6 +5,11 @@ The pipeline (`pipeline.py`) is the only caller: it asks `has()`, then `load`s t
 loader or computes and `save`s through the stage's saver, then `mark_complete()`. An interrupted pass
 keeps its checkpoint under `state/checkpoints/<stage>-<key>/`. Re-running a session where only cheap
 knobs changed finds the expensive stages under the same keys and reuses them.
+
+`COMPLETE` lists the sha256 of every file of the stage folder; `has()` checks them (once per
+process and COMPLETE file) and refuses a folder whose files changed after they were written
+(RunFailed naming the file and saying `--fresh`). A COMPLETE without checksums (an older version)
+counts as absent: the stage is computed again.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from prune_core.atomic import write_json
+from prune_core.digest import file_sha256
+from prune_core.errors import RunFailed
 
 STATE = "state"
 
@@ -30,6 +37,27 @@ def state_dir(results_dir: Path) -> Path:
     return Path(results_dir) / STATE
 
 
+_VERIFIED: dict[tuple[str, int, int], bool] = {}
+
+
+def _verify(marker: Path) -> bool:
+    """Whether the stage folder of `marker` is complete and intact; RunFailed when a file changed."""
+    folder = marker.parent
+    try:
+        doc = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        doc = None
+    files = doc.get("sha256") if isinstance(doc, dict) else None
+    if not isinstance(files, dict) or not files:
+        return False  # written by an older version (or damaged): computed again
+    for rel, digest in files.items():
+        path = folder / str(rel)
+        if ".." in Path(str(rel)).parts or not path.is_file() or file_sha256(path) != digest:
+            raise RunFailed(f"the cached stage file {path} is missing or corrupt (it does not match its sha256 "
+                            f"in {marker})", f"run again with --fresh to recompute it (or delete {folder})")
+    return True
+
+
 class StageCache:
     """Folders under `<results>/state/` addressed by (stage, key)."""
 
@@ -40,10 +68,23 @@ class StageCache:
         return self.root / stage / key
 
     def has(self, stage: str, key: str) -> bool:
-        return (self.folder(stage, key) / "COMPLETE").is_file()
+        """A completed stage folder whose files match their checksums (RunFailed when they do not)."""
+        marker = self.folder(stage, key) / "COMPLETE"
+        if not marker.is_file():
+            return False
+        try:
+            stamp = (str(marker.resolve()), marker.stat().st_mtime_ns, marker.stat().st_size)
+        except OSError:
+            return False
+        if stamp not in _VERIFIED:
+            _VERIFIED[stamp] = _verify(marker)
+        return _VERIFIED[stamp]
 
     def mark_complete(self, stage: str, key: str, inputs: dict[str, Any]) -> None:
-        write_json(self.folder(stage, key) / "COMPLETE", {"stage": stage, "key": key, "inputs": inputs})
+        folder = self.folder(stage, key)
+        files = {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*"))
+                 if p.is_file() and p.name != "COMPLETE" and not p.name.startswith(".")}
+        write_json(folder / "COMPLETE", {"stage": stage, "key": key, "inputs": inputs, "sha256": files})
 
     def drop(self, stage: str, key: str) -> None:
         shutil.rmtree(self.folder(stage, key), ignore_errors=True)

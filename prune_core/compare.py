@@ -3,7 +3,9 @@
 `compare_results(a, b)` reads each folder's `analysis/global_group_table.csv` (the pruned groups),
 `analysis/pruning_summary_by_layer.csv` (per-layer rates; rebuilt from the table when missing),
 `metrics.json` (perplexity before/after, `mask_sha256`, achieved ratio) and `session.toml` (which
-settings differ). Missing files are tolerated: the matching entries are None. The overlap is the
+settings differ). Missing files are tolerated: the matching entries are None. A file that is there
+but cannot be parsed, holds values of the wrong type, or does not match the folder's manifest is
+BadInput naming it (exit code 2), never a traceback. The overlap is the
 Jaccard index of the pruned (layer, type, index) sets; `identical` says both runs prune exactly
 the same groups. `format_comparison()` renders the result as plain text.
 """
@@ -25,14 +27,19 @@ from prune_core.errors import BadInput
 Triple = tuple[int, str, int]
 
 
+_FIX = "re-run that session (`prune run SESSION.toml --out FOLDER`) to rewrite its results"
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadInput(f"{path} is not valid JSON ({exc})", _FIX) from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{path} must hold a JSON object, not {type(data).__name__}", _FIX)
+    return data
 
 
 def _read_csv(path: Path) -> pd.DataFrame | None:
@@ -40,8 +47,8 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
         return None
     try:
         return pd.read_csv(path)
-    except (OSError, ValueError, pd.errors.ParserError):
-        return None
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise BadInput(f"{path} is not a readable CSV table ({exc})", _FIX) from None
 
 
 def _num(value: Any) -> float | None:
@@ -114,18 +121,32 @@ def _session_values(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError):
-        return {}
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadInput(f"{path} is not a readable session file ({exc})", _FIX) from None
     data.pop("provenance", None)
     return _flatten(data)
 
 
 def _run(folder: Path) -> dict[str, Any]:
+    from prune_core.report import RunReport, is_results_folder, verify_manifest
+
     folder = Path(folder)
     if not folder.is_dir():
         raise BadInput(f"results folder {str(folder)!r} does not exist",
                        "pass two folders written by `prune run` (each holds metrics.json and analysis/)")
+    verify_manifest(folder)
+    if is_results_folder(folder):
+        RunReport.read(folder)  # the same checks as `prune show`: a damaged file is BadInput naming it
+    try:
+        return _run_checked(folder)
+    except BadInput:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, RecursionError) as exc:
+        raise BadInput(f"{str(folder)!r} holds values of the wrong type ({type(exc).__name__}: {exc})", _FIX) from None
+
+
+def _run_checked(folder: Path) -> dict[str, Any]:
     metrics = _read_json(folder / "metrics.json")
     table = _read_csv(folder / "analysis" / "global_group_table.csv")
     summary = _read_csv(folder / "analysis" / "pruning_summary_by_layer.csv")
@@ -134,6 +155,8 @@ def _run(folder: Path) -> dict[str, Any]:
                        "pass a results folder written by `prune run`")
     pruned = pruned_set(table)
     sha = metrics.get("mask_sha256")
+    if sha is not None and not isinstance(sha, str):
+        raise BadInput(f"{folder / 'metrics.json'}: 'mask_sha256' must be a string", _FIX)
     sha_source = "metrics.json" if sha else None
     if not sha and pruned is not None:
         sha, sha_source = mask_sha256_of(pruned), "global_group_table.csv"

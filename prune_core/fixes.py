@@ -3,7 +3,10 @@
 `apply_fix()` edits the TOML document with tomlkit (comments, order and layout stay), validates the
 result with the session schema, and writes it atomically to a new path. A results folder (or its
 `session.toml`) works as the source: its `[provenance]` table is dropped, since the new file is the
-input of a new run, not a record of an old one.
+input of a new run, not a record of an old one. Trust is never inherited: a fix may only set keys
+of FIXABLE_SECTIONS (never `model.*`, so never `trust_remote_code`), and the written session always
+has `model.trust_remote_code = false`, whatever the source file says; a user who trusts the model
+turns it on in the written file by hand.
 """
 
 from __future__ import annotations
@@ -85,6 +88,9 @@ def apply_fix(session_path: Path, fix: dict[str, Any], out_path: Path, *, name: 
     updates = dict(fix)
     if name is not None:
         updates["session.name"] = name
+    # the source may be someone else's results folder: the new session never trusts the model's code
+    # (edit the written file by hand to turn it on for a model you trust)
+    updates["model.trust_remote_code"] = False
     for dotted, value in updates.items():
         section, _, key = dotted.partition(".")
         if section not in doc:

@@ -16,6 +16,7 @@ block losses only — announced first by a `StagePlan` event and a `Notice` with
 
 from __future__ import annotations
 
+import functools
 import shutil
 import time
 from collections import OrderedDict
@@ -24,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prune_core import steps
+from prune_core import eventlog, lock, preflight, steps
 from prune_core.cache import StageCache, stage_key, state_dir
 from prune_core.errors import BadInput, Interrupted
 from prune_core.events import Event, EventSink, Notice, RunDone, StageDone, StagePlan, StageStarted, null_sink
 from prune_core.provenance import base_provenance, device_name, now_iso
-from prune_core.report import RunReport
+from prune_core.report import RunReport, commit_model, prepare_folder
 from prune_core.steps import Ctx
 from sessions import Session
 
@@ -68,7 +69,8 @@ def _needs_surgery(s: Session, write: bool) -> bool:
 
 ALLOCATION_KEYS = ("normalization", "correction.temperature", "correction.tau", "pruning.ratio",
                    "pruning.min_rate", "pruning.max_rate", "pruning.protect_layers", "pruning.early_layers",
-                   "pruning.early_max_rate", "pruning.depth_weight", "pruning.attention_weight")
+                   "pruning.early_max_rate", "pruning.depth_weight", "pruning.attention_weight",
+                   "pruning.blocks", "pruning.allocation")
 
 STAGES: tuple[Stage, ...] = (
     Stage("model", "load the model", steps.load_model,
@@ -141,6 +143,12 @@ class Memo:
         """The most recently used value of `stage` (e.g. the loaded model), or None."""
         slot = self._values.get(stage)
         return next(reversed(slot.values()))[1] if slot else None
+
+    def replace_latest(self, stage: str, value: Any) -> None:
+        """Swap the most recent value of `stage` for `value` (same key): benchmarks' own baselines use it."""
+        slot = self._values[stage]
+        key = next(reversed(slot))
+        slot[key] = (slot[key][0], value)
 
     def __contains__(self, stage: str) -> bool:
         return bool(self._values.get(stage))
@@ -254,6 +262,24 @@ class _Record:
     keys: dict[str, str] = field(default_factory=dict)
 
 
+def _guarded(fn: Callable[..., RunReport]) -> Callable[..., RunReport]:
+    """A writing run holds its results folder's lock (`lock.py`) and logs every event (`eventlog.py`)."""
+
+    @functools.wraps(fn)
+    def run_locked(session: Session, *, out_dir: Path | None = None, write: bool = True,
+                   on_event: EventSink = null_sink, **kw: Any) -> RunReport:
+        preflight.before_run(session, results_dir_for(session, out_dir), write=write)  # nothing written on exit 2
+        if not write:
+            return fn(session, out_dir=out_dir, write=write, on_event=on_event, **kw)
+        folder = results_dir_for(session, out_dir)
+        ensure_writable(folder)
+        with lock.hold(folder, on_event=on_event), eventlog.tee(folder, on_event) as logged:
+            return fn(session, out_dir=out_dir, write=write, on_event=logged, **kw)
+
+    return run_locked
+
+
+@_guarded
 def run(
     session: Session,
     *,
@@ -271,6 +297,8 @@ def run(
     `fresh` recomputes everything. Without a `memo` the run owns the model and prunes it in place;
     with one, surgery works on a copy so the memo stays usable for further what-ifs. `write` writes
     the results folder (and the model when `[output] save_model`); a what-if passes `write=False`.
+    A writing run holds the folder's lock (`lock.FolderLocked` when another run has it) and logs
+    every event to `<results>/events.ndjson` (`_guarded`).
     """
     results_dir = results_dir_for(session, out_dir)
     ensure_writable(results_dir)
@@ -283,6 +311,8 @@ def run(
     idents: dict[str, str] = {}
     selected = [s for s in _selected(until) if s.enabled(session, write)]
 
+    if write:  # finish an interrupted swap of the results folder; drop what an interrupted run staged
+        prepare_folder(results_dir)
     compute, reused = plan(session, memo, until=until, write=write, results_dir=results_dir, fresh=fresh)
     estimates = {n: e for n in compute if _BY_NAME[n].expensive
                  and (e := _estimate(_BY_NAME[n], session, memo)) is not None}
@@ -337,7 +367,9 @@ def run(
                 cache.mark_complete(stage.name, key, {"stage": stage.name})
                 shutil.rmtree(cache.checkpoint_dir(stage.name, key), ignore_errors=True)
             summary = ctx.summary
-        if stage.name != "save":
+        if stage.name == "save_model" and "save" not in {s.name for s in selected}:
+            commit_model(results_dir)  # the model alone (no results rewrite): swapped in by itself
+        if stage.name not in ("save", "save_model"):  # both write into this run's staging folder
             memo.put(stage.name, key, identity, value)
         idents[stage.name] = identity
         record.values[stage.name] = value

@@ -367,7 +367,9 @@ def save_model(ctx: Ctx) -> str:
     s = ctx.session
     mv: ModelValue = ctx.values["model"]
     pruned: Pruned = ctx.values["surgery"]
-    target = ctx.results_dir / "model"
+    from prune_core.report import staging_dir
+
+    target = staging_dir(ctx.results_dir) / "model"  # swapped in with the rest of the results (report.py)
     save_pruned(pruned.model, mv.tokenizer, target, kept=pruned.report.kept,
                 source={"id": s.model.id, "revision": s.model.revision, "fingerprint": mv.loaded.fingerprint},
                 session=s.resolved().to_dict())

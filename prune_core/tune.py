@@ -1,7 +1,8 @@
 """`prune tune`: an automatic search of the cheap knobs, scored by the proxy, within a time budget.
 
-The knobs that only change the allocation (normalization level/method/clip, block/layer correction
-T and tau, depth weight, rate limits, protected layers, the attention vs MLP weight) are searched by
+The knobs that only change the allocation (which blocks, global or uniform budget, normalization,
+block/layer correction T and tau, depth weight, rate limits, protected layers, the attention vs MLP
+weight) are searched by
 coordinate descent: starting from the session, each knob's alternatives are tried with the others
 held at the best values so far, and a change is kept when it lowers the proxy loss. Every trial is
 `pipeline.run(trial, until="proxy", memo=…)`, so the importance pass (and, once measured, the block
@@ -65,9 +66,10 @@ class TuneResult:
 
 def search_space(session: Session, num_layers: int, *, corrections: bool = True) -> list[tuple[str, list[Updates]]]:
     """Knob → alternatives (each a set of session updates), in the order they are tried."""
-    last = num_layers - 1
-    protect: list[list[int]] = [[], [0], [0, last], [0, 1, last], [0, 1, 2, last]]
+    protect: list[list[int]] = [[], [0], [0, -1], [0, 1, -1], [0, 1, 2, -1]]
     space: list[tuple[str, list[Updates]]] = [
+        ("blocks", [{"pruning.blocks": b} for b in ("both", "mlp")]),
+        ("allocation", [{"pruning.allocation": a} for a in ("global", "uniform")]),
         ("normalization", [
             {"normalization.level": "none"},
             {"normalization.level": "block", "normalization.method": "mean"},
@@ -78,7 +80,7 @@ def search_space(session: Session, num_layers: int, *, corrections: bool = True)
         ]),
         ("attention_weight", [{"pruning.attention_weight": w} for w in (0.5, 1.0, 2.0, 4.0, 16.0, 1e6)]),
         ("max_rate", [{"pruning.max_rate": r} for r in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)]),
-        ("protect_layers", [{"pruning.protect_layers": sorted({i for i in p if 0 <= i <= last})} for p in protect]),
+        ("protect_layers", [{"pruning.protect_layers": p} for p in protect if len(set(p)) < num_layers]),
         ("early_layers", [{"pruning.early_layers": 0, "pruning.early_max_rate": 1.0},
                           {"pruning.early_layers": min(3, num_layers), "pruning.early_max_rate": 0.3},
                           {"pruning.early_layers": min(3, num_layers), "pruning.early_max_rate": 0.5}]),

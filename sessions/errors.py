@@ -54,8 +54,10 @@ def _describe(root: type[BaseModel], err: Any) -> tuple[str, str]:
         msg = f"unknown key (allowed: {', '.join(allowed)})" if allowed else "unknown key"
     elif typ == "literal_error" or typ in {"greater_than", "less_than", "greater_than_equal", "less_than_equal",
                  "int_type", "float_type", "bool_type", "string_type", "list_type", "int_parsing",
-                 "float_parsing", "bool_parsing", "string_pattern_mismatch", "string_too_short"}:
-        msg = f"{msg} (got {err.get('input')!r})"
+                 "float_parsing", "bool_parsing", "string_pattern_mismatch", "string_too_short",
+                 "finite_number", "int_from_float", "model_type", "dict_type"}:
+        got = repr(err.get("input"))
+        msg = f"{msg} (got {got if len(got) <= 80 else got[:77] + '...'})"
     if typ == "model_type" and len(loc) == 1:
         msg = f"[{loc[0]}] must be a table, got {err.get('input')!r}"
     return path, msg

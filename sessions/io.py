@@ -18,13 +18,20 @@ from sessions.errors import SessionError
 from sessions.schema import Session, validate_dict
 from sessions.template import template_document
 
+MAX_SESSION_BYTES = 1 << 20  # a session file is a few kB; anything near this is not one
+
 
 def parse_text(text: str, source: str = "session") -> Session:
     try:
-        data = tomllib.loads(text)
+        data = tomllib.loads(text.removeprefix("\ufeff"))  # a byte-order mark is not part of the TOML
     except tomllib.TOMLDecodeError as exc:
         raise SessionError([("(toml)", f"invalid TOML: {exc}")], source=source) from None
-    return validate_dict(data, source=source)
+    except RecursionError:
+        raise SessionError([("(toml)", "invalid TOML: values nested too deeply")], source=source) from None
+    try:
+        return validate_dict(data, source=source)
+    except RecursionError:
+        raise SessionError([("(toml)", "values nested too deeply")], source=source) from None
 
 
 def load(path: str | os.PathLike[str]) -> Session:
@@ -35,8 +42,13 @@ def load(path: str | os.PathLike[str]) -> Session:
     if p.is_dir():
         raise BadInput(f"{str(p)!r} is a folder, not a session file",
                        "pass a .toml file (a results folder holds one as session.toml)")
+    if not p.is_file():
+        raise BadInput(f"{str(p)!r} is not a regular file (a device, pipe or socket)", "pass a session .toml file")
     try:
-        text = p.read_text(encoding="utf-8")
+        if p.stat().st_size > MAX_SESSION_BYTES:
+            raise BadInput(f"{str(p)!r} is {p.stat().st_size:,} bytes, too large for a session file",
+                           "pass a session .toml file (a few kB)")
+        text = p.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise BadInput(f"cannot read session file {str(p)!r}: {exc}", "check the file's permissions and encoding") from None
     return parse_text(text, source=str(p))
@@ -96,6 +108,12 @@ def load_with_extras(path: str | os.PathLike[str]) -> tuple[Session, dict[str, A
     from sessions.schema import Session as _S
 
     p = Path(path)
-    data = tomllib.loads(p.read_text(encoding="utf-8"))
+    if not p.is_file() or p.stat().st_size > MAX_SESSION_BYTES:
+        raise BadInput(f"{str(p)!r} is not a session file (missing, not a regular file, or too large)",
+                       "re-run the session to rewrite its results")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8-sig"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise SessionError([("(toml)", f"invalid TOML: {exc}")], source=str(p)) from None
     extras = {k: data.pop(k) for k in list(data) if k not in _S.model_fields}
     return validate_dict(data, source=str(p)), extras

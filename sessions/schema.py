@@ -1,7 +1,12 @@
 """The session file schema (version 1): one pydantic model per TOML table, validated all at once.
 
 A session file is the one source of truth for a run. Every key has a default, so an empty file is a
-valid session; unknown keys are errors (a typo must not silently fall back to a default).
+valid session; unknown keys are errors (a typo must not silently fall back to a default). Types are
+strict: no string→number, number→bool or "yes"→true coercion (a whole number is accepted for a
+float key: `depth_weight = 1`); numbers are finite; text keys hold no control characters; sizes that
+decide how long a run takes (`max_tokens`, `checkpoint_seconds`, sample counts) are bounded.
+`model.trust_remote_code` is a strict boolean and is only ever true when the user's own session file
+or form says so: a results folder's record never turns it on (`prune_core.report`, `prune_core.fixes`).
 `[pruning] ratio` and friends are read here and nowhere else parses TOML.
 """
 
@@ -18,23 +23,34 @@ from sessions.errors import SessionError, validate_with
 SCHEMA_VERSION = 1
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+MAX_TOKENS = 1 << 24  # evaluation tokens (16.8 M): a bound, so a typo cannot make a run endless
+MAX_CHECKPOINT_SECONDS = 86400.0
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_control(cls, v: Any) -> Any:
+        if isinstance(v, str) and _CONTROL.search(v):
+            raise ValueError(f"{v!r} holds a control character (a line break, tab, escape...): remove it")
+        return v
 
 
 class SessionSection(_Section):
     name: str = Field("session", description="run name; results go to <output_dir>/<name>/")
-    seed: int = Field(0, ge=0, description="seed for calibration windows")
+    seed: int = Field(0, ge=0, lt=2**63, description="seed for calibration windows")
     output_dir: str = Field("runs", min_length=1, description="folder that holds results folders")
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError(f"{v!r} is not a usable folder name: use letters, digits, '.', '_' and '-'")
+        if not _NAME.fullmatch(v):
+            raise ValueError(f"{v!r} is not a usable folder name: use up to 100 letters, digits, '.', '_' and '-', "
+                             "starting with a letter or digit")
         return v
 
 
@@ -49,7 +65,7 @@ class ModelSection(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if not _DEVICE.match(v):
+        if not _DEVICE.fullmatch(v):
             raise ValueError(f"{v!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
         return v
 
@@ -57,7 +73,7 @@ class ModelSection(_Section):
 class DataSection(_Section):
     dataset: str = Field("shakespeare", min_length=1,
                          description="shakespeare, wikitext2, c4, ptb, or a local .txt/.jsonl/.parquet file or folder")
-    num_samples: int = Field(32, ge=1, description="calibration windows")
+    num_samples: int = Field(32, ge=1, le=1_000_000, description="calibration windows")
     seq_len: int = Field(128, ge=2, le=131072, description="tokens per calibration window")
     batch_size: int = Field(4, ge=1, description="windows per gradient batch")
     proxy_samples: int = Field(4, ge=0, le=1024,
@@ -82,13 +98,14 @@ class ImportanceSection(_Section):
     hessian_device: Literal["auto", "cpu", "device"] = Field(
         "auto", description="where taylor_2nd keeps the Fisher diagonal: auto (device when it fits), cpu, device")
     gradient_checkpointing: bool = Field(False, description="trade compute for memory on long sequences")
-    checkpoint_seconds: float = Field(60.0, ge=0.0, description="checkpoint the pass at most this often (0 = every batch)")
+    checkpoint_seconds: float = Field(60.0, ge=0.0, le=MAX_CHECKPOINT_SECONDS,
+                                      description="checkpoint the pass at most this often (0 = every batch)")
 
 
 class CorrectionSection(_Section):
     temperature: float = Field(0.0, ge=0.0, le=10.0, description="T: block-level correction exponent")
     tau: float = Field(0.0, ge=0.0, le=10.0, description="layer-level correction exponent")
-    samples: int = Field(8, ge=1, description="windows used to measure block/layer importance")
+    samples: int = Field(8, ge=1, le=4096, description="windows used to measure block/layer importance")
     seq_len: int = Field(128, ge=2, le=131072)
 
 
@@ -109,10 +126,17 @@ class PruningSection(_Section):
     ratio: float = Field(0.2, gt=0.0, lt=1.0, description="fraction of prunable parameters to remove")
     min_rate: float = Field(0.0, ge=0.0, le=1.0, description="lowest pruned fraction of any block")
     max_rate: float = Field(1.0, ge=0.0, le=1.0, description="highest pruned fraction of any block")
-    protect_layers: list[int] = Field(default_factory=list, description="layer indices never pruned")
+    protect_layers: list[int] = Field(default_factory=list,
+                                      description="layer indices never pruned; negative ones count from the end "
+                                                  "(-1 = the last layer)")
+    blocks: Literal["both", "mlp", "attention"] = Field(
+        "both", description="which blocks are pruned: both, mlp (attention heads all kept) or attention")
+    allocation: Literal["global", "uniform"] = Field(
+        "global", description="global: one ranking across layers; uniform: the same rate in every unprotected "
+                              "layer, ranked within the layer (LLM-Pruner's budget)")
     early_layers: int = Field(0, ge=0, description="the first N layers use early_max_rate")
     early_max_rate: float = Field(1.0, ge=0.0, le=1.0)
-    depth_weight: float = Field(0.0, ge=0.0, description="importance × (1 + (1 − l/L) × depth_weight)")
+    depth_weight: float = Field(0.0, ge=0.0, le=1000.0, description="importance × (1 + (1 − l/L) × depth_weight)")
     attention_weight: float = Field(1.0, gt=0.0, description="attention scores × this before the global ranking "
                                                              "(> 1 prunes attention less, < 1 more)")
     compensate: Literal["none", "bias", "reconstruct"] = Field(
@@ -122,8 +146,8 @@ class PruningSection(_Section):
     @field_validator("protect_layers")
     @classmethod
     def _protect(cls, v: list[int]) -> list[int]:
-        if any(i < 0 for i in v):
-            raise ValueError("layer indices must be >= 0")
+        if any(i < -4096 or i > 4096 for i in v):
+            raise ValueError("layer indices must be between -4096 and 4096 (negative ones count from the end)")
         return sorted(set(v))
 
     @model_validator(mode="after")
@@ -136,7 +160,7 @@ class PruningSection(_Section):
 class EvaluationSection(_Section):
     dataset: str = Field("", description="held-out text for perplexity; empty = same as [data] dataset")
     seq_len: int = Field(512, ge=2, le=131072)
-    max_tokens: int = Field(32768, ge=2)
+    max_tokens: int = Field(32768, ge=2, le=MAX_TOKENS)
     before: bool = True
     after: bool = True
 
@@ -205,10 +229,11 @@ SECTIONS: dict[str, type[_Section]] = {
 def check_against_model(session: Session, num_layers: int) -> list[tuple[str, str]]:
     """Problems only visible once the model is known (layer indices out of range)."""
     problems: list[tuple[str, str]] = []
-    bad = [i for i in session.pruning.protect_layers if i >= num_layers]
+    bad = [i for i in session.pruning.protect_layers if not -num_layers <= i < num_layers]
     if bad:
         problems.append(("pruning.protect_layers",
-                         f"layers {bad} do not exist: the model has {num_layers} layers (0..{num_layers - 1})"))
+                         f"layers {bad} do not exist: the model has {num_layers} layers (0..{num_layers - 1}, or -{num_layers}..-1 "
+                         "from the end)"))
     if session.pruning.early_layers > num_layers:
         problems.append(("pruning.early_layers",
                          f"{session.pruning.early_layers} exceeds the model's {num_layers} layers"))

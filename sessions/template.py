@@ -15,13 +15,16 @@ from sessions.schema import SCHEMA_VERSION, SECTIONS, Session
 
 HEADER = """prune session file (schema version {v}).
 Run it headless with `prune run FILE`, open it in the workbench with `prune tui FILE`,
-check it with `prune validate FILE`. Every key is optional; the values below are the defaults."""
+check it with `prune validate FILE`. Every key is optional. The values below are the recommended
+configuration (the best measured on held-out text, see BENCHMARKS.md); a key left out takes the
+schema default, the plain baseline noted in its comment."""
 
 SECTION_NOTES = {
     "session": "Name, seed and where results go (<output_dir>/<name>/).",
     "model": "The model to prune.",
     "data": "Calibration data for the importance pass.",
-    "importance": "How group importance is scored: taylor (1st order), taylor_2nd (+ Fisher), wanda (|W|·‖X‖).",
+    "importance": "How group importance is scored: taylor (1st order), taylor_2nd (+ Fisher), wanda (|W|·‖X‖), "
+                  "magnitude (‖W‖, data-free).",
     "correction": "Block/layer correction: importance × (b/mean b)^T × (l/mean l)^tau (0 = off).",
     "normalization": "Normalize importance before the global ranking (seed 004).",
     "pruning": "What to remove and the limits on it.",
@@ -50,7 +53,9 @@ def template_document(session: Session | None = None) -> tomlkit.TOMLDocument:
         table.comment(SECTION_NOTES.get(name, ""))
         for key, field in cls.model_fields.items():
             item = tomlkit.item(values[name][key])
-            notes = [n for n in (field.description or "", _allowed(field.annotation)) if n]
+            default = field.get_default(call_default_factory=True)
+            plain = "" if values[name][key] == default else f"schema default {default!r}"
+            notes = [n for n in (field.description or "", _allowed(field.annotation), plain) if n]
             if notes:
                 item.comment("; ".join(notes))
             table.add(key, item)
@@ -59,4 +64,9 @@ def template_document(session: Session | None = None) -> tomlkit.TOMLDocument:
 
 
 def template_text(session: Session | None = None) -> str:
+    """The commented template; without a session, the recommended configuration (sessions/presets.py)."""
+    if session is None:
+        from sessions.presets import recommended
+
+        session = recommended()
     return tomlkit.dumps(template_document(session))

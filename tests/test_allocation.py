@@ -508,3 +508,40 @@ def test_attention_weight_scales_attention_scores_only() -> None:
     np.testing.assert_allclose(out["score"].to_numpy()[att], -0.25)  # negative scores are divided
     np.testing.assert_allclose(out["score"].to_numpy()[~att], table["score"].to_numpy()[~att])
     assert weigh_attention(table, 1.0) is table
+
+
+def test_blocks_mlp_never_prunes_attention_and_negative_layers_count_from_the_end() -> None:
+    from prune_core.allocation import allocate
+
+    res = make_result([[1, 3], [5, 5], [2, 2]], [[2, 4, 6], [0, 10, 20], [1, 1, 1]])
+    costs = GroupCosts.from_lists([10, 10, 10], [2, 2, 2], [2, 2, 2], [3, 3, 3])
+    s = Session.model_validate({"pruning": {"ratio": 0.1, "blocks": "mlp", "protect_layers": [-1]}})
+    alloc = allocate(res, costs, s)
+    pruned = alloc.table[alloc.table["pruned"]]
+    assert set(pruned["group_type"]) == {"mlp"}
+    assert 2 not in set(pruned["layer_idx"])  # -1 = the last layer, protected
+    assert alloc.achieved_ratio >= 0.1 and alloc.reachable
+
+
+def test_uniform_allocation_gives_every_unprotected_block_the_same_rate() -> None:
+    n = 10
+    att = [[1.0] * 2 for _ in range(4)]
+    mlp = [[float(100 * layer + j) for j in range(n)] for layer in range(4)]  # layer 0 is least important
+    costs = GroupCosts.from_lists([50] * 4, [3] * 4, [2] * 4, [n] * 4)
+    res = make_result(att, mlp)
+    total = costs.prunable_total
+    sel = select(build_table(res, costs), ratio=0.1, prunable_total=total, blocks="mlp", mode="uniform",
+                 protect_layers=[0])
+    table = build_table(res, costs).assign(pruned=sel.pruned)
+    per_layer = table[table["group_type"] == "mlp"].groupby("layer_idx")["pruned"].sum().to_dict()
+    assert per_layer[0] == 0  # protected
+    counts = [per_layer[layer] for layer in (1, 2, 3)]
+    assert max(counts) - min(counts) <= 1  # the same rate, up to one group of rounding
+    assert sel.removed_parameters >= math.ceil(0.1 * total)
+    for layer in (1, 2, 3):  # within a layer, the lowest-ranked channels go
+        rows = table[(table["layer_idx"] == layer) & (table["group_type"] == "mlp")]
+        assert list(rows.sort_values("group_idx")["pruned"]) == sorted(rows["pruned"], reverse=True)
+    glob = select(build_table(res, costs), ratio=0.1, prunable_total=total, blocks="mlp", protect_layers=[0])
+    gtable = build_table(res, costs).assign(pruned=glob.pruned)
+    gcounts = gtable[gtable["pruned"]].groupby("layer_idx").size().to_dict()
+    assert gcounts[1] == n and max(gcounts.values()) - min(gcounts.values()) > 1  # global empties layer 1 first

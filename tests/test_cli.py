@@ -44,7 +44,9 @@ def test_new_writes_commented_template_that_validates(tmp_path: Path) -> None:
     assert code == 0
     text = path.read_text()
     assert "# " in text and "[pruning]" in text and "early_max_rate" in text
-    assert sessions.load(path) == sessions.Session()
+    from sessions.presets import recommended
+
+    assert sessions.load(path) == recommended()  # `prune new` starts from the measured best configuration
     assert invoke("validate", str(path))[0] == 0
     code, _, err = invoke("new", str(path))
     assert code == 2 and "--force" in err

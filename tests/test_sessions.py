@@ -102,7 +102,7 @@ def test_save_failure_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.Mon
         ("[model]\ndtype = 'int8'", "model.dtype", "'float32', 'bfloat16' or 'float16'"),
         ("[model]\ndevice = 'gpu'", "model.device", "auto, cpu, cuda, cuda:N or mps"),
         ("[normalization]\nclip = [90, 10]", "normalization.clip", "0 <= low < high <= 100"),
-        ("[pruning]\nprotect_layers = [-1]", "pruning.protect_layers", ">= 0"),
+        ("[pruning]\nprotect_layers = [-5000]", "pruning.protect_layers", "count from the end"),
         ("[session]\nname = 'has space'", "session.name", "folder name"),
         ("schema_version = 2", "schema_version", "less than or equal to 1"),
         ("pruning = 3", "pruning", "must be a table"),
@@ -141,4 +141,8 @@ def test_template_has_every_key_and_validates() -> None:
         assert f"[{section}]" in text
         for key in cls.model_fields:
             assert f"\n{key} = " in text, f"{section}.{key}"
-    assert sessions.parse_text(text) == Session()
+    from sessions.presets import recommended
+
+    assert sessions.parse_text(text) == recommended()  # `prune new` writes the recommended configuration
+    assert "schema default" in text  # and names the plain default of each key it changes
+    assert sessions.parse_text(sessions.template_text(Session())) == Session()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -194,3 +195,91 @@ def test_no_color_in_tmux(tmp_path: Path, session_file: Path, env: dict[str, str
         assert_terminal_clean(pane)
     finally:
         pane.close()
+
+
+# ----------------------------------------------------------------------------- runs that survive SSH
+SLOW = {"data.num_samples": 96, "data.seq_len": 32, "data.batch_size": 1, "evaluation.before": False,
+        "evaluation.after": False, "output.save_model": False}
+
+
+def slow_session(tmp_path: Path, name: str, **extra: object) -> Path:
+    session = Session().with_updates({
+        "session.name": name, "session.output_dir": str(tmp_path / "runs"), "model.id": "tiny-llama",
+        "model.device": "cpu", "data.dataset": "shakespeare", "pruning.ratio": 0.3, **SLOW, **extra,
+    })
+    return sessions.save(session, tmp_path / f"{name}.toml")
+
+
+def logged_batch(folder: Path) -> int:
+    """The newest batch in the folder's event log (0 before the first)."""
+    from prune_core.eventlog import read_events
+
+    return max([e["batch"] for e in read_events(folder) if e.get("kind") == "batch_done"] or [0])
+
+
+def run_json(path: Path, env: dict[str, str]) -> list[dict]:
+    import json
+
+    proc = subprocess.run([sys.executable, "-m", "cli", "run", str(path), "--json"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+
+
+def test_sighup_checkpoints_the_tui_run_exits_129_and_resumes(tmp_path: Path, env: dict[str, str]) -> None:
+    """`prune tui` in a terminal gets SIGHUP mid-pass: checkpoint, clean terminal, exit 129, same mask on resume."""
+    from prune_core import lock
+
+    # no periodic checkpoint: the only checkpoint is the one the signal handling writes
+    path = slow_session(tmp_path, "hup", **{"importance.checkpoint_seconds": 600.0, "data.num_samples": 160})
+    folder = tmp_path / "runs" / "hup"
+    pane = Pane(tmp_path, env)
+    try:
+        pane.send_line(f"cd {tmp_path} && {prune_command()} {path.name}; echo EXIT=$?")
+        pane.wait(lambda t: "6 Review" in t and "valid" in t, "the review step")
+        pane.send("C-r")
+        deadline = time.monotonic() + 180
+        while logged_batch(folder) < 2:  # the event log, not the screen: it is written as batches finish
+            assert time.monotonic() < deadline, pane.capture()
+            time.sleep(0.02)
+        holder = lock.holder(folder)
+        assert holder is not None, "the TUI run holds the results folder's lock"
+        os.kill(holder.pid, signal.SIGHUP)
+        stopped_at = logged_batch(folder)
+        assert stopped_at < 150, "the pass ran too fast to be stopped in the middle"
+        text = pane.wait(lambda t: re.search(r"^EXIT=\d+", t, re.M) is not None, "the app to exit", 120)
+        assert re.search(r"^EXIT=129$", text, re.M), text
+        assert_terminal_clean(pane)
+    finally:
+        pane.close()
+    assert (folder / "state" / "checkpoints").is_dir() and any((folder / "state" / "checkpoints").rglob("*"))
+    assert lock.holder(folder) is None
+    from prune_core.eventlog import read_events
+
+    log = read_events(folder)
+    assert log[-1]["kind"] == "run_interrupted" and "checkpointed" in [e["kind"] for e in log]
+    resumed = run_json(path, env)
+    batches = [e for e in resumed if e["kind"] == "batch_done"]
+    assert batches[0]["resumed_from"] >= stopped_at
+    reference = run_json(slow_session(tmp_path, "ref", **{"data.num_samples": 160}), env)
+    assert resumed[-1]["mask_sha256"] == reference[-1]["mask_sha256"]
+
+
+def test_headless_progress_fits_80_columns(tmp_path: Path, env: dict[str, str]) -> None:
+    """`prune run` at 80×24 in tmux: the live line shows the stage, batch n/N, loss, tok/s and the ETA;
+    Ctrl-C says "stopping after batch n/N…" at once, and the run exits 130 with the pass checkpointed."""
+    path = slow_session(tmp_path, "narrow", **{"data.num_samples": 2000, "importance.checkpoint_seconds": 600.0})
+    pane = Pane(tmp_path, env)
+    try:
+        pane.send_line(f"cd {tmp_path} && {sys.executable} -m cli run {path.name}; echo EXIT=$?")
+        screen = pane.wait(lambda t: re.search(r"importance .*\b\d+/2000 .*ETA \d+:\d\d", t) is not None,
+                           "a progress line with batch n/N and ETA")
+        line = next(x for x in screen.splitlines() if x.startswith("importance"))
+        assert len(line.rstrip()) <= 80 and "loss " in line and "tok/s" in line and "…" not in line
+        pane.send("C-c")
+        pane.wait(lambda t: re.search(r"stopping after batch \d+/2000", t) is not None, "the stopping notice", 30)
+        text = pane.wait(lambda t: re.search(r"^EXIT=\d+", t, re.M) is not None, "the run to stop", 120)
+        assert re.search(r"^EXIT=130$", text, re.M), text
+    finally:
+        pane.close()
+    assert (tmp_path / "runs" / "narrow" / "state" / "checkpoints").is_dir()

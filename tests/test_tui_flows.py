@@ -29,6 +29,17 @@ def make_app(path: Path | None = None, **fake: object) -> PruneApp:
     return PruneApp(path, cpu_flops=50e9, pipeline=fake_pipeline(**fake))
 
 
+async def exited(app: PruneApp, cap_s: float = 60.0) -> None:
+    """Wait for the app to exit on its own (no pilot.pause: the app may be gone already)."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + cap_s
+    while app.return_code is None:
+        assert time.monotonic() < deadline, "the app did not exit"
+        await asyncio.sleep(0.05)
+
+
 async def goto_step(app: PruneApp, pilot, key: str) -> SetupScreen:  # type: ignore[no-untyped-def]
     screen = app.screen
     assert isinstance(screen, SetupScreen)
@@ -262,11 +273,43 @@ async def test_quit_while_running_asks_and_stops_the_engine(tmp_path: Path) -> N
         assert "still running" in str(app.screen.query_one(".dialog-message").render())
         await pilot.press("y")
         assert app._stop.is_set()
+        await pilot.pause()
+        stopping = app.is_running and app.state.run_state.stopping  # it says so, and waits for the checkpoint
         for _ in range(FakePipeline.batches):
             gate.release()  # let the engine reach its next should_stop check
-        await app.workers.wait_for_complete()
-    assert app.return_code == 0
+        await exited(app)
+    assert stopping
+    assert app.return_code == 130  # interrupted and checkpointed, like Ctrl-C in `prune run`
     assert app.pipeline.done_batches == 1  # stopped after the batch it was in
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("name", "code"), [("SIGHUP", 129), ("SIGTERM", 143), ("SIGINT", 130)])
+async def test_signals_checkpoint_the_run_then_exit_128_plus_signal(tmp_path: Path, name: str, code: int) -> None:
+    gate = threading.Semaphore(0)
+    app = make_app(tmp_path / "sig.toml", gate=gate)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: app.state.busy == "run" and app.screen.id == "run", what="running")
+        gate.release()
+        await wait_for(pilot, lambda: app.state.run_state.batch is not None, what="first batch")
+        try:
+            app.on_signal(name)
+            await pilot.pause()
+            app.screen.sync()
+            assert app._stop.is_set() and app.is_running
+            assert "stopping after batch 2/" in str(app.screen.query_one("#run-stats").render())
+            if name == "SIGINT":  # a second Ctrl-C says what stopping at once would lose, and waits
+                app.on_signal("SIGINT")
+                await pilot.pause()
+                assert app.is_running and not app.stop_at_once
+        finally:
+            for _ in range(FakePipeline.batches):
+                gate.release()
+        await exited(app)
+    assert app.return_code == code
+    assert app.pipeline.done_batches == 2 and app.pipeline.has_checkpoint(app.state.session)
 
 
 @pytest.mark.anyio
@@ -283,3 +326,26 @@ async def test_open_dialog_loads_another_session(tmp_path: Path) -> None:
         assert app.state.session_path == other and app.title == "prune — other"
         assert isinstance(app.screen, SetupScreen) and app.screen.step == "review"
         assert app.screen.query_one("#f-pruning--ratio", Input).value == "0.45"
+
+
+@pytest.mark.anyio
+async def test_tui_on_a_running_folder_follows_its_event_log(tmp_path: Path) -> None:
+    from prune_core import eventlog, lock
+    from prune_core.events import StageStarted
+
+    folder = tmp_path / "runs" / "live"
+    with lock.hold(folder, command="prune run live.toml"):  # "another process" writing the folder
+        log = eventlog.EventLog(folder)
+        log(StageStarted("importance", "importance pass", total=8))
+        log(BatchDone("importance", 3, 8, 4.0, 4.1, 100.0, 24.0, {"attention": {"norm": [1.0, 2.0]}}))
+        app = make_app(folder)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.screen.id == "run" and app.state.run_state.batch is not None,
+                           what="the followed run on the run screen")
+            assert app.state.busy == "follow"
+            app.screen.sync()
+            assert "batch 3/8" in str(app.screen.query_one("#run-stats").render())
+            log.end("run_interrupted", "stopped after batch 3 (SIGINT); state was checkpointed")
+            log.close()
+            await wait_for(pilot, lambda: app.state.busy is None, what="the end of the followed run")
+            assert app.state.run_state.status == "interrupted"

@@ -31,7 +31,9 @@ async def type_into(pilot, app: PruneApp, field_id: str, text: str) -> None:  # 
     await pilot.press(*text)
 
 
-async def test_keyboard_walk_run_fix_whatif_save_reopen(tmp_path: Path) -> None:
+async def test_keyboard_walk_run_fix_whatif_save_reopen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the schema's plain defaults: the recommended ones protect all four layers of the tiny model
+    monkeypatch.setattr("tui.state.recommended", lambda: sessions.Session())
     path = tmp_path / "walk.toml"
     out = tmp_path / "runs"
     keys = [m["key"] for m in engine.builtin_models()]
@@ -99,7 +101,7 @@ async def test_keyboard_walk_run_fix_whatif_save_reopen(tmp_path: Path) -> None:
         await pilot.press("d")
         await pilot.pause()
         findings = app.screen.query_one(FindingsList)
-        fixable = [i for i, f in enumerate(findings.findings) if f.fix]
+        fixable = [i for i, f in enumerate(findings.findings) if f.recommended]  # verified by the proxy
         assert fixable, [f.issue for f in findings.findings]
         assert app.focused is findings
         await pilot.press(*["down"] * fixable[0])

@@ -11,7 +11,14 @@ def run_tui(path: Path | None = None) -> int:
 
     app = PruneApp(Path(path) if path is not None else None)
     result = app.run()
-    return int(result or 0) if app.return_code in (None, 0) else int(app.return_code)
+    code = int(result or 0) if app.return_code in (None, 0) else int(app.return_code)
+    if app.stop_at_once:  # a third Ctrl-C: do not wait for the engine thread's checkpoint
+        import os
+        import sys
+
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 __all__ = ["run_tui"]

@@ -6,13 +6,23 @@ and hands it to the screens it builds; screens render it and post request messag
 evaluate, save model, sample, inspect, open results) is one `pipeline.run(...)` with the app's
 `Memo`, or one `RunReport.read`, on the app's one engine worker thread (`tui.jobs`); the worker
 talks back only through `post_message`.
+
+Signals are handled like `prune run`: SIGHUP, SIGTERM and SIGINT set the stop flag, the engine
+worker checkpoints the pass after its current batch (the run screen says "stopping after batch
+n/N…" meanwhile), and the app restores the terminal and exits 129, 143 or 130. A second SIGINT says
+what stopping at once would lose; a third stops at once. Quitting during a run does the same and
+exits 130. Opened on a results folder that another process is writing, the app follows that run's
+event log on the run screen (`jobs.follow`); x asks that run to stop (checkpointed).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
+import signal
 import threading
+import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import replace
@@ -52,6 +62,7 @@ from tui.messages import (
     SaveRequested,
     ShowRequested,
     StateChanged,
+    TuneRequested,
     WhatIfRequested,
 )
 from tui.results_model import from_report
@@ -60,6 +71,15 @@ from tui.screens.results import ResultsScreen
 from tui.screens.run import RunScreen
 from tui.screens.setup import SetupScreen
 from tui.state import WorkbenchState, job_label
+
+EXIT_QUIT_RUN = 130  # quitting during a run: checkpointed, like Ctrl-C in `prune run`
+CONFIRM_S = 5.0      # a third SIGINT within this long stops at once
+SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143, "SIGHUP": 129}
+
+
+def exit_code_for(name: str) -> int:
+    """128 + the signal: 130 (SIGINT), 143 (SIGTERM), 129 (SIGHUP), as documented in the README."""
+    return SIGNAL_EXIT.get(name, 130)
 
 # Colours picked from the xterm-256 palette, so a 256-colour terminal shows exactly these.
 PRUNE_THEME = Theme(
@@ -95,10 +115,17 @@ class PruneApp(App[int]):
         self.memo = self.pipeline.new_memo()   # stage values kept between this app's jobs
         self.state = WorkbenchState(cpu_flops=cpu_flops, show_timings=show_timings)
         self._stop = threading.Event()
+        self._leave = threading.Event()     # stop following another process's run (it goes on)
         self._pending_alloc: tuple[Session, str] | None = None
+        self._exit_after_job: int | None = None  # exit with this code once the running job has stopped
+        self._warned_at = 0.0
+        self._quitting = False
+        self._signals: list[tuple[asyncio.AbstractEventLoop, int]] = []
+        self.stop_at_once = False             # the user confirmed stopping without a checkpoint
 
     # -- start-up --------------------------------------------------------------------------------
     def on_mount(self) -> None:
+        self._install_signal_handlers()
         self.register_theme(PRUNE_THEME)
         self.theme = "prune"
         initial = self._load_start_path()
@@ -110,7 +137,9 @@ class PruneApp(App[int]):
         if self.state.cpu_flops is None:
             self._measure()
         path = self.start_path
-        if path is not None and engine.is_results_folder(path):
+        if path is not None and path.is_dir() and engine.run_holder(path) is not None:
+            self.job_follow(path)
+        elif path is not None and engine.is_results_folder(path):
             self.job_open_results(path)
         elif self.state.session_path is not None and self.state.session_path.is_file() and not self.state.problems:
             self.job_check_checkpoint()
@@ -118,7 +147,7 @@ class PruneApp(App[int]):
     def _load_start_path(self) -> str:
         """Read the path given on the command line; return the set-up step to start at."""
         path, state = self.start_path, self.state
-        if path is None or engine.is_results_folder(path):
+        if path is None or engine.is_results_folder(path) or (path.is_dir() and engine.run_holder(path)):
             return "model"
         if path.is_dir():
             self.notify(f"{path} is not a results folder (no session.toml)", severity="error", markup=False)
@@ -141,6 +170,76 @@ class PruneApp(App[int]):
             state.saved_form = copy.deepcopy(state.form_data)
             state.problems = list(exc.problems)
         return "review"
+
+    # -- signals -----------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        """SIGHUP, SIGTERM, SIGINT: checkpoint the running pass, then exit 128 + the signal."""
+        if self.is_headless or threading.current_thread() is not threading.main_thread():
+            return  # run_test() (tests call on_signal directly): leave the process's signals alone
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        for name in ("SIGHUP", "SIGTERM", "SIGINT"):
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.add_signal_handler(sig, self.on_signal, name)
+                    self._signals.append((loop, sig))
+
+    def on_unmount(self) -> None:
+        for loop, sig in self._signals:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(sig)
+        self._signals.clear()
+
+    def on_signal(self, name: str) -> None:
+        """A signal arrived (SIGHUP, SIGTERM, SIGINT): stop politely, checkpoint, exit 129/143/130."""
+        code = exit_code_for(name)
+        if self._exit_after_job is not None and name == "SIGINT":
+            now = time.monotonic()
+            if self._warned_at and now - self._warned_at <= CONFIRM_S:
+                self.stop_at_once = True
+                self.exit(return_code=self._exit_after_job)
+                return
+            self._warned_at = now
+            self.notify(f"{self._losing_text()}; send Ctrl-C again within {CONFIRM_S:.0f} s to stop at once, or "
+                        "wait for the checkpoint.", severity="warning", timeout=CONFIRM_S, markup=False)
+            return
+        if name == "SIGHUP":
+            self._leave.set()
+        self._stop_then_exit(code)
+
+    def _stop_then_exit(self, code: int) -> None:
+        """Exit with `code` now, or (a job running) once it has stopped after its current step."""
+        busy = self.state.busy
+        if busy is None or busy == "follow":
+            self._leave.set()
+            self.exit(return_code=code)
+            return
+        if self._exit_after_job is None:
+            self._exit_after_job = code
+        self._stop.set()
+        self.state.run_state.stopping = True
+        self.state.run_state.version += 1
+        self.broadcast("run_stopping")
+        self.notify(self._stopping_text(), severity="warning", timeout=30, markup=False)
+
+    def _stopping_text(self) -> str:
+        b = self.state.run_state.batch
+        if self.state.busy == "run" and b is not None and b.batch < b.total:
+            return f"Stopping after batch {b.batch + 1}/{b.total}… (the pass is checkpointed, then prune exits)"
+        return f"Stopping {job_label(self.state.busy or '')} after its current step…"
+
+    def _losing_text(self) -> str:
+        rs = self.state.run_state
+        b = rs.batch
+        if b is None or self.state.busy != "run":
+            return "Stopping at once loses the current step"
+        kept = rs.checkpoint.batch if rs.checkpoint is not None else b.resumed_from
+        lost = b.batch - kept + 1
+        return (f"Stopping at once loses {lost} batch{'es' if lost != 1 else ''} "
+                f"({'the checkpoint after batch ' + str(kept) if kept else 'no checkpoint'} is kept)")
 
     @work(thread=True, group="measure", exit_on_error=False)
     def _measure(self) -> None:
@@ -186,6 +285,11 @@ class PruneApp(App[int]):
     def on_what_if_requested(self, message: WhatIfRequested) -> None:
         if message.session != self.state.session:
             self.request_allocation(message.session, reason="what-if")
+
+    def on_tune_requested(self, message: TuneRequested) -> None:
+        if self._need_results():
+            ctx, session = self._jobs(), self.state.session
+            self._start("tune", lambda: jobs.tune_knobs(ctx, session))
 
     def on_evaluate_requested(self, message: EvaluateRequested) -> None:
         self.action_evaluate()
@@ -325,11 +429,16 @@ class PruneApp(App[int]):
         def answer(yes: bool | None) -> None:
             if yes and self.state.busy == job:
                 self._stop.set()
-                self.notify("Stopping after the current step…", markup=False)
+                self.state.run_state.stopping = job in ("run", "follow")
+                self.state.run_state.version += 1
+                self.notify(self._stopping_text(), markup=False)
 
         if job == "run":
             title, text = "Cancel the run?", ("The importance pass stops after the current batch and is "
                                               "checkpointed: you can resume it later (r).")
+        elif job == "follow":
+            title, text = "Stop the run?", ("The run in the other process stops after its current batch and is "
+                                            "checkpointed: run the same command again to resume it.")
         else:
             title, text = f"Stop {job_label(job)}?", "It stops after its current step."
         self.push_screen(ConfirmScreen(title, text, "Stop", "Keep running"), answer)
@@ -371,13 +480,17 @@ class PruneApp(App[int]):
         why = []
         if state.dirty:
             why.append("the session has unsaved changes")
+        if state.busy == "follow":
+            self._leave.set()
+            self.exit(0)  # the followed run goes on in its own process
+            return
         if state.busy:
             why.append(f"{state.busy} is still running (it will be stopped and checkpointed)")
 
         def answer(yes: bool | None) -> None:
             if yes:
-                self._stop.set()
-                self.exit(0)
+                self._quitting = True
+                self._stop_then_exit(EXIT_QUIT_RUN if state.busy == "run" else 0)
 
         self.push_screen(ConfirmScreen("Quit?", "; ".join(why).capitalize() + ".", "Quit", "Stay"), answer)
 
@@ -452,9 +565,22 @@ class PruneApp(App[int]):
         session = self.state.session
         try:
             has, report = jobs.look_for_results(self.pipeline, session)
+            folder = self.pipeline.results_dir_for(session)
+            holder = engine.run_holder(folder) if folder.is_dir() else None
         except Exception:
             return
-        self.post_message(JobDone("check", (session, has, report)))
+        self.post_message(JobDone("check", (session, has, report, holder, folder)))
+
+    def job_follow(self, path: Path) -> bool:
+        """Follow the run another process is writing into `path` (its event log) on the run screen."""
+        ctx, leave = self._jobs(), self._leave.is_set
+        self._leave.clear()
+        self.state.run_state.reset()
+        self.state.run_state.results_dir = str(path)
+        started = self._start("follow", lambda: (path, jobs.follow(ctx, path, leave)))
+        if started:
+            self.call_after_refresh(self.action_show, "run")
+        return started
 
     def job_open_results(self, path: Path) -> bool:
         pipeline = self.pipeline
@@ -469,8 +595,13 @@ class PruneApp(App[int]):
             self._checked(*result)
             return
         state.busy = None
+        state.run_state.stopping = False
+        if self._exit_after_job is not None:
+            self.exit(return_code=0 if self._quitting else self._exit_after_job)  # finished: nothing lost
+            return
         old = state.results
         if name == "run":
+            self._remember_speed(state.session)
             state.results = from_report(result)
             state.results_path = state.results.results_dir
             state.engine_ready, state.samples, state.saved_model_path = True, ("", ""), result.model_dir
@@ -479,7 +610,7 @@ class PruneApp(App[int]):
             self.broadcast("run_finished")
             if self.screen.id == "run":
                 self.switch_screen("results")
-        elif name == "allocate":
+        elif name in ("allocate", "tune"):
             report, session, reason = result
             self.set_session(session)
             state.results = from_report(report, previous=old.allocation if old else None,
@@ -504,6 +635,19 @@ class PruneApp(App[int]):
         elif name == "inspect":
             spec, info = result
             self._inspected(spec, info, "")
+        elif name == "follow":
+            path, end = result
+            kind, text = end
+            if kind == "run_done":
+                state.run_state.finish("done")
+                self.broadcast("run_finished")
+                self.refresh_bindings()
+                self.job_open_results(path)
+                return
+            state.run_state.finish("interrupted" if kind == "run_interrupted" else "failed", text)
+            self.broadcast("run_finished")
+            if kind != "left":
+                self.notify(f"The followed run ended: {text}", severity="warning", timeout=10, markup=False)
         elif name == "open":
             path, report = result
             self._show_report(report, path)
@@ -511,6 +655,13 @@ class PruneApp(App[int]):
                 self.switch_screen("results")
         self.refresh_bindings()
         self.broadcast("results")
+
+    def _remember_speed(self, session: Session) -> None:
+        """The tokens/s of the pass that just ran calibrates the set-up's time estimate."""
+        b = self.state.run_state.batch
+        if b is not None and b.tokens_per_s > 0:
+            key = self.state.speed_key(session.model.id, session.importance.method, session.model.device)
+            self.state.speeds[key] = (float(b.tokens_per_s), int(session.data.seq_len))
 
     def _show_report(self, report: Any, path: Path) -> None:
         """Results read back from a folder become the shown results (and their session the current one)."""
@@ -521,11 +672,25 @@ class PruneApp(App[int]):
             state.session_path, state.saved_text = None, None
             self.set_session(state.results.session, saved=True)
 
-    def _checked(self, session: Session, has: bool, report: Any) -> None:
-        """Offer to resume an interrupted pass, or show the session's finished results at once."""
+    def _checked(self, session: Session, has: bool, report: Any, holder: Any = None,
+                 folder: Path | None = None) -> None:
+        """Offer to resume an interrupted pass, or show the session's finished results at once.
+
+        A folder another live process is writing is never resumed here: the app offers to follow it.
+        """
         state = self.state
         if state.busy is not None or session != state.session:
             return  # the user already moved on
+        if holder is not None and folder is not None:
+            def follow(yes: bool | None) -> None:
+                if yes and self.state.busy is None:
+                    self.job_follow(folder)
+
+            self.push_screen(ConfirmScreen("This session is running elsewhere",
+                                           f"{folder} is in use by {holder.describe()}. Resuming here would "
+                                           "start a second pass into the same folder. Follow that run instead?",
+                                           "Follow", "Not now"), follow)
+            return
         if report is not None and state.results is None:
             state.results, state.results_path = from_report(report, from_folder=True), report.results_dir
             state.saved_model_path = report.model_dir
@@ -550,6 +715,12 @@ class PruneApp(App[int]):
     def on_job_failed(self, message: JobFailed) -> None:
         state, error = self.state, message.error
         state.busy = None
+        state.run_state.stopping = False
+        if self._exit_after_job is not None:
+            if message.job == "run":
+                state.run_state.finish("interrupted" if message.interrupted else "failed", str(error))
+            self.exit(return_code=self._exit_after_job)
+            return
         text = str(error) if isinstance(error, PruneError) else f"{type(error).__name__}: {error}"
         if message.job == "run":
             state.run_state.finish("interrupted" if message.interrupted else "failed", str(error))

@@ -18,6 +18,7 @@ from tui.messages import (
     SaveModelRequested,
     SaveRequested,
     ShowRequested,
+    TuneRequested,
 )
 
 STEPS = (("1 Model", "model"), ("2 Dataset", "dataset"), ("3 Method", "method"), ("4 Length", "length"),
@@ -38,6 +39,8 @@ def commands() -> list[tuple[str, str, Callable[[], Request]]]:
         ("Show run", "Go to the run progress (F3)", partial(ShowRequested, "run")),
         ("Show results", "Go to results, diagnosis and what-if (F4)", partial(ShowRequested, "results")),
         ("Evaluate perplexity", "Perplexity before and after pruning", EvaluateRequested),
+        ("Tune the knobs", "Search normalization, budget, rate limits… by the proxy loss (60 s), like prune tune",
+         TuneRequested),
         ("Save pruned model", "Save the pruned model in the results folder", SaveModelRequested),
         ("Generate sample", "Short text from the original and the pruned model", SampleRequested),
         ("Help: keys", "Every key binding (F1)", HelpRequested),

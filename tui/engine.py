@@ -160,6 +160,13 @@ class Pipeline:
         return str(tokenizer.decode(out[0][ids.shape[1]:], skip_special_tokens=True))
 
 
+def run_holder(path: Path) -> Any:
+    """The live process writing into results folder `path` (`prune_core.lock.LockInfo`), or None."""
+    from prune_core.lock import holder
+
+    return holder(Path(path))
+
+
 def is_results_folder(path: Path) -> bool:
     """A folder a finished run wrote (`prune_core.report.is_results_folder`)."""
     from prune_core.report import is_results_folder as _is

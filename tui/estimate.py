@@ -54,8 +54,12 @@ class Estimate:
 
 def estimate(geo: Geometry, *, method: str, seq_len: int, num_samples: int, batch_size: int,
              dtype: str = "float32", gpu: bool = False, cpu_flops: float | None = None,
-             gradient_checkpointing: bool = False) -> Estimate:
-    """Estimate one importance pass for the given settings."""
+             gradient_checkpointing: bool = False, measured: tuple[float, int] | None = None) -> Estimate:
+    """Estimate one importance pass for the given settings.
+
+    `measured` = (tokens/s, seq_len) of a pass of this model and method that really ran (the last
+    run's speed): the time is then calibrated on it instead of on FLOP counts and a machine guess.
+    """
     spec = METHODS.get(method) or METHODS[DEFAULT_METHOD]  # the registry says what the method needs
     tokens = seq_len * num_samples if spec.needs_calibration else 0
     backward = spec.needs_gradients
@@ -67,6 +71,10 @@ def estimate(geo: Geometry, *, method: str, seq_len: int, num_samples: int, batc
     if not spec.needs_calibration:
         flops = 2.0 * geo.prunable  # data-free: one pass over the prunable weights
     seconds = flops / max(throughput, 1.0)
+    if measured is not None and measured[0] > 0 and tokens:
+        tps, at_seq = measured
+        at = 2 * geo.parameters + 4 * geo.layers * max(at_seq, 1) * geo.hidden  # cost per token where measured
+        seconds = tokens / tps * per_token / at
 
     width = BYTES.get(dtype, 4)
     weights = geo.parameters * width

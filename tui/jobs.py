@@ -47,6 +47,19 @@ def reallocate(ctx: JobContext, session: Session) -> Any:
     return ctx.run(session, until="diagnosis", write=False)
 
 
+def tune_knobs(ctx: JobContext, session: Session, budget_s: float = 60.0) -> tuple[Any, Session, str]:
+    """`prune tune` on the app's memo, then the best session's allocation (a what-if, nothing written)."""
+    from prune_core.tune import tune
+
+    result = tune(session, budget_s=budget_s, out_dir=ctx.out_dir, memo=ctx.memo, on_event=ctx.sink,
+                  should_stop=ctx.should_stop)
+    report = reallocate(ctx, result.best)
+    changes = ", ".join(f"{k} = {v!r}" for k, v in result.best_updates.items()) or "no change"
+    reason = (f"tune ({len(result.trials) - 1} trials): proxy loss {result.base_proxy:.4f} → "
+              f"{result.best_proxy:.4f} with {changes}")
+    return report, result.best, reason
+
+
 def evaluate(ctx: JobContext, session: Session) -> Any:
     """Perplexity before and after pruning (cached under the results folder's state/)."""
     both = session.with_updates({"evaluation.before": True, "evaluation.after": True})
@@ -85,3 +98,38 @@ def look_for_results(pipeline: Pipeline, session: Session) -> tuple[bool, Any]:
     has = bool(pipeline.has_checkpoint(session))
     folder = pipeline.results_dir_for(session)
     return has, (pipeline.read(folder) if not has and is_results_folder(folder) else None)
+
+
+def follow(ctx: JobContext, folder: Path, leave: Callable[[], bool], poll_s: float = 0.2) -> tuple[str, str]:
+    """Replay and follow the event log of the run another process writes into `folder`.
+
+    Every logged event goes to the app's sink, as if this process ran it. The app's stop flag asks
+    that run to stop after its current batch (checkpointed); `leave()` ends the following only.
+    Returns how it ended: ("run_done" | "run_interrupted" | "run_failed" | "gone" | "left", message).
+    """
+    import time
+
+    from prune_core import eventlog, lock
+
+    offset, asked, quiet = 0, False, 0.0
+    while True:
+        objs, offset = eventlog.read_lines(folder, offset)
+        for obj in objs:
+            kind = str(obj.get("kind"))
+            event = eventlog.from_dict(obj)
+            if event is not None:
+                ctx.sink(event)
+            if kind in eventlog.END_KINDS:
+                return kind, str(obj.get("message", "finished"))
+        if leave():
+            return "left", "stopped following; the run goes on"
+        if ctx.should_stop() and not asked:
+            asked = True
+            lock.request_stop(folder)
+        if objs:
+            quiet = 0.0
+        elif lock.holder(folder) is None:
+            quiet = quiet or time.monotonic()
+            if time.monotonic() - quiet > 1.0:
+                return "gone", "the run is no longer running and its log has no end record (killed?)"
+        time.sleep(poll_s)

@@ -122,6 +122,10 @@ class WhatIfRequested(Request):
         self.session = session
 
 
+class TuneRequested(Request):
+    """Search the cheap knobs by the proxy loss (`prune tune`) and show the best allocation."""
+
+
 class EvaluateRequested(Request):
     """Perplexity before and after pruning."""
 

@@ -7,7 +7,7 @@ RunReport, so the screen renders one shape whatever it came from.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,17 +49,23 @@ class FindingView:
     description: str
     recommendation: str
     fix: dict[str, Any] = field(default_factory=dict)
+    verdict: str = "untested"  # the fix tried in a what-if: better | same | worse | untested
 
     @property
     def marker(self) -> str:
         return MARKERS.get(self.severity, "[INFO]")
+
+    @property
+    def recommended(self) -> bool:
+        """A fix the proxy found worse is shown as tried, never offered."""
+        return bool(self.fix) and self.verdict != "worse"
 
     @classmethod
     def from_any(cls, obj: Any) -> FindingView:
         return cls(issue=str(_get(obj, "issue", "")), severity=str(_get(obj, "severity", "info")),
                    description=str(_get(obj, "description", "")),
                    recommendation=str(_get(obj, "recommendation", "")),
-                   fix=dict(_get(obj, "fix", None) or {}))
+                   fix=dict(_get(obj, "fix", None) or {}), verdict=str(_get(obj, "verdict", "untested")))
 
 
 def sort_findings(findings: list[Any]) -> list[FindingView]:
@@ -100,10 +106,22 @@ class AllocationView:
     prunable: int
     reachable: bool = True
     message: str = ""
+    proxy: float | None = None  # the proxy loss of this allocation (held-out calibration windows)
+    dense_proxy: float | None = None
 
     @property
     def params_before(self) -> int:
         return sum(r.params_before for r in self.rows) or self.prunable
+
+    def ratio_gap(self) -> str:
+        """A warning when the achieved ratio misses the target (by over 3 points and 15 %), else ""."""
+        gap = self.achieved_ratio - self.target_ratio
+        if abs(gap) <= max(0.03, 0.15 * self.target_ratio):
+            return ""
+        why = self.message or ("the rate limits or protected layers leave too little to remove" if gap < 0
+                               else "the groups are coarse: more was removed than asked")
+        return (f"achieved {self.achieved_ratio:.1%} is {'below' if gap < 0 else 'above'} the target "
+                f"{self.target_ratio:.0%}: {why}")
 
     @property
     def params_after(self) -> int:
@@ -170,9 +188,14 @@ def from_report(report: Any, *, from_folder: bool = False, previous: AllocationV
     summary = _get(report, "summary")
     stats = _get(report, "stats") or None
     folder = _get(report, "results_dir") or results_dir
+    allocation = AllocationView.from_summary(summary, _allocation_info(metrics)) if summary is not None else None
+    proxy = metrics.get("proxy") or {}
+    if allocation is not None and isinstance(proxy, dict) and proxy.get("loss") is not None:
+        allocation = replace(allocation, proxy=_num(proxy.get("loss")),
+                             dense_proxy=_num(proxy.get("dense")) if proxy.get("dense") is not None else None)
     return ResultsData(
         session=_get(report, "session"),
-        allocation=AllocationView.from_summary(summary, _allocation_info(metrics)) if summary is not None else None,
+        allocation=allocation,
         previous=previous,
         findings=sort_findings(list(_get(report, "findings", ()) or ())),
         metrics=metrics, stats=stats if isinstance(stats, dict) and stats else None,

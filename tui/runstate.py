@@ -6,6 +6,7 @@ it on a timer, so redraws are throttled no matter how fast events arrive.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -22,6 +23,7 @@ from prune_core.events import (
     StageStarted,
 )
 
+_RESUMED = re.compile(r"resuming from batch (\d+)/(\d+)")
 Status = Literal["idle", "running", "done", "interrupted", "failed"]
 
 
@@ -51,6 +53,7 @@ class RunState:
     checkpoint: Checkpointed | None = None
     error: str = ""
     results_dir: str = ""
+    stopping: bool = False         # a stop was asked for: the job ends after its current step
     version: int = 0               # bumps on every change; views redraw when it moved
 
     def reset(self) -> None:
@@ -86,6 +89,10 @@ class RunState:
             self.checkpoint = event
         elif isinstance(event, Notice):
             self.notices.append(event)
+            resumed = _RESUMED.match(event.message)
+            if resumed and event.stage:  # a resumed pass starts where its checkpoint ended, not at 0/N
+                info = self.stages.setdefault(event.stage, StageInfo(event.stage))
+                info.done, info.total, info.unit = float(resumed[1]), float(resumed[2]), "batches"
         elif isinstance(event, RunDone):
             self.results_dir = event.results_dir
 

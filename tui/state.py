@@ -17,6 +17,7 @@ import tomlkit
 
 import sessions
 from sessions import Session, SessionError, check_against_model, validate_dict
+from sessions.presets import recommended
 from tui.engine import ModelInfo
 from tui.results_model import ResultsData, perplexities
 from tui.runstate import RunState
@@ -24,7 +25,7 @@ from tui.runstate import RunState
 JOB_LABELS = {
     "run": "the run", "allocate": "re-allocation", "evaluate": "evaluation", "save_model": "saving the model",
     "generate": "text generation", "check": "looking for a checkpoint", "open": "opening results",
-    "inspect": "inspecting the model",
+    "inspect": "inspecting the model", "tune": "tuning the knobs",
 }
 
 
@@ -37,7 +38,7 @@ def job_label(job: str) -> str:
 class WorkbenchState:
     """Everything the screens show: the session being edited, the model facts, the run, the results."""
 
-    session: Session = field(default_factory=Session)
+    session: Session = field(default_factory=lambda: recommended())  # a new session: the measured best
     form_data: dict[str, Any] = field(default_factory=dict)
     problems: list[tuple[str, str]] = field(default_factory=list)
     session_path: Path | None = None
@@ -61,6 +62,12 @@ class WorkbenchState:
     saved_model_path: Path | None = None
     samples: tuple[str, str] = ("", "")
     engine_ready: bool = False     # the app's memo holds the importance: a what-if needs no model load
+    # measured speed of real passes: "model|method|device" -> (tokens/s, seq_len), calibrates the estimate
+    speeds: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+    @staticmethod
+    def speed_key(model: str, method: str, device: str) -> str:
+        return f"{model}|{method}|{device}"
 
     def __post_init__(self) -> None:
         if not self.form_data:

@@ -59,8 +59,10 @@ def allocate_table(table: pd.DataFrame, costs: GroupCosts, session: Any, block: 
     normalized = weigh_attention(normalize(corrected, level=nz.level, method=nz.method, clip=nz.clip),
                                  getattr(p, "attention_weight", 1.0))
     sel: Selection = select(normalized, ratio=p.ratio, prunable_total=costs.prunable_total,
-                            min_rate=p.min_rate, max_rate=p.max_rate, protect_layers=p.protect_layers,
-                            early_layers=p.early_layers, early_max_rate=p.early_max_rate)
+                            min_rate=p.min_rate, max_rate=p.max_rate,
+                            protect_layers=resolve_layers(p.protect_layers, num_layers),
+                            early_layers=p.early_layers, early_max_rate=p.early_max_rate,
+                            blocks=getattr(p, "blocks", "both"), mode=getattr(p, "allocation", "global"))
     normalized["pruned"] = sel.pruned
     return Allocation(
         table=normalized,
@@ -74,6 +76,11 @@ def allocate_table(table: pd.DataFrame, costs: GroupCosts, session: Any, block: 
         mask_sha256=mask_sha256(normalized),
         num_layers=num_layers,
     )
+
+
+def resolve_layers(layers: Any, num_layers: int) -> list[int]:
+    """Layer indices with negative ones counted from the end (-1 = the last layer), sorted, in range."""
+    return sorted({i if i >= 0 else num_layers + i for i in layers if -num_layers <= i < num_layers})
 
 
 def weigh_attention(table: pd.DataFrame, weight: float) -> pd.DataFrame:

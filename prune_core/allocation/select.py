@@ -15,6 +15,10 @@ groups or its MLP channels, with n groups:
 - floor = ceil(min_rate × n) groups at least, limited to the cap (the cap wins when both cannot hold);
 - protected layers: cap = floor = 0 (never pruned, and min_rate does not apply).
 (A 1e-9 slack absorbs float error in rate × n, so 0.29 × 100 gives 29, not 28.)
+`blocks = "mlp"` (or "attention") caps the other block type at 0, like a protected layer.
+`mode = "uniform"` (LLM-Pruner's budget) replaces the global ranking: every prunable block removes
+the same fraction of its groups (⌊r·n⌋, plus one for the largest remainders until the target is
+met), its lowest-ranked ones; floors and caps still bound each block.
 Both apply to the block's lowest-ranked groups first: the floor groups of every block are removed
 up front, then the remaining allowed groups (rank inside their block < cap) are taken in global
 order. The set removed from a block is therefore always a prefix of its own ranking.
@@ -79,8 +83,9 @@ def rank_order(table: pd.DataFrame) -> np.ndarray:
 
 
 def block_limits(table: pd.DataFrame, *, min_rate: float, max_rate: float, protect_layers: Iterable[int],
-                 early_layers: int, early_max_rate: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(block id per row, floor per block, cap per block); block id = 2·layer + type."""
+                 early_layers: int, early_max_rate: float, blocks: str = "both"
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(block id per row, floor per block, cap per block); block id = 2·layer + type (0 attention, 1 MLP)."""
     layer = table["layer_idx"].to_numpy().astype(np.int64)
     num_layers = int(layer.max()) + 1 if len(layer) else 0
     block = 2 * layer + _type_codes(table).astype(np.int64)
@@ -90,15 +95,48 @@ def block_limits(table: pd.DataFrame, *, min_rate: float, max_rate: float, prote
     cap = np.floor(rate_cap * n + _SLACK).astype(np.int64)
     floor = np.minimum(np.ceil(min_rate * n - _SLACK).astype(np.int64), cap)
     protected = np.isin(block_layer, np.fromiter(protect_layers, dtype=np.int64))
+    if blocks != "both":
+        if blocks not in ("mlp", "attention"):
+            raise BadInput(f"unknown blocks {blocks!r}", "use both, mlp or attention")
+        protected |= (np.arange(2 * num_layers) % 2) == (0 if blocks == "mlp" else 1)
     cap[protected] = 0
     floor[protected] = 0
     return block, np.maximum(floor, 0), np.maximum(cap, 0)
 
 
+def uniform_counts(n: np.ndarray, cost: np.ndarray, floor: np.ndarray, cap: np.ndarray, target: int) -> np.ndarray:
+    """Groups to remove per block for one common rate r over the prunable blocks (cap > 0): ⌊r·n⌋ each,
+    then one more group in the blocks with the largest remainders until the removed cost reaches
+    `target`; never below a block's floor nor above its cap."""
+    live = cap > 0
+    total = float((n * cost)[live].sum())
+    if total <= 0:
+        return floor.copy()
+    rate = min(target / total, 1.0)
+    exact = rate * n
+    k = np.clip(np.floor(exact + _SLACK).astype(np.int64), floor, cap)
+    k[~live] = floor[~live]
+    short = target - int((k * cost).sum())
+    if short > 0:
+        remainder = np.where(live & (k < cap), exact - np.floor(exact + _SLACK), -1.0)
+        for b in np.argsort(-remainder, kind="stable"):
+            if short <= 0 or remainder[b] < 0:
+                break
+            k[b] += 1
+            short -= int(cost[b])
+    return k
+
+
 def select(table: pd.DataFrame, *, ratio: float, prunable_total: int, min_rate: float = 0.0,
            max_rate: float = 1.0, protect_layers: Iterable[int] = (), early_layers: int = 0,
-           early_max_rate: float = 1.0) -> Selection:
-    """Choose the groups to prune (see the module docstring); the table is not modified."""
+           early_max_rate: float = 1.0, blocks: str = "both", mode: str = "global") -> Selection:
+    """Choose the groups to prune (see the module docstring); the table is not modified.
+
+    `blocks` = "mlp" / "attention" prunes only that block type; `mode` = "uniform" gives every
+    prunable block the same rate (its lowest-ranked groups), instead of one global ranking.
+    """
+    if mode not in ("global", "uniform"):
+        raise BadInput(f"unknown allocation {mode!r}", "use global or uniform")
     if not 0.0 <= ratio <= 1.0:
         raise BadInput(f"ratio {ratio} is outside [0, 1]", "use a fraction such as 0.2")
     if min_rate > max_rate:
@@ -110,7 +148,7 @@ def select(table: pd.DataFrame, *, ratio: float, prunable_total: int, min_rate: 
 
     order = rank_order(table)
     block, floor, cap = block_limits(table, min_rate=min_rate, max_rate=max_rate, protect_layers=protect,
-                                     early_layers=early_layers, early_max_rate=early_max_rate)
+                                     early_layers=early_layers, early_max_rate=early_max_rate, blocks=blocks)
     # Rank of each position (in global order) inside its block: stable sort by block id.
     bs = block[order].astype(np.int32 if len(cap) > 32767 else np.int16)
     o2 = np.argsort(bs, kind="stable")
@@ -120,6 +158,11 @@ def select(table: pd.DataFrame, *, ratio: float, prunable_total: int, min_rate: 
     rank[o2] = np.arange(n_rows, dtype=np.int64) - starts[bs[o2]]
 
     cost_pos = table["cost"].to_numpy().astype(np.int64)[order]
+    if mode == "uniform":
+        n_block = counts.astype(np.int64)
+        cost_block = np.zeros(len(cap), dtype=np.int64)
+        cost_block[bs] = cost_pos  # a block's groups share one cost
+        floor = uniform_counts(n_block, cost_block, floor, cap, target)
     forced = rank < floor[bs]
     allowed = rank < cap[bs]
     eligible = allowed & ~forced

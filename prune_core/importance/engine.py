@@ -255,7 +255,7 @@ class _Pass:
         if ckpt is None or self.store is None:
             return
         self.store.check_identity(ckpt.meta.get("identity", {}), self.identity)
-        start = int(ckpt.meta["next_batch"])
+        start = self._checked_start(ckpt.meta)
         self.progress = _Progress(
             next_batch=start,
             batch_stats=list(ckpt.meta["batch_stats"]),
@@ -267,6 +267,24 @@ class _Pass:
         assert self.inputs is not None
         self.inputs.load_state_tensors(ckpt.tensors, int(ckpt.meta["input_tokens"]))
         self.emit(Notice(f"resuming from batch {start}/{self.total}", "info", self.stage))
+
+    def _checked_start(self, meta: dict[str, Any]) -> int:
+        """The batch to resume from, after cross-checking the meta's counts with each other and this pass."""
+        assert self.store is not None
+        name = "meta file"
+        start, stats, tokens = meta.get("next_batch"), meta.get("batch_stats"), meta.get("input_tokens")
+        if not isinstance(start, int) or isinstance(start, bool) or not 0 < start <= self.total:
+            raise self.store.damaged(name, f"names batch {start!r}, not one of 1..{self.total}")
+        if meta.get("total_batches") != self.total:
+            raise self.store.damaged(name, f"was made for {meta.get('total_batches')!r} batches, this pass has "
+                                           f"{self.total}")
+        if not isinstance(stats, list) or len(stats) != start:
+            raise self.store.damaged(name, f"holds {len(stats) if isinstance(stats, list) else 'no'} batch "
+                                           f"statistics for {start} batches done")
+        expected = sum(hi - lo for lo, hi in self.slices[:start]) * self.seq_len
+        if tokens != expected:
+            raise self.store.damaged(name, f"counts {tokens!r} input tokens, {start} batches make {expected}")
+        return start
 
     # checkpoints -------------------------------------------------------------------------------
     def checkpoint(self, next_batch: int) -> None:

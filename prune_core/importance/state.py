@@ -2,7 +2,7 @@
 
 Layout of `checkpoint_dir`:
     manifest.json              {"format", "version", "seq", "tensors": "state-000007.safetensors",
-                                "meta": "meta-000007.json"}
+                                "meta": "meta-000007.json", "sha256": {file: sha256 of each}}
     state-000007.safetensors   the accumulation sums (Σg, Σn·g², Σx, Σx² ...)
     meta-000007.json           next batch, identity, losses, per-batch stats, token counts, seconds
 
@@ -11,6 +11,10 @@ atomically replaces the small manifest, then deletes the files of the previous c
 at any point leaves a manifest that points at complete files, so the previous checkpoint stays
 usable. `identity` (what identifies the inputs: model and data fingerprints, method, batch size,
 ...) is stored in the meta file; a checkpoint with a different identity is refused with BadInput.
+
+Each file's sha256 is in the manifest and checked on load: a checkpoint whose tensors or meta were
+changed after it was written (flipped bits, an edited `next_batch`) is refused with RunFailed naming
+the file and saying `--fresh`; the engine also cross-checks the meta's batch counts.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prune_core.atomic import write_json, write_with
+from prune_core.digest import file_sha256
 from prune_core.errors import BadInput, RunFailed
 
 FORMAT = "prune-importance-checkpoint"
@@ -93,6 +98,13 @@ class CheckpointStore:
             f"delete {self.folder} (or run with --fresh) to start the pass over",
         )
 
+    def damaged(self, name: str, what: str) -> RunFailed:
+        """A checkpoint file that does not match what was written: refused, never resumed (exit code 1)."""
+        return RunFailed(
+            f"the importance checkpoint file {self.folder / name} {what}, so it cannot be resumed safely",
+            f"run again with --fresh to start the pass over (or delete {self.folder})",
+        )
+
     def exists(self) -> bool:
         return (self.folder / MANIFEST).exists()
 
@@ -103,11 +115,23 @@ class CheckpointStore:
             return None
         if manifest.get("version") != VERSION:
             raise self._corrupt(f"checkpoint format version {manifest.get('version')}, expected {VERSION}")
+        sums = manifest.get("sha256")
+        names = (manifest.get("meta"), manifest.get("tensors"))
+        if not isinstance(sums, dict) or not all(isinstance(n, str) and "/" not in n for n in names):
+            raise self.damaged(MANIFEST, "lists no checksums (written by another version, or edited)")
+        for name in names:
+            path = self.folder / name
+            if not path.is_file():
+                raise self.damaged(name, "is missing")
+            if file_sha256(path) != sums.get(name):
+                raise self.damaged(name, "is corrupt: it does not match its sha256 in manifest.json")
         try:
             meta = json.loads((self.folder / manifest["meta"]).read_text(encoding="utf-8"))
             tensors = load_file(self.folder / manifest["tensors"], device=str(device))
         except Exception as exc:  # safetensors raises its own SafetensorError on a damaged file
             raise self._corrupt(str(exc)) from exc
+        if not isinstance(meta, dict):
+            raise self.damaged(str(manifest["meta"]), "is not a JSON object")
         return Checkpoint(meta=meta, tensors=tensors, path=self.folder)
 
     def check_identity(self, stored: dict[str, Any], current: dict[str, Any]) -> None:
@@ -127,7 +151,9 @@ class CheckpointStore:
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         write_with(self.folder / names["tensors"], lambda tmp: save_file(cpu, str(tmp)))
         write_json(self.folder / names["meta"], meta)
-        write_json(self.folder / MANIFEST, {"format": FORMAT, "version": VERSION, "seq": seq, **names})
+        sums = {name: file_sha256(self.folder / name) for name in names.values()}
+        write_json(self.folder / MANIFEST, {"format": FORMAT, "version": VERSION, "seq": seq, **names,
+                                            "sha256": sums})
         self._remove_stale(keep=set(names.values()))
         return self.folder / MANIFEST
 

@@ -43,7 +43,9 @@ def headline(results: ResultsData | None) -> Text:
         return text
     a = results.allocation
     text.append(f"{results.session.session.name}", style="bold")
-    text.append(f" · {results.session.model.id} · target {a.target_ratio:.0%} → achieved {a.achieved_ratio:.1%}")
+    text.append(f" · {results.session.model.id} · target {a.target_ratio:.0%} → ")
+    gap = a.ratio_gap()
+    text.append(f"achieved {a.achieved_ratio:.1%}" + (" (!)" if gap else ""), style="bold yellow" if gap else "")
     totals = results.totals
     before, after = totals if totals else (a.params_before, a.params_after)
     text.append(f" · params {human_count(before)} → {human_count(after)}")
@@ -54,7 +56,9 @@ def headline(results: ResultsData | None) -> Text:
         text.append(f" · PPL {b} → {f}")
     else:
         text.append(" · PPL not evaluated (e)", style="dim")
-    if results.from_folder:
+    if gap:
+        text.append(f"\n(!) {gap}", style="yellow")
+    elif results.from_folder:
         text.append(f"\nfrom {results.results_dir}", style="dim")
     return text
 
@@ -183,6 +187,10 @@ class ResultsScreen(Screen):
         finding = self.query_one("#findings", FindingsList).selected
         if finding is None or not finding.fix:
             self.notify("This finding has no automatic fix.", severity="warning")
+            return
+        if not finding.recommended:
+            self.notify("This fix was tried in a what-if and made the proxy loss worse; it is not applied.",
+                        severity="warning", markup=False)
             return
         self.post_message(FixRequested(finding.issue, finding.fix))
 

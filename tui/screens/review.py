@@ -75,7 +75,10 @@ class ReviewStep(Step):
             box.update(text)
         else:
             target = state.session_path or "(not saved yet: ctrl+s asks for a file name)"
-            box.update(Text(f"✓ valid · saves to {target}", style="green"))
+            text = Text(f"✓ valid · saves to {target}", style="green")
+            if state.model_error:  # the file is valid, but the run would fail at the model stage
+                text.append(f"\n✗ the model does not load: {state.model_error}", style="red")
+            box.update(text)
         self.query_one("#review-toml", Static).update(toml_text(state.draft_toml()))
 
     @on(Button.Pressed, "#review-save")

@@ -63,13 +63,23 @@ def progress_lines(state: RunState) -> Text:
     text = Text()
     if b is None:
         cur = state.current
-        text.append(f"{cur.name}: {cur.message or cur.description or 'working'}…" if cur else "", style="dim")
+        if cur is not None:
+            what = cur.message or cur.description or "working"
+            head, colon, rest = what.partition(":")
+            if colon and head.split()[-1:] == [cur.name]:  # "taylor importance: 16×128" under "importance"
+                what = rest.strip() or what
+            text.append(f"{cur.name}: {what}…", style="dim")
         return text
     text.append(f"{b.stage}  batch {b.batch}/{b.total}", style="bold")
     if b.resumed_from:
         text.append(f" (resumed at {b.resumed_from})", style="dim")
     text.append(f"\nloss {b.loss:.4f}   mean {b.mean_loss:.4f}\n")
-    text.append(f"{b.tokens_per_s:,.0f} tokens/s   ETA {human_seconds(b.eta_s) if b.batch < b.total else 'done'}")
+    if state.status == "running" and state.stopping and b.batch < b.total:
+        text.append(f"stopping after batch {b.batch + 1}/{b.total}…", style="bold yellow")
+    elif state.status == "running" or b.batch >= b.total:
+        text.append(f"{b.tokens_per_s:,.0f} tokens/s   ETA {human_seconds(b.eta_s) if b.batch < b.total else 'done'}")
+    else:  # interrupted or failed: no estimate of a pass that is not running
+        text.append(f"stopped at batch {b.batch}/{b.total}", style="dim")
     return text
 
 
@@ -80,6 +90,20 @@ STATUS = {
     "interrupted": ("Interrupted: the pass was checkpointed; r resumes", "bold yellow"),
     "failed": ("Failed", "bold red"),
 }
+
+
+def chart_note(state: RunState) -> str:
+    """What the per-layer chart says while it has no statistics of this run."""
+    imp = state.stages.get("importance")
+    if imp is not None and imp.status == "cached":
+        return "importance reused from the cache: no batches in this run"
+    if state.status == "failed":
+        return "the run failed before the first batch"
+    if state.status == "interrupted":
+        return "stopped before the first batch"
+    if state.status == "done":
+        return "no batches in this run"
+    return "waiting for the first batch"
 
 
 class RunScreen(Screen):
@@ -147,8 +171,13 @@ class RunScreen(Screen):
         if state.batches_received != self._batches_seen and state.layer_stats is not None:
             self._batches_seen = state.batches_received
             chart.update_stats(state.layer_stats, state.stats_label)
+        elif state.layer_stats is None:  # this run has no batches (yet): never the previous run's chart
+            self._batches_seen = 0
+            chart.clear(chart_note(state))
         label, style = STATUS[state.status]
         status = Text()
+        if state.status == "running" and state.stopping:
+            label, style = "Stopping: the pass is checkpointed after the batch in flight", "bold yellow"
         status.append(label, style=style)
         if state.status == "interrupted" and state.checkpoint is not None:
             status.append(f" (checkpoint after batch {state.checkpoint.batch})", style="yellow")

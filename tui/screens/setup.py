@@ -126,7 +126,13 @@ class SetupScreen(Screen):
         nxt = self.query_one("#nav-next", Button)
         nxt.label = "Run ▶" if i == len(STEP_KEYS) - 1 else "Next ▶"
         n = len(self.state.problems)
-        hint = f"step {i + 1} of {len(STEP_KEYS)}" + (f" · {n} problem{'s' if n != 1 else ''}" if n else " · valid")
+        if n:
+            verdict = f" · {n} problem{'s' if n != 1 else ''}"
+        elif self.state.model_error:  # valid as a file, but its model does not load: never "valid"
+            verdict = " · ✗ the model does not load (step 1)"
+        else:
+            verdict = " · valid"
+        hint = f"step {i + 1} of {len(STEP_KEYS)}{verdict}"
         self.query_one("#nav-hint", Static).update(hint)
 
     @on(Button.Pressed, "#nav-back")

@@ -7,13 +7,13 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.widgets import Collapsible, RadioButton, RadioSet, Static
+from textual.widgets import Collapsible, RadioSet, Static
 
 from prune_core.importance.registry import METHODS as IMPORTANCE_METHODS
 from tui.estimate import Estimate, Geometry, estimate, human_bytes, human_count, human_seconds
 from tui.screens.steps_base import Step, value_at
 from tui.state import WorkbenchState
-from tui.widgets.fields import FieldSpec, control_id
+from tui.widgets.fields import FieldSpec, MarkedRadioButton, control_id
 
 METHODS = tuple((spec.key, spec.description) for spec in IMPORTANCE_METHODS.values())  # the registry's
 
@@ -38,8 +38,13 @@ PRUNING_FIELDS = (
     FieldSpec("pruning.ratio", "ratio", "float", "share of prunable params to remove"),
     FieldSpec("pruning.min_rate", "min rate", "float", "lowest pruned share of any block"),
     FieldSpec("pruning.max_rate", "max rate", "float", "highest pruned share of any block"),
-    FieldSpec("pruning.protect_layers", "protect layers", "ints", "never pruned, e.g. 0, 1",
+    FieldSpec("pruning.protect_layers", "protect layers", "ints", "never pruned, e.g. 0, 1, -1 (-1 = last)",
               placeholder="none"),
+    FieldSpec("pruning.blocks", "blocks", "choice", "what is pruned", ("both", "mlp", "attention")),
+    FieldSpec("pruning.allocation", "budget", "choice", "global ranking or same rate per layer",
+              ("global", "uniform")),
+    FieldSpec("pruning.compensate", "compensate", "choice", "reconstruct: refit what stays",
+              ("none", "bias", "reconstruct")),
 )
 
 PRUNING_ADVANCED = (
@@ -49,13 +54,13 @@ PRUNING_ADVANCED = (
     FieldSpec("normalization.level", "normalize", "choice", "none, per layer or per block",
               ("none", "layer", "block")),
     FieldSpec("normalization.method", "norm. method", "choice", "how scores are rescaled",
-              ("log", "minmax", "zscore", "sqrt")),
+              ("log", "minmax", "zscore", "sqrt", "mean")),
     FieldSpec("normalization.clip", "clip", "floats", "percentiles low, high e.g. 1, 99", placeholder="none"),
     FieldSpec("pruning.early_layers", "early layers", "int", "first N layers use early max rate"),
     FieldSpec("pruning.early_max_rate", "early max rate", "float", "max rate of those layers"),
     FieldSpec("pruning.depth_weight", "depth weight", "float", "favour early layers ×(1+(1-l/L)·w)"),
-    FieldSpec("pruning.compensate", "compensate", "choice", "bias: fold pruned mean output",
-              ("none", "bias")),
+    FieldSpec("pruning.ridge", "ridge", "float", "reconstruct: pull toward the original weights"),
+    FieldSpec("pruning.attention_weight", "attention weight", "float", ">1 prunes attention less"),
 )
 
 
@@ -68,7 +73,7 @@ class MethodStep(Step):
         current = value_at(self.state.form_data, "importance.method") or "taylor"
         with RadioSet(id=control_id("importance.method")):
             for key, desc in METHODS:
-                yield RadioButton(f"{key:<11} {desc}", value=key == current, id=f"method-{key}")
+                yield MarkedRadioButton(f"{key:<11} {desc}", value=key == current, id=f"method-{key}")
         yield Static("", id="method-error", classes="field-error-line")
         for spec in METHOD_FIELDS:
             yield self.row(spec)
@@ -124,6 +129,9 @@ class LengthStep(Step):
               "batch_size": max(1, b), "dtype": str(value_at(data, "model.dtype") or "float32"),
               "gpu": state.gpu_for(str(value_at(data, "model.device") or "auto")), "cpu_flops": state.cpu_flops,
               "gradient_checkpointing": bool(value_at(data, "importance.gradient_checkpointing"))}
+        speed = state.speeds.get(state.speed_key(str(value_at(data, "model.id") or ""), str(kw["method"]),
+                                                 str(value_at(data, "model.device") or "auto")))
+        kw["measured"] = speed
         lengths = sorted({128, 256, 512, max(2, seq)})
         rows: list[Estimate] = [estimate(geo, seq_len=s, **kw) for s in lengths]  # type: ignore[arg-type]
         table = Table(title=None, box=None, padding=(0, 2), show_edge=False)
@@ -135,6 +143,8 @@ class LengthStep(Step):
             table.add_row(str(e.seq_len), human_count(e.tokens), when if when.startswith("<") else "~" + when,
                           "~" + human_bytes(e.memory_bytes), mark, style="bold" if mark else "")
         where = "GPU (assumed)" if kw["gpu"] else ("CPU (measured)" if state.cpu_flops else "CPU (assumed)")
+        if speed is not None:
+            where = f"this machine, calibrated on the last pass ({speed[0]:,.0f} tokens/s)"
         note = Text.assemble(
             ("Estimate", "bold"), f" for {kw['method']} on {where}{'' if geo.exact else ', model size guessed'}:\n",
             ("longer windows see more context (steadier importance) but time grows with tokens and memory with "

@@ -23,7 +23,9 @@ from tui.widgets.fields import FieldRow, FieldSpec
 WHATIF_FIELDS = (
     FieldSpec("pruning.ratio", "ratio", "float"),
     FieldSpec("normalization.level", "normalize", "choice", choices=("none", "layer", "block")),
-    FieldSpec("normalization.method", "method", "choice", choices=("log", "minmax", "zscore", "sqrt")),
+    FieldSpec("normalization.method", "method", "choice", choices=("log", "minmax", "zscore", "sqrt", "mean")),
+    FieldSpec("pruning.blocks", "blocks", "choice", choices=("both", "mlp", "attention")),
+    FieldSpec("pruning.allocation", "budget", "choice", choices=("global", "uniform")),
     FieldSpec("normalization.clip", "clip %", "floats", placeholder="none"),
     FieldSpec("correction.temperature", "T", "float"),
     FieldSpec("correction.tau", "tau", "float"),
@@ -38,7 +40,11 @@ def compare_text(cur: AllocationView | None, prev: AllocationView | None) -> Tex
     if cur is None:
         return Text("No allocation yet.", style="dim")
     text.append(f"target {cur.target_ratio:.1%} · achieved {cur.achieved_ratio:.1%}", style="bold")
-    text.append(f" · removes {human_count(cur.removed)} of {human_count(cur.prunable)}\n")
+    text.append(f" · removes {human_count(cur.removed)} of {human_count(cur.prunable)}")
+    if cur.proxy is not None:
+        dense = f" (dense {cur.dense_proxy:.4f})" if cur.dense_proxy is not None else ""
+        text.append(f" · proxy loss {cur.proxy:.4f}{dense}")
+    text.append("\n")
     if prev is not None:
         text.append(f"previous: target {prev.target_ratio:.1%} · achieved {prev.achieved_ratio:.1%} · "
                     f"removes {human_count(prev.removed)}", style="dim")
@@ -46,6 +52,8 @@ def compare_text(cur: AllocationView | None, prev: AllocationView | None) -> Tex
         text.append("previous: none yet (change a value to compare)", style="dim")
     if not cur.reachable:
         text.append(f"\n{cur.message or 'target not reachable under the limits'}", style="yellow")
+    elif cur.ratio_gap():
+        text.append(f"\n(!) {cur.ratio_gap()}", style="yellow")
     return text
 
 

@@ -18,6 +18,10 @@ from tui.results_model import AllocationView
 STATS = ("norm", "mean", "std", "max")
 ATTN_COLOR = (95, 175, 215)   # xterm-256 colour 74
 MLP_COLOR = (215, 175, 95)    # xterm-256 colour 179
+# attention and MLP differ by glyph too, so they stay apart under NO_COLOR and 16 colours
+ATTN_MARKER = "hd"            # solid half-block bars
+MLP_MARKER = "▒"              # shaded bars
+MARKERS = {"attention": ATTN_MARKER, "mlp": MLP_MARKER}
 BLOCKS = ("attention", "mlp")
 
 
@@ -75,6 +79,7 @@ class LayerStatsChart(_ReplottedChart):
         self.stats: LayerStats | None = None
         self.received = 0   # update_stats calls (BatchDone data handed to the chart)
         self.redraws = 0    # times the plot was rebuilt
+        self.note = "waiting for the first batch"  # shown while there are no statistics
         self._dirty = False
 
     def on_mount(self) -> None:
@@ -92,6 +97,14 @@ class LayerStatsChart(_ReplottedChart):
         self._dirty = True
         if now:
             self._tick()
+
+    def clear(self, note: str = "waiting for the first batch") -> None:
+        """Drop the statistics shown (a new run, a failed one) and say why the chart is empty."""
+        if self.stats is None and self.note == note:
+            return
+        self.stats, self.note = None, note
+        self._dirty = True
+        self._tick()
 
     def set_view(self, stat: str | None = None, block: str | None = None) -> None:
         if stat is not None:
@@ -127,13 +140,14 @@ class LayerStatsChart(_ReplottedChart):
             logs = [math.log10(v) for v in ys]
             lo = math.floor(min(logs) - 1e-9)
             hi = max(lo + 1, math.ceil(max(logs)))
-            plt.bar(xs, logs, marker="hd", color=ATTN_COLOR if self.block == "attention" else MLP_COLOR, minimum=lo)
+            plt.bar(xs, logs, marker=MARKERS.get(self.block, ATTN_MARKER),
+                    color=ATTN_COLOR if self.block == "attention" else MLP_COLOR, minimum=lo)
             decades = _ticks(list(range(lo, hi + 1)), self.size.height - 5)
             plt.yticks(decades, [f"1e{k}" for k in decades])
             plt.ylim(lo, hi)
             plt.xticks(xs if len(xs) <= 16 else xs[:: max(1, len(xs) // 8)])
         else:
-            title += " · waiting for the first batch"
+            title += f" · {self.note}"
         plt.title(title)
         plt.xlabel("layer")
 
@@ -171,7 +185,8 @@ class RatesChart(_ReplottedChart):
         else:
             xs = [r.layer for r in cur.rows]
             plt.multiple_bar(xs, [[100 * r.attention_rate for r in cur.rows], [100 * r.mlp_rate for r in cur.rows]],
-                             labels=["attn", "mlp"], marker="hd", color=[ATTN_COLOR, MLP_COLOR])
+                             labels=["attn █", "mlp ▒"], marker=[ATTN_MARKER, MLP_MARKER],
+                             color=[ATTN_COLOR, MLP_COLOR])
             plt.ylim(0, 100)
             plt.yticks(_ticks([0, 25, 50, 75, 100], self.size.height - 4))
             plt.xticks(xs if len(xs) <= 16 else xs[:: max(1, len(xs) // 8)])

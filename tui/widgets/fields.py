@@ -14,9 +14,25 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widget import Widget
-from textual.widgets import Checkbox, Input, Label, Select, Static
+from textual.widgets import Checkbox, Input, Label, RadioButton, Select, Static
 
 Kind = Literal["text", "int", "float", "ints", "floats", "choice", "bool"]
+
+
+class MarkedCheckbox(Checkbox):
+    """A checkbox whose state shows without colour: "X" when on, blank when off (NO_COLOR, 16 colours)."""
+
+    @property  # type: ignore[override]
+    def BUTTON_INNER(self) -> str:
+        return "X" if self.value else " "
+
+
+class MarkedRadioButton(RadioButton):
+    """A radio button whose state shows without colour: "●" when chosen, blank otherwise."""
+
+    @property  # type: ignore[override]
+    def BUTTON_INNER(self) -> str:
+        return "\u25cf" if self.value else " "
 
 
 @dataclass(frozen=True)
@@ -111,7 +127,7 @@ class FieldRow(Vertical):
             return Select(options, value=initial, allow_blank=False, id=cid, compact=True,
                           classes="field-control")
         if spec.kind == "bool":
-            return Checkbox("", value=bool(value), id=cid, classes="field-control")
+            return MarkedCheckbox("", value=bool(value), id=cid, classes="field-control")
         return Input(value=value, placeholder=spec.placeholder, id=cid, compact=True, classes="field-control",
                      select_on_focus=True)
 

@@ -16,7 +16,7 @@ def finding_label(f: FindingView) -> Text:
     text.append(f.marker, style=STYLES.get(f.severity, ""))
     text.append(f" {f.issue}")
     if f.fix:
-        text.append("  (fix)", style="dim")
+        text.append("  (fix)" if f.recommended else "  (fix tried: worse)", style="dim")
     return text
 
 
@@ -63,7 +63,7 @@ class FindingDetail(Static):
         text.append(f"{f.recommendation}\n")
         if f.fix:
             fix = ", ".join(f"{k} = {v!r}" for k, v in f.fix.items())
-            text.append("Fix (press f): ", style="bold")
+            text.append("Fix (press f): " if f.recommended else "Tried, made the proxy worse: ", style="bold")
             text.append(fix)
         else:
             text.append("No automatic fix.", style="dim")

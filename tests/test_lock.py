@@ -1,0 +1,71 @@
+"""One run per results folder: the lock names its holder, refuses a second run at once, is released
+at the end (also on failure), and a stale lock (dead pid) is taken over with a notice. The event log
+round-trips to typed events and ends with a closing record."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prune_core import eventlog, lock
+from prune_core.errors import Interrupted
+from prune_core.events import BatchDone, Notice, StagePlan
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_second_holder_is_refused_naming_the_first(tmp_path: Path) -> None:
+    with lock.hold(tmp_path, command="prune run a.toml") as held:
+        assert lock.holder(tmp_path) == held.info
+        with pytest.raises(lock.FolderLocked) as exc:
+            lock.acquire(tmp_path, command="prune run b.toml")
+        text = str(exc.value)
+        assert f"pid {os.getpid()}" in text and "prune run a.toml" in text and f"prune attach {tmp_path}" in text
+    assert lock.holder(tmp_path) is None and not lock.lock_path(tmp_path).exists()
+
+
+def test_a_stale_lock_is_taken_over_with_a_notice(tmp_path: Path) -> None:
+    import socket
+
+    stale = {"pid": dead_pid(), "host": socket.gethostname(), "started": "2020-01-01T00:00:00+00:00",
+             "command": "prune run old.toml"}
+    lock.lock_path(tmp_path).write_text(json.dumps(stale), encoding="utf-8")
+    assert lock.holder(tmp_path) is None
+    seen: list[object] = []
+    with lock.hold(tmp_path, on_event=seen.append) as held:
+        assert held.info.pid == os.getpid()
+    assert any(isinstance(e, Notice) and "stale lock" in e.message and str(stale["pid"]) in e.message for e in seen)
+
+
+def test_the_event_log_round_trips_and_records_how_a_run_ended(tmp_path: Path) -> None:
+    got: list[object] = []
+    with pytest.raises(Interrupted), eventlog.tee(tmp_path, got.append) as sink:
+        sink(StagePlan(recompute=("importance",), estimates={"importance": 3.0}))
+        sink(BatchDone("importance", 1, 4, float("nan"), 2.0, 10.0, 3.0, {"attention": {"norm": [1.0]}}))
+        raise Interrupted("stopped", "run again")
+    objs = eventlog.read_events(tmp_path)
+    assert [o["kind"] for o in objs] == ["stage_plan", "batch_done", "run_interrupted"]
+    events = [eventlog.from_dict(o) for o in objs]
+    assert events[0] == got[0]
+    assert isinstance(events[1], BatchDone) and events[1].layer_stats == {"attention": {"norm": [1.0]}}
+    assert events[2] is None and len(got) == 2
+
+
+def test_a_writing_run_on_a_locked_folder_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    from prune_core import pipeline
+    from tests.helpers import tiny_session
+
+    session = tiny_session(tmp_path, name="locked")
+    folder = pipeline.results_dir_for(session)
+    with lock.hold(folder, command="prune tui locked.toml"), pytest.raises(lock.FolderLocked, match="prune tui"):
+        pipeline.run(session)
+    assert sorted(p.name for p in folder.iterdir()) == []

@@ -1,0 +1,89 @@
+"""Run-view bookkeeping fixed for issue 12: resumed passes, stopped passes, cached stages, ratio gaps,
+state shown without colour, and Evaluate forcing both perplexities on. Pure Python, no app."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prune_core.events import BatchDone, Notice, StageDone, StageStarted
+from sessions import Session
+from tui import jobs
+from tui.estimate import Geometry, estimate
+from tui.results_model import AllocationView
+from tui.runstate import RunState
+from tui.screens.run import chart_note, progress_lines
+
+
+def batch(n: int, total: int = 8, resumed: int = 0) -> BatchDone:
+    return BatchDone("importance", n, total, 4.0, 4.1, 100.0, 24.0, {}, resumed_from=resumed)
+
+
+def test_a_resumed_pass_starts_at_its_checkpoint_not_at_zero() -> None:
+    rs = RunState()
+    rs.reset()
+    rs.apply(StageStarted("importance", "importance pass", total=8))
+    rs.apply(Notice("resuming from batch 5/8", "info", "importance"))
+    assert (rs.stages["importance"].done, rs.stages["importance"].total) == (5, 8)
+
+
+def test_a_stopped_pass_shows_no_eta_and_a_stopping_one_says_so() -> None:
+    rs = RunState()
+    rs.reset()
+    rs.apply(batch(3))
+    assert "ETA" in str(progress_lines(rs))
+    rs.stopping = True
+    assert "stopping after batch 4/8" in str(progress_lines(rs))
+    rs.finish("interrupted")
+    text = str(progress_lines(rs))
+    assert "ETA" not in text and "stopped at batch 3/8" in text
+
+
+def test_the_chart_note_follows_the_run() -> None:
+    rs = RunState()
+    rs.reset()
+    assert chart_note(rs) == "waiting for the first batch"
+    rs.apply(StageStarted("importance"))
+    rs.apply(StageDone("importance", 0.1, cached=True))
+    assert "cache" in chart_note(rs)
+    failed = RunState()
+    failed.reset()
+    failed.finish("failed", "boom")
+    assert "failed" in chart_note(failed)
+
+
+def test_a_missed_target_is_flagged() -> None:
+    ok = AllocationView(rows=[], target_ratio=0.5, achieved_ratio=0.49, removed=49, prunable=100)
+    short = AllocationView(rows=[], target_ratio=0.5, achieved_ratio=0.198, removed=20, prunable=100)
+    assert ok.ratio_gap() == ""
+    assert "19.8% is below the target 50%" in short.ratio_gap()
+
+
+def test_the_estimate_is_calibrated_by_a_measured_pass() -> None:
+    geo = Geometry(parameters=135_000_000, prunable=100_000_000, layers=30, hidden=576, heads=9)
+    guess = estimate(geo, method="taylor", seq_len=128, num_samples=16, batch_size=4, cpu_flops=1e9)
+    measured = estimate(geo, method="taylor", seq_len=128, num_samples=16, batch_size=4, cpu_flops=1e9,
+                        measured=(100.0, 128))
+    assert abs(measured.seconds - 16 * 128 / 100.0) < 1e-6 and guess.seconds != measured.seconds
+
+
+def test_checkbox_and_radio_state_shows_without_colour() -> None:
+    from tui.widgets.fields import MarkedCheckbox, MarkedRadioButton
+
+    assert MarkedCheckbox("", value=True).BUTTON_INNER == "X"
+    assert MarkedCheckbox("", value=False).BUTTON_INNER == " "
+    assert MarkedRadioButton("a", value=True).BUTTON_INNER != MarkedRadioButton("b", value=False).BUTTON_INNER
+
+
+def test_evaluate_forces_both_perplexities_on() -> None:
+    seen: dict[str, Any] = {}
+
+    class Recorder:
+        def run(self, session: Session, **kw: Any) -> str:
+            seen.update(session=session, **kw)
+            return "report"
+
+    ctx = jobs.JobContext(Recorder(), memo=None, sink=lambda e: None, should_stop=lambda: False)  # type: ignore[arg-type]
+    off = Session().with_updates({"evaluation.before": False, "evaluation.after": False})
+    assert jobs.evaluate(ctx, off) == "report"
+    assert seen["session"].evaluation.before and seen["session"].evaluation.after
+    assert seen["until"] == "eval_after" and seen["write"] is False
