@@ -79,4 +79,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from prune_core.importance.allocator import keep_freed_memory
+
+    keep_freed_memory()  # what the `prune` process does at its start
     main()

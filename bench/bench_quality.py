@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prune_core import pipeline
+from prune_core import atomic, pipeline
 from prune_core.tune import tune
 from sessions import Session
 from sessions.presets import RECOMMENDED
@@ -78,6 +78,38 @@ def randomized(memo: pipeline.Memo, seed: int) -> None:
     att = torch.from_numpy(rng.random(tuple(result.attention.shape)))
     mlp = torch.from_numpy(rng.random(tuple(result.mlp.shape)))
     memo.replace_latest("importance", replace(result, attention=att, mlp=mlp, first_order=None))
+
+
+def write_section(rows: list[dict[str, Any]], dense: dict[str, float], args: argparse.Namespace, eval_tokens: int,
+                  started: str, total: int, write: bool) -> str:
+    """The BENCHMARKS.md section for the rows so far (marked partial until all `total` rows are in)."""
+    rho = {d: spearman([r["proxy"] for r in rows], [r[d] for r in rows]) for d in DOMAINS}
+    partial = "" if len(rows) >= total else f" **Partial: {len(rows)} of {total} rows so far.**"
+    lines = [
+        SECTION, "",
+        f"smollm2-135m (float32, CPU), calibration {args.samples} × 128 shakespeare tokens (seed 0, batch 4, "
+        f"4 more windows held out for the proxy); perplexity of the saved-model equivalent on the first "
+        f"{eval_tokens:,} tokens of the shakespeare evaluation split (in-domain) and of `wikipedia` (other "
+        f"domain), 512-token windows. Dense: **{dense['shakespeare']:.2f}** / **{dense['wikipedia']:.2f}**. "
+        f"Every row is a session run through `pipeline.run`; `recommended` is sessions/presets.py "
+        f"(what `prune new` and the quick start use); `tuned` is `prune tune` ({args.tune:.0f} s) from it.",
+        f"Spearman rank correlation of the proxy loss with held-out PPL over these rows: in-domain "
+        f"**{rho['shakespeare']:.2f}**, other domain **{rho['wikipedia']:.2f}**.{partial}",
+        f"Measured from {started} on {machine()}. Reproduce: `.venv/bin/python bench/bench_quality.py --write`.", "",
+        "| ratio | configuration | removed | PPL shakespeare | PPL wikipedia | proxy loss | notes |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    lines += [f"| {r['ratio']:.0%} | {r['config']} | {r['removed']:.1%} | {r['shakespeare']:.2f} | "
+              f"{r['wikipedia']:.2f} | {r['proxy']:.4f} | {r['note']} |" for r in rows]
+    section = "\n".join(lines) + "\n"
+    if write:
+        path = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+        text = path.read_text() if path.exists() else "# Benchmarks\n"
+        pattern = re.compile(re.escape(SECTION) + r".*?(?=\n## |\Z)", re.S)
+        text = pattern.sub(lambda _m: section.rstrip("\n"), text) if pattern.search(text) \
+            else text.rstrip() + "\n\n" + section
+        atomic.write_text(path, text if text.endswith("\n") else text + "\n")
+    return section
 
 
 def main() -> None:
@@ -143,34 +175,14 @@ def main() -> None:
                 rows.append(row)
                 print(f"{ratio:.0%} | {name} | {r['shakespeare']:.2f} | {r['wikipedia']:.2f} | proxy "
                       f"{r['proxy']:.4f} | {r['seconds']:.0f} s {note}", flush=True)
+                if args.write:  # a long run that is stopped still leaves the rows it measured
+                    write_section(rows, dense, args, eval_tokens, started, len(ratios) * len(names), True)
 
-    rho = {d: spearman([r["proxy"] for r in rows], [r[d] for r in rows]) for d in DOMAINS}
-    lines = [
-        SECTION, "",
-        f"smollm2-135m (float32, CPU), calibration {args.samples} × 128 shakespeare tokens (seed 0, batch 4, "
-        f"4 more windows held out for the proxy); perplexity of the saved-model equivalent on the first "
-        f"{eval_tokens:,} tokens of the shakespeare evaluation split (in-domain) and of `wikipedia` (other "
-        f"domain), 512-token windows. Dense: **{dense['shakespeare']:.2f}** / **{dense['wikipedia']:.2f}**. "
-        f"Every row is a session run through `pipeline.run`; `recommended` is sessions/presets.py "
-        f"(what `prune new` and the quick start use); `tuned` is `prune tune` ({args.tune:.0f} s) from it.",
-        f"Spearman rank correlation of the proxy loss with held-out PPL over these rows: in-domain "
-        f"**{rho['shakespeare']:.2f}**, other domain **{rho['wikipedia']:.2f}**.",
-        f"Measured {started} on {machine()}. Reproduce: `.venv/bin/python bench/bench_quality.py --write`.", "",
-        "| ratio | configuration | removed | PPL shakespeare | PPL wikipedia | proxy loss | notes |",
-        "|---|---|---:|---:|---:|---:|---|",
-    ]
-    lines += [f"| {r['ratio']:.0%} | {r['config']} | {r['removed']:.1%} | {r['shakespeare']:.2f} | "
-              f"{r['wikipedia']:.2f} | {r['proxy']:.4f} | {r['note']} |" for r in rows]
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if args.write:
-        path = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-        text = path.read_text() if path.exists() else "# Benchmarks\n"
-        pattern = re.compile(re.escape(SECTION) + r".*?(?=\n## |\Z)", re.S)
-        text = pattern.sub(lambda _m: section.rstrip("\n"), text) if pattern.search(text) \
-            else text.rstrip() + "\n\n" + section
-        path.write_text(text if text.endswith("\n") else text + "\n")
+    print(write_section(rows, dense, args, eval_tokens, started, len(ratios) * len(names), args.write))
 
 
 if __name__ == "__main__":
+    from prune_core.importance.allocator import keep_freed_memory
+
+    keep_freed_memory()  # what the `prune` process does at its start
     main()

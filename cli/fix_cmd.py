@@ -4,11 +4,13 @@ Applying a fix is the same in the CLI and the TUI: the session with the fix's ke
 (`prune_core.fixes.apply_fix`, which refuses keys a fix may not touch) and a pipeline run. The new
 session is written next to the results folder as `<name>-fixN.toml` (comments kept), its results go
 to `<name>-fixN/`, and the original folder's stage cache is copied there first, so the importance
-pass is reused, not recomputed. A fix the proxy found worse is refused unless `--force`.
+pass is reused, not recomputed. A fix the proxy found worse is refused unless `--force`. An
+interrupted fix run says how to resume it: `prune run <name>-fixN.toml --out <name>-fixN`.
 """
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from rich.text import Text
 
 from cli.render import JsonRenderer, make_renderer
 from cli.signals import StopFlag, stop_on_signals
-from prune_core.errors import BadInput
+from prune_core.errors import BadInput, Interrupted
 
 MARKERS = {"critical": "[CRIT]", "high": "[HIGH]", "warning": "[WARN]", "info": "[INFO]"}
 STYLES = {"critical": "bold red", "high": "red", "warning": "yellow", "info": "cyan"}
@@ -96,6 +98,11 @@ def run_fix(results: Path, apply: int | None, json_mode: bool, console: Console,
     try:
         with stop_on_signals(flag):
             fixed = pipeline.run(new_session, out_dir=new_dir, on_event=renderer, should_stop=flag)
+    except (Interrupted, KeyboardInterrupt) as exc:  # the fixed session resumes as a plain run
+        what = exc.message if isinstance(exc, Interrupted) else ("stopped at once (Ctrl-C pressed again); the "
+                                                                  "last periodic checkpoint is kept")
+        resume = shlex.join(["prune", "run", str(session_path), "--out", str(new_dir)])
+        raise Interrupted(f"{what}; the fixed session is {session_path}", f"run `{resume}` to resume it") from None
     finally:
         renderer.close()
     cmp = compare_results(results, new_dir)

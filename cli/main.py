@@ -3,13 +3,15 @@
 Exit codes (documented in the README): 0 success, 1 the run failed, 2 bad input (session file,
 arguments, unknown model or dataset), 3 the results folder is in use by another run (`prune attach`
 follows it), 130 interrupted (state checkpointed; run again to resume).
-`prune` with no command opens the Textual workbench.
+`prune` with no command opens the Textual workbench. `main()` (the console script and `python -m cli`)
+tunes glibc malloc for the whole process first (prune_core/importance/allocator.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import sys
 import traceback
 from collections.abc import Iterator
@@ -157,6 +159,33 @@ def validate(path: Annotated[Path, typer.Argument(help="The session file to chec
               f"ratio {s.pruning.ratio})", highlight=False)
 
 
+@app.command()
+def plan(
+    session_file: Annotated[Path, typer.Argument(metavar="SESSION", help="The session .toml to plan for.")],
+    model: Annotated[str | None, typer.Option("--model", help="Plan this model (built-in key, hub id or local "
+                                                              "folder) instead of the session's.")] = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per window (default [data] seq_len).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Windows per batch (default [data] "
+                                                                        "batch_size).")] = None,
+    json_mode: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")] = False,
+) -> None:
+    """Memory each importance method needs for the session's model (read from its config only, no weights):
+    weights, gradients, Σg / Fisher buffers, activations with and without checkpointing, and what fits here."""
+    import sessions
+    from prune_core import memplan
+
+    with _guard():
+        session = sessions.load(session_file)
+        for flag, value in (("--seq-len", seq_len), ("--batch-size", batch_size)):
+            if value is not None and value < (2 if flag == "--seq-len" else 1):
+                raise BadInput(f"{flag} {value} is too small", f"pass {flag} {2 if flag == '--seq-len' else 1} or more")
+        result = memplan.plan_for_session(session, model=model, seq_len=seq_len, batch_size=batch_size)
+    if json_mode:
+        typer.echo(memplan.to_json(result))
+    else:
+        out.print(memplan.render_text(result), markup=False, highlight=False, soft_wrap=True)
+
+
 # ----------------------------------------------------------------------------- run
 @app.command()
 def run(
@@ -175,13 +204,42 @@ def run(
         _detach(session_file, out_dir, fresh)
     with _guard():
         session = sessions.load(session_file)
+    if not _main_rank(session):
+        _follow(session, out_dir, fresh)
+        return
     console = Console(stderr=json_mode)
     flag = StopFlag()
     renderer = make_renderer(console, json_mode, stop=flag)
-    cmd = f"prune run {session_file}" + (f" --out {out_dir}" if out_dir else "")
+    cmd = shlex.join(["prune", "run", str(session_file), *(["--out", str(out_dir)] if out_dir else [])])
     with _run_errors(renderer, flag, cmd), stop_on_signals(flag):
         report = pipeline.run(session, out_dir=out_dir, fresh=fresh, on_event=renderer, should_stop=flag)
     _print_report(report, json_mode)
+
+
+def _main_rank(session: Any) -> bool:
+    """Join torch.distributed when launched by torchrun / accelerate launch / srun; True on rank 0 (or alone)."""
+    from prune_core import distributed
+
+    with _guard():
+        return distributed.setup(session.model.device).is_main
+
+
+def _follow(session: Any, out_dir: Path | None, fresh: bool) -> None:
+    """A rank other than 0 shares the passes and stays quiet: rank 0 reports; only its own errors are shown."""
+    from prune_core import distributed, pipeline
+
+    flag = StopFlag()
+    rank = distributed.world().rank
+    try:
+        with stop_on_signals(flag):
+            pipeline.run(session, out_dir=out_dir, fresh=fresh, should_stop=flag)
+    except Interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except PruneError as exc:
+        if exc.message.startswith("rank 0 stopped"):  # rank 0 shows it
+            raise typer.Exit(EXIT_BAD_INPUT if isinstance(exc, BadInput) else EXIT_FAILED) from None
+        raise fail(type(exc)(f"rank {rank}: {exc.message}", exc.fix),
+                   EXIT_BAD_INPUT if isinstance(exc, BadInput) else EXIT_FAILED) from None
 
 
 def _detach(session_file: Path, out_dir: Path | None, fresh: bool) -> None:
@@ -214,7 +272,7 @@ def _run_errors(renderer: Any, flag: StopFlag, cmd: str) -> Iterator[None]:
                                f"run `{cmd}` again to resume"), EXIT_INTERRUPTED) from None
     except KeyboardInterrupt:
         renderer.close()
-        raise fail(Interrupted("stopped at once (second Ctrl-C); the last periodic checkpoint is kept",
+        raise fail(Interrupted("stopped at once (Ctrl-C pressed again); the last periodic checkpoint is kept",
                                f"run `{cmd}` again to resume"), EXIT_INTERRUPTED) from None
     except FolderLocked as exc:
         renderer.close()
@@ -250,7 +308,9 @@ def tune(
         session = sessions.load(session_file)
     renderer = make_renderer(Console(stderr=True), False)
     flag = StopFlag()
-    with _run_errors(renderer, flag, f"prune tune {session_file}"), stop_on_signals(flag):
+    cmd = shlex.join(["prune", "tune", str(session_file), *(["--budget", f"{budget:g}"] if budget != 60.0 else []),
+                      *(["--out", str(out_dir)] if out_dir else []), *([] if corrections else ["--no-corrections"])])
+    with _run_errors(renderer, flag, cmd), stop_on_signals(flag):
         result = run_tune(session, budget_s=budget, out_dir=out_dir, corrections=corrections,
                           on_event=renderer, should_stop=flag)
         paths = write_tune(result, session_file)
@@ -332,21 +392,45 @@ def show(
 
 @app.command("eval")
 def eval_cmd(
+    ctx: typer.Context,
     model_dir: Annotated[Path, typer.Argument(help="A saved pruned model folder (results/model).")],
     dataset: Annotated[str | None, typer.Option(help="Held-out text (default: the run's evaluation dataset).")] = None,
     seq_len: Annotated[int, typer.Option(help="Window length.")] = 512,
     max_tokens: Annotated[int, typer.Option(help="Tokens to evaluate.")] = 32768,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto.")] = "auto",
+    tasks: Annotated[str | None, typer.Option(
+        "--tasks", help="Comma-separated lm-eval tasks (arc_easy,hellaswag,…): task accuracy through lm-eval "
+                        "instead of perplexity.")] = None,
+    include_path: Annotated[Path | None, typer.Option(
+        "--include-path", help="A folder of your own lm-eval task YAMLs (with --tasks).")] = None,
+    limit: Annotated[float | None, typer.Option(
+        help="Samples per task (or a fraction below 1), for a quick look (with --tasks).")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(
+        "--num-fewshot", help="Few-shot examples per question (default: the task's own, usually 0).")] = None,
+    batch_size: Annotated[str | None, typer.Option(
+        "--batch-size", help="lm-eval batch size: a number or auto (with --tasks; default 1).")] = None,
+    out_file: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Also write the result as JSON to this file.")] = None,
     json_mode: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Perplexity of a saved pruned model on a held-out split (the pipeline's evaluation stages)."""
+    """Perplexity of a saved pruned model on a held-out split (the pipeline's evaluation stages), or with
+    --tasks its accuracy on lm-eval tasks (written to <results>/zeroshot.json inside a results folder)."""
     import tempfile
 
     from prune_core import pipeline
     from prune_core.report import is_results_folder
     from sessions import Session
 
+    if tasks is not None:
+        _eval_tasks(ctx, model_dir, tasks, include_path=include_path, limit=limit, num_fewshot=num_fewshot,
+                    batch_size=batch_size, device=device, out_file=out_file, json_mode=json_mode)
+        return
     try:
+        given = [f"--{name.replace('_', '-')}" for name in ("include_path", "limit", "num_fewshot", "batch_size")
+                 if ctx.params.get(name) is not None]
+        if given:
+            raise BadInput(f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to task evaluation",
+                           "add --tasks (e.g. --tasks arc_easy), or leave them out for perplexity")
         if not (model_dir / "pruning.json").is_file():
             raise BadInput(f"{model_dir} is not a saved pruned model (no pruning.json)",
                            "pass the model/ folder of a results folder")
@@ -373,19 +457,205 @@ def eval_cmd(
         raise fail(BadInput(f"cannot read {model_dir / 'pruning.json'} ({exc.strerror})",
                             "check the path and its permissions"), EXIT_BAD_INPUT) from None
     parent = model_dir.resolve().parent
+    cmd = shlex.join(["prune", "eval", str(model_dir), *(["--dataset", dataset] if dataset else []),
+                      *(["--seq-len", str(seq_len)] if seq_len != 512 else []),
+                      *(["--max-tokens", str(max_tokens)] if max_tokens != 32768 else []),
+                      *(["--device", device] if device != "auto" else [])])
     renderer = make_renderer(Console(stderr=True), False)  # progress on stderr; stdout holds the result
     flag = StopFlag()
     with tempfile.TemporaryDirectory(prefix="prune-eval-") as tmp:
         # the evaluation is cached in the results folder the model belongs to (nowhere else)
         where = parent if is_results_folder(parent) else Path(tmp)
-        with _run_errors(renderer, flag, f"prune eval {model_dir}"), stop_on_signals(flag):
+        with _run_errors(renderer, flag, cmd), stop_on_signals(flag):
             report = pipeline.run(session, out_dir=where, until="eval_before", write=False,
                                   on_event=renderer, should_stop=flag)
     result = {**report.perplexity["before"], "model_dir": str(model_dir)}
+    if out_file is not None:
+        from prune_core.atomic import write_json
+
+        with _guard():
+            write_json(out_file, result)
     if json_mode:
         typer.echo(json.dumps(result, indent=2))
     else:
         out.print(f"perplexity {result['ppl']:.3f} on {ds} ({result['tokens']:,} tokens, seq_len {seq_len})")
+        if out_file is not None:
+            out.print(f"wrote {out_file}", highlight=False)
+
+
+def _eval_tasks(ctx: typer.Context, model_dir: Path, tasks: str, *, include_path: Path | None,
+                limit: float | None, num_fewshot: int | None, batch_size: str | None, device: str,
+                out_file: Path | None, json_mode: bool) -> None:
+    """`prune eval MODEL_DIR --tasks …`: lm-eval task accuracy (prune_core/zeroshot.py)."""
+    from prune_core import zeroshot
+    from prune_core.report import is_results_folder
+
+    def say(message: str) -> None:
+        err.print(message, style="dim", highlight=False)
+
+    with _guard():
+        # typer vendors click: compare the source by name, not with click's own enum
+        ppl_only = [f"--{name.replace('_', '-')}" for name in ("dataset", "seq_len", "max_tokens")
+                    if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
+        if ppl_only:
+            raise BadInput(f"{', '.join(ppl_only)} only appl{'y' if len(ppl_only) > 1 else 'ies'} to perplexity, "
+                           "not to --tasks",
+                           "leave them out, or run `prune eval` without --tasks for perplexity")
+        if not (model_dir / "pruning.json").is_file():
+            raise BadInput(f"{model_dir} is not a saved pruned model (no pruning.json)",
+                           "pass the model/ folder of a results folder")
+        summary = zeroshot.run(model_dir, zeroshot.parse_tasks(tasks), include_path=include_path, device=device,
+                               batch_size=batch_size or "1", limit=limit, num_fewshot=num_fewshot, say=say,
+                               verbose=state["debug"])
+        written: list[str] = []
+        parent = model_dir.resolve().parent
+        if is_results_folder(parent):
+            written.append(str(zeroshot.write_results(parent / zeroshot.RESULTS_FILE, summary, merge=True)))
+        if out_file is not None:
+            written.append(str(zeroshot.write_results(out_file, summary)))
+    if json_mode:
+        typer.echo(json.dumps({**summary, "written": written}, indent=2))
+        return
+    table = Table(title=f"lm-eval {summary['lm_eval_version']} on {model_dir}")
+    for col in ("task", "metric", "value", "± stderr", "samples"):
+        table.add_column(col, justify="right" if col in ("value", "± stderr") else "left")
+
+    def num(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, int | float) else str(value if value is not None else "")
+
+    for task, metric, value, stderr, count in zeroshot.rows(summary):
+        table.add_row(task, metric, num(value), num(stderr), count)
+    out.print(table)
+    for path in written:
+        out.print(f"wrote {path}", highlight=False)
+
+
+@app.command("export")
+def export_cmd(
+    source: Annotated[Path, typer.Argument(metavar="RESULTS_OR_MODEL_DIR",
+                                           help="A results folder or its saved model/ folder.")],
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="The folder to write (required).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="hf: a plain Hugging Face folder (uniform widths only); "
+                                                      "gguf: one .gguf file for llama.cpp (llama models).")] = "hf",
+    gguf_dtype: Annotated[str, typer.Option("--dtype", help="--format gguf only: f32 or f16 tensors.")] = "f32",
+    verify: Annotated[bool, typer.Option("--verify/--no-verify",
+                                         help="Load the written folder back and compare logits (needs memory "
+                                              "for a second copy of the model).")] = True,
+    json_mode: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Write a pruned model in a format other tools load: --format hf gives a folder that
+    transformers.AutoModelForCausalLM.from_pretrained reads without prune (when every layer has the same widths)."""
+    from prune_core import hf_export
+
+    def say(message: str) -> None:
+        err.print(message, style="dim", highlight=False)
+
+    with _guard():
+        kind = fmt.strip().lower()
+        if kind == "gguf":
+            from prune_core import gguf_export
+
+            if out_dir is None:
+                raise BadInput("prune export --format gguf needs --out FILE.gguf",
+                               "name the file to write, e.g. --out exported/model.gguf")
+            gguf_result = gguf_export.export_gguf(source, out_dir, dtype=gguf_dtype, verify=verify, say=say)
+        elif kind != "hf":
+            raise BadInput(f"unknown --format {fmt!r}", "use --format hf or --format gguf")
+        if out_dir is None:
+            raise BadInput("prune export needs --out DIR", "name the folder to write, e.g. --out exported/my-model")
+        if kind == "gguf":
+            if json_mode:
+                typer.echo(json.dumps(gguf_result.to_dict(), indent=2))
+                return
+            _print_gguf_export(gguf_result)
+            return
+        result = hf_export.export_hf(source, out_dir, verify=verify, say=say)
+    if json_mode:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    sizes = ", ".join(f"{k} {v}" for k, v in result.sizes.items())
+    out.print(f"wrote {result.folder}: {result.architecture}, {result.parameters:,} parameters ({sizes})",
+              highlight=False, soft_wrap=True)
+    if result.zero_biases:
+        out.print(f"  {len(result.zero_biases)} bias tensors written as zeros so the config can hold the "
+                  "compensation biases", highlight=False, soft_wrap=True)
+    if result.max_abs_logit_diff is not None:
+        out.print(f"  checked: AutoModelForCausalLM.from_pretrained gives the pruned model's logits "
+                  f"(max |difference| {result.max_abs_logit_diff:.3g})", highlight=False, soft_wrap=True)
+    out.print(f"  load it with: AutoModelForCausalLM.from_pretrained({str(result.folder)!r})", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def recover(
+    results: Annotated[Path, typer.Argument(metavar="RESULTS", help="A results folder (its model/) or a saved pruned "
+                                                                     "model folder.")],
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default [recovery] steps).")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (default [recovery] lr).")] = None,
+    rank: Annotated[int | None, typer.Option(help="LoRA rank (default [recovery] rank).")] = None,
+    alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default [recovery] alpha).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Windows per step.")] = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per window.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Training text; its calibration split is used (default "
+                                                     "[recovery] dataset, else [data] dataset).")] = None,
+    checkpoint_seconds: Annotated[float | None, typer.Option("--checkpoint-seconds",
+                                                             help="Checkpoint at most this often (0 = every step).")] = None,
+    session_file: Annotated[Path | None, typer.Option("--session", help="Take [recovery], seed and [evaluation] from "
+                                                                        "this session file instead of the run's.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Where the merged model goes "
+                                                                     "(default RESULTS/recovered).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, mps or auto (default: the session's).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore (and delete) an interrupted fine-tuning's "
+                                                        "checkpoint.")] = False,
+    json_mode: Annotated[bool, typer.Option("--json", help="Newline-delimited JSON events and the report.")] = False,
+) -> None:
+    """LoRA fine-tuning of a pruned model (recovery): merged model in RESULTS/recovered, perplexity before and
+    after in RESULTS/recovery.json. Interrupted (Ctrl-C), it checkpoints; run it again to resume."""
+    import sessions
+    from prune_core import recovery
+
+    with _guard():
+        session = sessions.load(session_file) if session_file is not None else None
+        recovery.locate(results, out_dir)  # bad folders exit 2 before anything loads
+        if device is not None:
+            from sessions.schema import ModelSection
+
+            try:
+                ModelSection(device=device)
+            except ValueError:
+                raise BadInput(f"{device!r} is not a device", "use auto, cpu, cuda, cuda:N or mps") from None
+    console = Console(stderr=json_mode)
+    flag = StopFlag()
+    renderer = make_renderer(console, json_mode, stop=flag)
+    given = {"--steps": steps, "--lr": lr, "--rank": rank, "--alpha": alpha, "--batch-size": batch_size,
+             "--seq-len": seq_len, "--dataset": dataset, "--checkpoint-seconds": checkpoint_seconds,
+             "--session": session_file, "--out": out_dir, "--device": device}
+    cmd = shlex.join(["prune", "recover", str(results),
+                      *[str(x) for k, v in given.items() if v is not None for x in (k, v)]])
+    with _run_errors(renderer, flag, cmd), stop_on_signals(flag):
+        result = recovery.recover(results, session=session, out=out_dir, fresh=fresh, device=device,
+                                  on_event=renderer, should_stop=flag, steps=steps, lr=lr, rank=rank, alpha=alpha,
+                                  batch_size=batch_size, seq_len=seq_len, dataset=dataset,
+                                  checkpoint_seconds=checkpoint_seconds)
+    if json_mode:
+        JsonRenderer().emit({"kind": "recovery", **result.to_dict()})
+        return
+    out.print(result.summary(), highlight=False, soft_wrap=True)
+    out.print(f"recovered model: {result.out_dir}  (evaluate it: prune eval {result.out_dir})", highlight=False,
+              soft_wrap=True)
+    out.print(f"report: {result.report_path}", highlight=False, soft_wrap=True)
+
+def _print_gguf_export(result: Any) -> None:
+    out.print(f"wrote {result.path}: GGUF {result.architecture} ({result.dtype}), {len(result.layers)} blocks, "
+              f"{result.parameters:,} values in {result.tensors} tensors", highlight=False, soft_wrap=True)
+    if result.dropped_layers:
+        out.print(f"  left out layers {', '.join(map(str, result.dropped_layers))} (attention and MLP removed: "
+                  "the identity)", highlight=False, soft_wrap=True)
+    for check in result.checks:
+        out.print(f"  {check}", highlight=False, soft_wrap=True)
+    if result.max_abs_logit_diff is not None:
+        out.print(f"  llama.cpp logits vs the pruned model's: max |difference| {result.max_abs_logit_diff:.3g}",
+                  highlight=False, soft_wrap=True)
+    out.print(f"  run it with: llama-cli -m {result.path}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -425,6 +695,11 @@ runs_cmd.register(app, fail)  # prune attach, prune ps
 
 
 def main() -> Any:
+    """The `prune` process: tune glibc malloc for the CPU passes (a process-wide choice the engine
+    never makes; PRUNE_MALLOC_TUNING=0 opts out), then run the command or open the workbench."""
+    from prune_core.importance.allocator import keep_freed_memory
+
+    keep_freed_memory()
     return app()
 
 

@@ -37,11 +37,11 @@ START_TIMEOUT_S = 120.0
 def detach(session_file: Path, out_dir: Path | None, fresh: bool, console: Console) -> int:
     """Start `prune run SESSION` in its own process session; print the results folder; 0 once it holds the lock."""
     import sessions
-    from prune_core import pipeline
+    from prune_core import pipeline, preflight
 
     session = sessions.load(session_file)  # BadInput (exit 2) before anything starts
+    preflight.before_run(session, pipeline.results_dir_for(session, out_dir))  # what the run would refuse
     folder = pipeline.results_dir_for(session, out_dir).resolve()
-    pipeline.ensure_writable(folder)
     held = lock.holder(folder)
     if held is not None:
         raise lock.locked_message(folder, held)
@@ -178,7 +178,7 @@ def output_folders(cwd: Path) -> list[Path]:
     found = {cwd / "runs"}
     for toml in sorted(cwd.glob("*.toml")):
         try:
-            raw = tomllib.loads(toml.read_text(encoding="utf-8"))
+            raw = tomllib.loads(toml.read_text(encoding="utf-8-sig"))
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
             continue
         out = (raw.get("session") or {}).get("output_dir") if isinstance(raw, dict) else None

@@ -275,10 +275,15 @@ def choose_starts(num_starts: int, num_samples: int, seed: int) -> list[int]:
 
 
 def calibration_tokens(tokenizer: Any, dataset: str, num_samples: int, seq_len: int, seed: int,
-                       on_event: EventSink | None = None) -> torch.LongTensor:
-    """`num_samples` windows of `seq_len` tokens from the calibration split: LongTensor [num_samples, seq_len]."""
-    _check_positive("num_samples", num_samples)
-    _check_positive("seq_len", seq_len)
+                       on_event: EventSink | None = None, *, keys: tuple[str, str] = ("num_samples", "seq_len"),
+                       ) -> torch.LongTensor:
+    """`num_samples` windows of `seq_len` tokens from the calibration split: LongTensor [num_samples, seq_len].
+
+    `keys` names the two settings in messages (e.g. ("correction.samples", "correction.seq_len")).
+    """
+    samples_key, len_key = keys
+    _check_positive(samples_key, num_samples)
+    _check_positive(len_key, seq_len)
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise BadInput(f"seed must be a non-negative integer (got {seed!r})", "set seed to 0 or more")
     text = load_text(dataset, "calibration", on_event)
@@ -286,15 +291,15 @@ def calibration_tokens(tokenizer: Any, dataset: str, num_samples: int, seq_len: 
     n = int(ids.size)
     if n < seq_len + 1:
         raise BadInput(
-            f"the calibration split of '{dataset}' has {n} tokens, fewer than seq_len + 1 = {seq_len + 1}",
-            f"use a smaller seq_len (at most {max(n - 1, 1)}) or a dataset with more text",
+            f"the calibration split of '{dataset}' has {n} tokens, fewer than {len_key} + 1 = {seq_len + 1}",
+            f"use a smaller {len_key} (at most {max(n - 1, 1)}) or a dataset with more text",
         )
     num_starts = n - seq_len + 1
     if num_samples > num_starts:
         raise BadInput(
             f"the calibration split of '{dataset}' has {n} tokens: only {num_starts} distinct windows of "
-            f"{seq_len} tokens, fewer than num_samples = {num_samples}",
-            f"use at most {num_starts} samples, a smaller seq_len, or a dataset with more text",
+            f"{seq_len} tokens, fewer than {samples_key} = {num_samples}",
+            f"set {samples_key} to at most {num_starts}, use a smaller {len_key}, or a dataset with more text",
         )
     starts = np.asarray(choose_starts(num_starts, int(num_samples), int(seed)), dtype=np.int64)
     windows = ids[starts[:, None] + np.arange(seq_len, dtype=np.int64)[None, :]]

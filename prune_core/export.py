@@ -164,7 +164,6 @@ def save_pruned(model: nn.Module, tokenizer: Any, folder: str | os.PathLike[str]
     recipe = _recipe(model, adapter, _norm_kept(kept), source=source, session=session)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    old: Path | None = None
     try:
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
         model.config.to_json_file(str(tmp / "config.json"))  # type: ignore[attr-defined]
@@ -174,21 +173,13 @@ def save_pruned(model: nn.Module, tokenizer: Any, folder: str | os.PathLike[str]
                 gen.to_json_file(str(tmp / "generation_config.json"))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        for path in tmp.iterdir():  # flush everything before pruning.json marks the folder complete
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
+        atomic.usual_permissions(tmp, recursive=True)  # mkdtemp makes 0700, safetensors 0600 files
+        atomic.flush_tree(tmp)  # everything on disk before pruning.json marks the folder complete
         atomic.write_json(tmp / RECIPE, recipe)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
+        atomic.swap_in(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not folder.exists():
-            os.replace(old, folder)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return folder
 
 

@@ -76,7 +76,7 @@ def apply_fix(session_path: Path, fix: dict[str, Any], out_path: Path, *, name: 
     """
     src = _source_file(session_path)
     check_fix(fix)
-    text = src.read_text(encoding="utf-8")
+    text = src.read_text(encoding="utf-8-sig")  # without a byte-order mark (tomlkit refuses one)
     try:
         doc = tomlkit.parse(text)
         tomllib.loads(text)

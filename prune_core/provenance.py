@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from prune_core import distributed
+
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
@@ -51,10 +53,22 @@ def device_name(device: torch.device) -> str:
 
 
 def world_size() -> int:
+    """The number of processes that shared the run (torch.distributed), else WORLD_SIZE, else 1."""
+    joined = distributed.provenance()
+    if joined["world_size"] > 1:
+        return int(joined["world_size"])
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
         return 1
+
+
+def ranks() -> dict[str, Any]:
+    """backend and devices of the ranks when several processes shared the run (nothing otherwise)."""
+    joined = distributed.provenance()
+    if joined["world_size"] <= 1:
+        return {}
+    return {"distributed_backend": joined["backend"], "devices": joined["devices"]}
 
 
 def base_provenance() -> dict[str, Any]:
@@ -67,4 +81,5 @@ def base_provenance() -> dict[str, Any]:
         "transformers": _version("transformers"),
         "datasets": _version("datasets"),
         "world_size": world_size(),
+        **ranks(),
     }

@@ -202,7 +202,7 @@ def compute_block_losses(ctx: Ctx) -> Any:
     s = ctx.session
     mv: ModelValue = ctx.values["model"]
     tokens = calibration_tokens(mv.tokenizer, s.data.dataset, s.correction.samples, s.correction.seq_len,
-                                s.session.seed)
+                                s.session.seed, keys=("correction.samples", "correction.seq_len"))
     block = block_importance(mv.model, mv.adapter, tokens, batch_size=min(s.data.batch_size, len(tokens)),
                              on_event=ctx.on_event, should_stop=ctx.should_stop, stage=ctx.stage)
     ctx.summary = f"base loss {block.base_loss:.4f}"

@@ -6,7 +6,9 @@ For every layer, the kept rows / columns of every linear the adapter's group lay
 own there. Default layout: attention group k = KV head k (rows of k/v, its r query heads' rows of q
 and the same columns of o_proj), MLP channel j = row j of gate/up and column j of down_proj; a
 fused qkv_proj / gate_up_proj loses the rows of every slice at once. The parameter count drops by
-exactly Σ cost of the pruned groups (plus the output biases compensation adds, see below).
+exactly Σ cost of the pruned groups (plus the output biases compensation adds, see below), and,
+where a block is removed entirely, the parameters of it that belong to no group (Qwen3's and
+Gemma 3's per-head q/k norm weights, `SurgeryReport.ungrouped_parameters`; none for Llama).
 
 The Llama-family attention reshapes with -1 heads and repeats each KV head
 `module.num_key_value_groups` = r times; since a kept KV head keeps all its r query heads, r is
@@ -112,6 +114,8 @@ class SurgeryReport:
     pruned_parameters: int = 0  # Σ cost of the removed groups
     compensated: list[str] = field(default_factory=list)  # module names whose output bias got compensation
     added_bias_parameters: int = 0  # parameters of biases compensation created
+    # parameters of blocks removed entirely that belong to no group (Qwen3 / Gemma 3 per-head q/k norms)
+    ungrouped_parameters: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -120,6 +124,7 @@ class SurgeryReport:
             "removed_attention_blocks": self.removed_attention_blocks,
             "removed_mlp_blocks": self.removed_mlp_blocks, "pruned_parameters": self.pruned_parameters,
             "compensated": self.compensated, "added_bias_parameters": self.added_bias_parameters,
+            "ungrouped_parameters": self.ungrouped_parameters,
         }
 
 
@@ -232,6 +237,15 @@ def _prune_block(model: nn.Module, adapter: Any, li: int, parts: LayerParts, gl:
     return f"{adapter.layers_path}.{li}.{gl.output}", added, False
 
 
+def _ungrouped_parameters(parts: LayerParts, gl: GroupLayout) -> int:
+    """Parameters of a block that no group owns and its zero stand-in does not keep: they go with the
+    block when it is removed entirely (Qwen3 / Gemma 3: the per-head q_norm / k_norm weights; 0 for
+    Llama). The output bias is not among them: the stand-in keeps it."""
+    out = parts.linear(gl.output)
+    kept_bias = out.bias.numel() if out.bias is not None else 0
+    return count_parameters(parts.module(gl.container)) - gl.groups * parts.group_cost(gl.block) - kept_bias
+
+
 def apply_pruning(model: nn.Module, adapter: Any, pruned: Mapping[Any, Mapping[str, Sequence[int]]], *,
                   input_means: Mapping[str, Any] | None = None) -> SurgeryReport:
     """Remove `pruned[layer]["attention"]` KV groups and `pruned[layer]["mlp"]` channels in place."""
@@ -251,6 +265,7 @@ def apply_pruning(model: nn.Module, adapter: Any, pruned: Mapping[Any, Mapping[s
     removed_blocks: dict[str, list[int]] = {"attention": [], "mlp": []}
     compensated: list[str] = []
     pruned_params = 0
+    ungrouped = 0
     added = 0
     what = {"attention": "attention group", "mlp": "MLP channel"}
 
@@ -266,6 +281,8 @@ def apply_pruning(model: nn.Module, adapter: Any, pruned: Mapping[Any, Mapping[s
                 keep = [g for g in range(gl.groups) if g not in gone]
                 kept[li][gl.block] = keep
                 pruned_params += len(rm) * parts.group_cost(gl.block)
+                if rm and not keep:
+                    ungrouped += _ungrouped_parameters(parts, gl)
                 plan.append((gl, rm, keep))
             for gl, rm, keep in plan:
                 if not rm:
@@ -286,6 +303,7 @@ def apply_pruning(model: nn.Module, adapter: Any, pruned: Mapping[Any, Mapping[s
         pruned_parameters=pruned_params,
         compensated=compensated,
         added_bias_parameters=added,
+        ungrouped_parameters=ungrouped,
     )
 
 

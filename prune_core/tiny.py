@@ -1,9 +1,15 @@
-"""Built-in random tiny models (`tiny-llama`, `tiny-mistral`, `tiny-qwen2`) and their byte tokenizer.
+"""Built-in random tiny models, one per supported family (`tiny-llama`, `tiny-mistral`, `tiny-qwen2`,
+`tiny-qwen3`, `tiny-gemma2`, `tiny-gemma3`, `tiny-phi3`, `tiny-smollm3`), and their byte tokenizer.
 
-Tests and demos need real LLaMA-family modules without a download: these are genuine
-`LlamaForCausalLM` / `MistralForCausalLM` / `Qwen2ForCausalLM` instances, 4 layers, hidden 64,
+Tests and demos need real modules of every family without a download: these are genuine
+`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `Gemma2ForCausalLM`,
+`Gemma3ForCausalLM`, `Phi3ForCausalLM` and `SmolLM3ForCausalLM` instances, 4 layers, hidden 64,
 4 query heads over 2 KV heads (GQA), MLP width 128, small enough for hundreds of forward/backward
-passes in a test run. Weights come from a seeded `torch.Generator` filled in sorted parameter order,
+passes in a test run. Each keeps what sets its family apart: Qwen3's per-head q/k norms, Gemma's
+sandwich norms, scaled tied embeddings, head_dim 24 ≠ hidden / heads, query_pre_attn_scalar and
+sliding-window layers (window 16; Gemma 2 also soft-caps attention and final logits, so it runs the
+eager attention, which sdpa cannot replace), Phi-3's fused qkv_proj / gate_up_proj, SmolLM3's
+layers without RoPE. Weights come from a seeded `torch.Generator` filled in sorted parameter order,
 so every machine builds the same model. Per-layer gains and per-row scales are drawn on purpose so
 layers and groups differ in importance (a plain 0.02-std init makes every group look alike).
 
@@ -19,17 +25,28 @@ from dataclasses import dataclass
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
+from prune_core.adapters import adapter_for_type
 from prune_core.errors import BadInput
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
@@ -45,6 +62,12 @@ HEADS = 4
 KV_HEADS = 2
 HEAD_DIM = HIDDEN // HEADS
 INTERMEDIATE = 128
+# Gemma's heads are wider than hidden / heads (Gemma 2 2B: 8 × 256 over hidden 2304), and its
+# attention scale comes from query_pre_attn_scalar, not from head_dim.
+GEMMA_HEAD_DIM = 24
+GEMMA_QUERY_PRE_ATTN_SCALAR = 32
+SLIDING_WINDOW = 16
+GEMMA_FAMILIES = ("gemma2", "gemma3_text")
 
 
 @dataclass(frozen=True)
@@ -78,6 +101,44 @@ TINY_MODELS: dict[str, TinySpec] = {
             "qwen2",
             "random tiny Qwen2 (4 layers, hidden 64, 4 heads / 2 KV heads, q/k/v biases); built in, for tests",
             seed=3003,
+            tie_word_embeddings=True,
+        ),
+        TinySpec(
+            "tiny-qwen3",
+            "qwen3",
+            "random tiny Qwen3 (4 layers, hidden 64, 4 heads / 2 KV heads, per-head q/k norms); built in, for tests",
+            seed=4004,
+            tie_word_embeddings=True,
+        ),
+        TinySpec(
+            "tiny-gemma2",
+            "gemma2",
+            "random tiny Gemma 2 (4 layers, hidden 64, 4 heads × 24 / 2 KV heads, soft-capping, sliding window); "
+            "built in, for tests",
+            seed=5005,
+            tie_word_embeddings=True,
+        ),
+        TinySpec(
+            "tiny-gemma3",
+            "gemma3_text",
+            "random tiny Gemma 3 text (4 layers, hidden 64, 4 heads × 24 / 2 KV heads, q/k norms, sliding window); "
+            "built in, for tests",
+            seed=6006,
+            tie_word_embeddings=True,
+        ),
+        TinySpec(
+            "tiny-phi3",
+            "phi3",
+            "random tiny Phi-3 (4 layers, hidden 64, 4 heads / 2 KV heads, fused qkv_proj and gate_up_proj); "
+            "built in, for tests",
+            seed=7007,
+            tie_word_embeddings=False,
+        ),
+        TinySpec(
+            "tiny-smollm3",
+            "smollm3",
+            "random tiny SmolLM3 (4 layers, hidden 64, 4 heads / 2 KV heads, no RoPE in layer 3); built in, for tests",
+            seed=8008,
             tie_word_embeddings=True,
         ),
     )
@@ -143,13 +204,27 @@ def make_config(key: str) -> PretrainedConfig:
         initializer_range=0.02,
         use_cache=True,
     )
-    if spec.family == "llama":
+    gemma = dict(common, head_dim=GEMMA_HEAD_DIM, query_pre_attn_scalar=GEMMA_QUERY_PRE_ATTN_SCALAR,
+                 sliding_window=SLIDING_WINDOW, hidden_activation="gelu_pytorch_tanh")
+    family = spec.family
+    if family == "llama":
         config: PretrainedConfig = LlamaConfig(**common)
-    elif spec.family == "mistral":
+    elif family == "mistral":
         config = MistralConfig(sliding_window=None, **common)
-    else:
+    elif family == "qwen2":
         config = Qwen2Config(use_sliding_window=False, **common)
-    config._attn_implementation = ATTN_IMPLEMENTATION
+    elif family == "qwen3":
+        config = Qwen3Config(use_sliding_window=False, **common)
+    elif family == "gemma2":  # alternating sliding / full layers, both soft-caps on
+        config = Gemma2Config(attn_logit_softcapping=50.0, final_logit_softcapping=30.0, **gemma)
+    elif family == "gemma3_text":  # Gemma 3's local:global pattern, shortened to 3:1
+        layer_types = ["sliding_attention"] * (LAYERS - 1) + ["full_attention"]
+        config = Gemma3TextConfig(layer_types=layer_types, **gemma)
+    elif family == "phi3":
+        config = Phi3Config(original_max_position_embeddings=MAX_POSITIONS, **common)
+    else:  # smollm3: RoPE off in every 4th layer (no_rope_layers = [1, 1, 1, 0])
+        config = SmolLM3Config(no_rope_layer_interval=4, **common)
+    config._attn_implementation = adapter_for_type(family).attn_implementation or ATTN_IMPLEMENTATION
     return config
 
 
@@ -157,6 +232,11 @@ _CLASSES: dict[str, type[PreTrainedModel]] = {
     "llama": LlamaForCausalLM,
     "mistral": MistralForCausalLM,
     "qwen2": Qwen2ForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
+    "gemma2": Gemma2ForCausalLM,
+    "gemma3_text": Gemma3ForCausalLM,
+    "phi3": Phi3ForCausalLM,
+    "smollm3": SmolLM3ForCausalLM,
 }
 
 
@@ -169,8 +249,12 @@ def parameter_count(key: str) -> int:
 
 @torch.no_grad()
 def _seeded_init(model: PreTrainedModel, seed: int) -> None:
-    """Overwrite every parameter from one seeded generator, in sorted-name order (machine independent)."""
+    """Overwrite every parameter from one seeded generator, in sorted-name order (machine independent).
+
+    Norm gains are drawn around 1; Gemma's RMSNorm multiplies by (1 + weight), so its weights are
+    drawn around 0 for the same effective gain."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    norm_offset = 0.0 if model.config.model_type in GEMMA_FAMILIES else 1.0
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen, dtype=torch.float32)
@@ -179,7 +263,7 @@ def _seeded_init(model: PreTrainedModel, seed: int) -> None:
     for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
         shape = tuple(param.shape)
         if name.endswith("norm.weight"):
-            value = 1.0 + 0.1 * randn(*shape)
+            value = norm_offset + 0.1 * randn(*shape)
         elif name.endswith(".bias"):
             value = 0.1 * randn(*shape)
         elif "embed_tokens" in name:

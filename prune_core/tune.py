@@ -115,6 +115,13 @@ def tune(session: Session, *, budget_s: float = 60.0, out_dir: Path | None = Non
     seen: dict[str, float] = {_sig({}): best}
     notes: list[str] = []
     quiet = _only_notices(on_event)
+
+    def over_budget() -> bool:
+        return time.perf_counter() - start_budget > budget_s
+
+    def trial_stop() -> bool:  # a trial that would overrun the budget (e.g. a new block-loss pass) is cut short
+        return stop() or over_budget()
+
     stopped = "converged"
     improved = True
     while improved and stopped == "converged":
@@ -124,7 +131,7 @@ def tune(session: Session, *, budget_s: float = 60.0, out_dir: Path | None = Non
                 if stop():
                     stopped = "interrupted"
                     break
-                if time.perf_counter() - start_budget > budget_s:
+                if over_budget():
                     stopped = "budget"
                     break
                 updates = {**best_updates, **option}
@@ -135,9 +142,9 @@ def tune(session: Session, *, budget_s: float = 60.0, out_dir: Path | None = Non
                 try:
                     trial_session = session.with_updates(updates)
                     report = pipeline.run(trial_session, out_dir=results_dir, until="proxy", memo=memo,
-                                          write=False, on_event=quiet, should_stop=stop)
+                                          write=False, on_event=quiet, should_stop=trial_stop)
                 except Interrupted:
-                    stopped = "interrupted"
+                    stopped = "interrupted" if stop() or not over_budget() else "budget"
                     break
                 except PruneError as exc:
                     notes.append(f"{knob} {option}: {exc.message}")

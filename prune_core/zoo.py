@@ -282,6 +282,7 @@ def _convert(entry: ZooEntry, gguf: Path, out_dir: Path, on_event: EventSink | N
     with quiet_progress():
         model.save_pretrained(str(out_dir), safe_serialization=True)
         tokenizer.save_pretrained(str(out_dir))
+    atomic.usual_permissions(out_dir, recursive=True)  # safetensors writes 0600 files
     atomic.write_json(
         out_dir / MANIFEST,
         {

@@ -98,7 +98,7 @@ def save(session: Session, path: str | os.PathLike[str], extra_tables: dict[str,
     `extra_tables` (e.g. `[provenance]` in a results folder) are appended after the schema tables.
     """
     p = Path(path)
-    existing = p.read_text(encoding="utf-8") if p.is_file() else None
+    existing = p.read_text(encoding="utf-8-sig") if p.is_file() else None  # a BOM is not TOML: dropped
     write_text(p, dumps(session, existing, extra_tables))
     return p
 

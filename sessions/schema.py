@@ -175,6 +175,20 @@ class OutputSection(_Section):
     save_model: bool = True
 
 
+class RecoverySection(_Section):
+    """`prune recover` (prune_core/recovery.py): LoRA fine-tuning of the saved pruned model."""
+
+    steps: int = Field(40, ge=1, le=1_000_000, description="optimizer steps of LoRA fine-tuning")
+    lr: float = Field(2e-4, gt=0.0, le=1.0, description="AdamW learning rate (5 % warm-up, then cosine to 10 %)")
+    rank: int = Field(8, ge=1, le=4096, description="LoRA rank r")
+    alpha: float = Field(16.0, gt=0.0, le=65536.0, description="LoRA alpha (the update is scaled by alpha / rank)")
+    batch_size: int = Field(4, ge=1, le=4096, description="training windows per step")
+    seq_len: int = Field(128, ge=2, le=131072, description="tokens per training window")
+    dataset: str = Field("", description="training text (its calibration split); empty = same as [data] dataset")
+    checkpoint_seconds: float = Field(60.0, ge=0.0, le=MAX_CHECKPOINT_SECONDS,
+                                      description="checkpoint the fine-tuning at most this often (0 = every step)")
+
+
 class Session(_Section):
     """A whole session file."""
 
@@ -189,10 +203,15 @@ class Session(_Section):
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     diagnosis: DiagnosisSection = Field(default_factory=DiagnosisSection)
     output: OutputSection = Field(default_factory=OutputSection)
+    recovery: RecoverySection = Field(default_factory=RecoverySection)
 
     @property
     def eval_dataset(self) -> str:
         return self.evaluation.dataset or self.data.dataset
+
+    @property
+    def recovery_dataset(self) -> str:
+        return self.recovery.dataset or self.data.dataset
 
     def resolved(self) -> Session:
         """A copy with every implicit default written out (the results folder stores this)."""

@@ -31,6 +31,7 @@ SECTION_NOTES = {
     "evaluation": "Perplexity on the held-out split before and after pruning.",
     "diagnosis": "Thresholds of the extreme-pruning diagnosis.",
     "output": "What the results folder holds.",
+    "recovery": "LoRA fine-tuning of the pruned model by `prune recover RESULTS` (its command-line options override these).",
 }
 
 

@@ -1,74 +1,25 @@
 """A fused-projection family needs only its adapter's group-layout declaration.
 
-`FusedAdapter` below is the whole adapter for Phi-3 (q/k/v fused into `qkv_proj`, gate/up into
-`gate_up_proj`). Importance, surgery and export read its layout; the checks compare a tiny random
-Phi-3 with its unfused twin (a Llama with the same weights split: identical logits), group by group:
-every method's importance, costs, pruned logits (with and without bias compensation), and the
-export round trip.
+`Phi3Adapter` (prune_core/adapters/phi3.py) declares Phi-3's layout (q/k/v fused into `qkv_proj`,
+gate/up into `gate_up_proj`) and nothing else. Importance, surgery and export read its layout; the
+checks compare a tiny random Phi-3 with its unfused twin (a Llama with the same weights split:
+identical logits), group by group: every method's importance, costs, pruned logits (with and
+without bias compensation), and the export round trip.
 """
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+from transformers import Phi3Config, Phi3ForCausalLM
 
-import prune_core.adapters as adapters_module
 from prune_core.adapters import get_adapter
-from prune_core.adapters.base import Adapter, GroupLayout, LayerLayout, Slice, empty_layout, removed_block
+from prune_core.adapters.phi3 import Phi3Adapter
 from prune_core.importance import run_importance
 from prune_core.importance.registry import method_keys
 from prune_core.surgery import apply_pruning, count_parameters
-
-
-class FusedAdapter(Adapter):
-    """Phi-3: KV head k owns, in qkv_proj, its r·d query rows, d key rows and d value rows (three
-    row ranges), and r·d columns of o_proj; MLP channel j owns rows j and I + j of gate_up_proj
-    (gate, then up) and column j of down_proj."""
-
-    model_types = ("phi3",)
-
-    def layout(self, model: nn.Module, layer_idx: int) -> LayerLayout:
-        layer = self.layers(model)[layer_idx]
-        attn, mlp = layer.self_attn, layer.mlp
-        cfg = model.config  # type: ignore[attr-defined]
-        r = cfg.num_attention_heads // cfg.num_key_value_heads  # surgery keeps whole groups: r is fixed
-        if removed_block(attn):
-            attention = empty_layout("attention", "self_attn")
-        else:
-            d = self.head_dim(model, attn)
-            kv = attn.qkv_proj.out_features // ((r + 2) * d)
-            q_rows = kv * r * d
-            attention = GroupLayout(
-                block="attention", container="self_attn", groups=kv,
-                slices=(Slice("self_attn.qkv_proj", 0, 0, r * d), Slice("self_attn.qkv_proj", 0, q_rows, d),
-                        Slice("self_attn.qkv_proj", 0, q_rows + kv * d, d), Slice("self_attn.o_proj", 1, 0, r * d)),
-                output="self_attn.o_proj", heads_per_group=r, head_dim=d,
-            )
-        if removed_block(mlp):
-            mlp_layout = empty_layout("mlp", "mlp")
-        else:
-            n = mlp.gate_up_proj.out_features // 2
-            mlp_layout = GroupLayout(
-                block="mlp", container="mlp", groups=n,
-                slices=(Slice("mlp.gate_up_proj", 0, 0, 1), Slice("mlp.gate_up_proj", 0, n, 1),
-                        Slice("mlp.down_proj", 1, 0, 1)),
-                output="mlp.down_proj",
-            )
-        return LayerLayout(attention=attention, mlp=mlp_layout)
-
-    def resize(self, model: nn.Module, layer_idx: int, block: str, groups: int) -> None:
-        super().resize(model, layer_idx, block, groups)
-        if block == "attention":  # Phi3Attention splits qkv with config.num_attention_heads
-            attn = self.layers(model)[layer_idx].self_attn
-            config = copy.copy(attn.config)
-            r = config.num_attention_heads // config.num_key_value_heads
-            config.num_attention_heads, config.num_key_value_heads = groups * r, groups
-            attn.config = config
-
+from tests.test_conformance import unfused_twin
 
 GEOMETRY = {"vocab_size": 259, "hidden_size": 64, "intermediate_size": 48, "num_hidden_layers": 3,
             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
@@ -80,26 +31,11 @@ def twins() -> tuple[nn.Module, nn.Module]:
     """(Phi-3, Llama with the same weights split), float64, eval mode."""
     torch.manual_seed(7)
     fused = Phi3ForCausalLM(Phi3Config(**GEOMETRY, original_max_position_embeddings=128)).double().eval()
-    plain = LlamaForCausalLM(LlamaConfig(**GEOMETRY)).double().eval()
-    q, kv = 4 * 16, 2 * 16
-    state = {}
     with torch.no_grad():
-        for key, value in fused.state_dict().items():
-            value = value + 0.05 * torch.randn_like(value) if value.dim() == 1 else value  # norms differ from 1
-            if "qkv_proj" in key:
-                for name, part in zip(("q_proj", "k_proj", "v_proj"), value.split([q, kv, kv]), strict=True):
-                    state[key.replace("qkv_proj", name)] = part
-            elif "gate_up_proj" in key:
-                for name, part in zip(("gate_proj", "up_proj"), value.chunk(2), strict=True):
-                    state[key.replace("gate_up_proj", name)] = part
-            else:
-                state[key] = value
-        fused.load_state_dict({k: v for k, v in state.items() if k in fused.state_dict()}, strict=False)
-        for key, value in fused.state_dict().items():
-            if value.dim() == 1:
-                value.copy_(state[key])
-        plain.load_state_dict(state, strict=True)
-    return fused, plain
+        for param in fused.parameters():
+            if param.dim() == 1:  # norms differ from 1
+                param.add_(0.05 * torch.randn_like(param))
+    return fused, unfused_twin(fused)
 
 
 TOKENS = torch.randint(0, 256, (4, 9), generator=torch.Generator().manual_seed(3))
@@ -108,7 +44,7 @@ TOKENS = torch.randint(0, 256, (4, 9), generator=torch.Generator().manual_seed(3
 def test_twins_agree_and_costs_match() -> None:
     fused, plain = twins()
     torch.testing.assert_close(fused(TOKENS).logits, plain(TOKENS).logits, rtol=1e-12, atol=1e-12)
-    fa, pa = FusedAdapter(), get_adapter(plain)
+    fa, pa = Phi3Adapter(), get_adapter(plain)
     for layer in range(3):
         assert fa.attention_groups(fused, layer) == pa.attention_groups(plain, layer) == 2
         assert fa.mlp_groups(fused, layer) == pa.mlp_groups(plain, layer) == 48
@@ -124,7 +60,7 @@ def test_importance_equals_the_unfused_model(method: str) -> None:
     aggregations = ("element", "vector") if method.startswith("taylor") else ("element",)
     for aggregation in aggregations:
         kw = {"method": method, "aggregation": aggregation, "batch_size": 2}
-        a = run_importance(fused, FusedAdapter(), TOKENS, **kw)
+        a = run_importance(fused, Phi3Adapter(), TOKENS, **kw)
         b = run_importance(plain, get_adapter(plain), TOKENS, **kw)
         torch.testing.assert_close(a.attention, b.attention, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(a.mlp, b.mlp, rtol=1e-9, atol=1e-12)
@@ -150,7 +86,7 @@ def test_pruned_logits_equal_the_unfused_model(compensate: bool) -> None:
     if compensate:
         imp = run_importance(plain, get_adapter(plain), TOKENS, method="wanda", batch_size=2)
         means = imp.input_means()
-    ra = apply_pruning(fused, FusedAdapter(), PRUNED, input_means=means)
+    ra = apply_pruning(fused, Phi3Adapter(), PRUNED, input_means=means)
     rb = apply_pruning(plain, get_adapter(plain), PRUNED, input_means=means)
     assert ra.kept == rb.kept and ra.pruned_parameters == rb.pruned_parameters
     assert ra.params_before - ra.params_after == rb.params_before - rb.params_after
@@ -161,21 +97,20 @@ def test_pruned_logits_equal_the_unfused_model(compensate: bool) -> None:
     assert layer0.mlp.gate_up_proj.weight.shape == (2 * 45, 64)
     torch.testing.assert_close(fused(TOKENS).logits, plain(TOKENS).logits, rtol=1e-10, atol=1e-10)
     # generation with the KV cache still works on the pruned fused model
-    out = fused.generate(TOKENS[:1, :4], max_new_tokens=3, do_sample=False)
+    out = fused.generate(TOKENS[:1, :4], max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert out.shape == (1, 7)
     # and the fused model can be scored again after surgery (uneven layers)
-    again = run_importance(fused, FusedAdapter(), TOKENS, method="magnitude", batch_size=2)
+    again = run_importance(fused, Phi3Adapter(), TOKENS, method="magnitude", batch_size=2)
     assert again.metadata["attention_groups"] == [1, 0, 2] and again.metadata["mlp_groups"] == [45, 24, 0]
 
 
-def test_export_round_trip(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_export_round_trip(tmp_path) -> None:
     from prune_core.export import load_pruned, save_pruned
 
-    monkeypatch.setattr(adapters_module, "ADAPTERS", (*adapters_module.ADAPTERS, FusedAdapter))
     fused, _ = twins()
-    assert isinstance(get_adapter(fused), FusedAdapter)
-    imp = run_importance(fused, FusedAdapter(), TOKENS, method="wanda", batch_size=2)
-    report = apply_pruning(fused, FusedAdapter(), {0: {"attention": [0], "mlp": [1, 2]}, 1: {"mlp": list(range(48))}},
+    assert isinstance(get_adapter(fused), Phi3Adapter)
+    imp = run_importance(fused, Phi3Adapter(), TOKENS, method="wanda", batch_size=2)
+    report = apply_pruning(fused, Phi3Adapter(), {0: {"attention": [0], "mlp": [1, 2]}, 1: {"mlp": list(range(48))}},
                            input_means=imp.input_means())
     folder = save_pruned(fused, None, tmp_path / "model", kept=report.kept, source={}, session={})
     loaded, tokenizer = load_pruned(folder, device="cpu")

@@ -19,6 +19,7 @@ import torch
 from transformers import GPT2Config, PreTrainedModel
 
 from prune_core import models, tiny, zoo
+from prune_core.adapters import SUPPORTED, get_adapter
 from prune_core.errors import BadInput, RunFailed
 from prune_core.events import Event, Progress
 from prune_core.models import LoadedModel, builtin_models, fingerprint_model, resolve_device, resolve_model
@@ -73,8 +74,10 @@ def test_tiny_forward_backward_is_finite(key: str) -> None:
     assert torch.isfinite(loss)
     assert 3.0 < loss.item() < 12.0  # random model over 259 tokens: about ln(259) ≈ 5.6
     loss.backward()
+    adapter = get_adapter(lm.model)
     for i, layer in enumerate(lm.model.model.layers):
-        for proj in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
+        first = next(iter(adapter.parts(lm.model, i).attention_linears.values()))  # q_proj, or a fused qkv_proj
+        for proj in (first, layer.self_attn.o_proj, layer.mlp.down_proj):
             assert proj.weight.grad is not None, f"layer {i} has no gradient"
             assert torch.isfinite(proj.weight.grad).all()
             assert proj.weight.grad.abs().sum() > 0
@@ -95,24 +98,31 @@ def test_tiny_gqa_shapes(key: str) -> None:
     assert cfg.num_hidden_layers == tiny.LAYERS
     assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (tiny.HEADS, tiny.KV_HEADS)
     assert cfg.num_attention_heads > cfg.num_key_value_heads  # grouped-query attention
-    d = tiny.HEAD_DIM
+    d = tiny.GEMMA_HEAD_DIM if cfg.model_type in tiny.GEMMA_FAMILIES else tiny.HEAD_DIM  # Gemma: ≠ hidden / heads
     for layer in lm.model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        assert attn.q_proj.weight.shape == (tiny.HEADS * d, tiny.HIDDEN)
-        assert attn.k_proj.weight.shape == (tiny.KV_HEADS * d, tiny.HIDDEN)
-        assert attn.v_proj.weight.shape == (tiny.KV_HEADS * d, tiny.HIDDEN)
+        if cfg.model_type == "phi3":  # fused projections
+            assert attn.qkv_proj.weight.shape == ((tiny.HEADS + 2 * tiny.KV_HEADS) * d, tiny.HIDDEN)
+            assert mlp.gate_up_proj.weight.shape == (2 * tiny.INTERMEDIATE, tiny.HIDDEN)
+        else:
+            assert attn.q_proj.weight.shape == (tiny.HEADS * d, tiny.HIDDEN)
+            assert attn.k_proj.weight.shape == (tiny.KV_HEADS * d, tiny.HIDDEN)
+            assert attn.v_proj.weight.shape == (tiny.KV_HEADS * d, tiny.HIDDEN)
+            assert mlp.gate_proj.weight.shape == (tiny.INTERMEDIATE, tiny.HIDDEN)
+            assert mlp.up_proj.weight.shape == (tiny.INTERMEDIATE, tiny.HIDDEN)
         assert attn.o_proj.weight.shape == (tiny.HIDDEN, tiny.HEADS * d)
-        assert mlp.gate_proj.weight.shape == (tiny.INTERMEDIATE, tiny.HIDDEN)
-        assert mlp.up_proj.weight.shape == (tiny.INTERMEDIATE, tiny.HIDDEN)
         assert mlp.down_proj.weight.shape == (tiny.HIDDEN, tiny.INTERMEDIATE)
-    assert lm.model.config._attn_implementation == models.ATTN_IMPLEMENTATION
+    want = get_adapter(lm.model).attn_implementation or models.ATTN_IMPLEMENTATION  # Gemma 2: eager
+    assert lm.model.config._attn_implementation == want
 
 
 @pytest.mark.parametrize("key", TINY_KEYS)
 def test_attention_biases_match_the_family(key: str) -> None:
-    attn = resolve_model(key, device="cpu").model.model.layers[0].self_attn
+    model = resolve_model(key, device="cpu").model
+    attn = model.model.layers[0].self_attn
     has_bias = tiny.TINY_MODELS[key].family == "qwen2"
-    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+    inputs = [m for n, m in get_adapter(model).parts(model, 0).attention_linears.items() if n != "o_proj"]
+    for proj in inputs:  # q/k/v_proj, or Phi-3's qkv_proj
         assert (proj.bias is not None) == has_bias
     assert attn.o_proj.bias is None
     if has_bias:
@@ -473,7 +483,7 @@ def test_builtin_models_listing(isolated_cache: Path) -> None:
     assert set(by_key) == {"smollm2-135m", *TINY_KEYS}
     for row in rows:
         assert set(row) >= {"key", "description", "family", "parameters", "cached"}
-        assert row["family"] in ("llama", "mistral", "qwen2")
+        assert row["family"] in SUPPORTED
         assert isinstance(row["parameters"], int) and row["parameters"] > 0
     assert by_key["smollm2-135m"]["cached"] is False  # nothing in the private cache
     assert by_key["smollm2-135m"]["parameters"] == 134_515_008

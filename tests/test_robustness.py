@@ -6,13 +6,19 @@
 4. trust is never inherited from a folder (`fix --apply`, `RunReport.read`), and is a strict boolean;
 5. checks that can be made before the expensive work are made before it, and by `prune validate`;
 6. messages are printed as text, never as Rich markup;
-7. damaged results folders exit cleanly (2), never with a traceback.
+7. damaged results folders exit cleanly (2), never with a traceback;
+9. minors: the resume hint keeps `--out`, a checkpoint made for other inputs is named and removed,
+   every file is written 0644 (umask 022), a session file may start with a byte-order mark.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +28,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from prune_core import pipeline, report
 from prune_core.errors import BadInput, Interrupted, RunFailed
+from prune_core.events import Notice
 from prune_core.fixes import apply_fix
 from prune_core.importance import run_importance
 from prune_core.report import RunReport
@@ -286,6 +293,86 @@ def test_cuda_without_cuda_is_caught_by_validate(tmp_path: Path) -> None:
     assert code == 2 and "model.device" in out
 
 
+def _tree(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("case", ["output_dir_file", "output_dir_device", "long_output_dir", "long_out",
+                                  "out_is_file"])
+def test_unwritable_results_folders_are_caught_before_any_work(tmp_path: Path, case: str) -> None:
+    (tmp_path / "afile").write_text("mine\n")
+    long_name = "x" * 300
+    updates: dict[str, object] = {
+        "output_dir_file": {"session.output_dir": str(tmp_path / "afile")},
+        "output_dir_device": {"session.output_dir": "/dev/null"},
+        "long_output_dir": {"session.output_dir": str(tmp_path / long_name)},
+    }.get(case, {})
+    out_args = {"long_out": ["--out", str(tmp_path / long_name)],
+                "out_is_file": ["--out", str(tmp_path / "afile")]}.get(case, [])
+    path = _with(tmp_path, **updates)
+    key = "--out" if out_args else "session.output_dir"
+    before = _tree(tmp_path)
+    if not out_args:  # validate checks <output_dir>/<name>, the folder `prune run SESSION` writes
+        code, out = invoke("validate", str(path))
+        assert code == 2 and key in out and "fix:" in out and "Traceback" not in out, out
+    code, out = invoke("run", str(path), *out_args)
+    assert code == 2 and key in out and "fix:" in out and "Traceback" not in out, out
+    assert "bytes long" in out if "long" in case else "not a folder" in out, out
+    assert _tree(tmp_path) == before and (tmp_path / "afile").read_text() == "mine\n"  # nothing written
+
+
+def test_read_only_results_folder_is_caught_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    path = _with(tmp_path, **{"session.output_dir": str(ro)})
+    if os.geteuid() == 0:  # root writes through permission bits: stand in for a folder this user may not write
+        real = os.access
+
+        def access(p: object, mode: int, **kw: object) -> bool:
+            return False if isinstance(p, str | Path) and Path(p) == ro else real(p, mode, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "access", access)
+    ro.chmod(0o555)
+    try:
+        for args in (("validate", str(path)), ("run", str(path)), ("run", str(path), "--out", str(ro / "k"))):
+            code, out = invoke(*args)
+            assert code == 2 and "not writable" in out and "chmod u+w" in out and "Traceback" not in out, out
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_huge_correction_samples_are_caught_before_any_work(tmp_path: Path) -> None:
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("to be or not to be\n" * 200)
+    path = _with(tmp_path, **{"data.dataset": str(corpus), "correction.temperature": 1.0, "correction.samples": 4000})
+    for cmd in ("validate", "run"):
+        code, out = invoke(cmd, str(path))
+        assert code == 2 and "correction.samples" in out and "num_samples" not in out, out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_late_window_message_names_the_settings_asked_for(tmp_path: Path) -> None:
+    from prune_core.data import calibration_tokens
+    from prune_core.tiny import make_tokenizer
+
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("to be or not to be\n" * 200)
+    with pytest.raises(BadInput) as info:
+        calibration_tokens(make_tokenizer(), str(corpus), 4000, 128, 0, keys=("correction.samples", "correction.seq_len"))
+    assert "correction.samples" in str(info.value) and "num_samples" not in str(info.value)
+
+
+def test_cached_builtin_texts_are_measured_up_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prune_core import datasources
+
+    monkeypatch.setenv("PRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    datasources.write_text_cache("wikipedia", {"calibration": "short text\n" * 100, "evaluation": "x" * 5000}, {})
+    path = _with(tmp_path, **{"data.dataset": "wikipedia", "data.num_samples": 4000})
+    code, out = invoke("validate", str(path))
+    assert code == 2 and "data.num_samples" in out and "wikipedia" in out, out
+
+
 # ---------------------------------------------------------------------------------------------- 6. markup
 @pytest.mark.parametrize("name", ["nope[/].toml", "nope[bold].toml"])
 def test_brackets_are_printed_literally(tmp_path: Path, name: str) -> None:
@@ -340,3 +427,105 @@ def test_eval_on_a_list_valued_pruning_json(tmp_path: Path) -> None:
     (model / "pruning.json").write_text("[]")
     code, out = invoke("eval", str(model))
     assert code == 2 and "Traceback" not in out
+
+
+# ---------------------------------------------------------------------------------------------- 9. minors
+def _ctrl_c_three_times(*args: object, **kw: object) -> None:
+    """Stands for a run the user stops at once: Ctrl-C, Ctrl-C (the warning), Ctrl-C (confirmed)."""
+    for _ in range(3):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs in this (the main) thread between two bytecodes
+    raise AssertionError("the third Ctrl-C did not stop the run")
+
+
+def _resume_command(out: str) -> list[str]:
+    text = " ".join(out.split())  # undo the console's line wrapping
+    return shlex.split(text.split("run `")[-1].split("`")[0])
+
+
+def test_resume_hint_after_repeated_ctrl_c_keeps_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _with(tmp_path)
+    out_dir = tmp_path / "my results"
+    monkeypatch.setattr(pipeline, "run", _ctrl_c_three_times)
+    code, out = invoke("run", str(path), "--out", str(out_dir))
+    assert code == 130 and "stopped at once" in out, out
+    assert _resume_command(out) == ["prune", "run", str(path), "--out", str(out_dir)]
+
+    import prune_core.tune
+
+    monkeypatch.setattr(prune_core.tune, "tune", _ctrl_c_three_times)
+    code, out = invoke("tune", str(path), "--out", str(out_dir), "--budget", "5")
+    assert code == 130, out
+    assert _resume_command(out) == ["prune", "tune", str(path), "--budget", "5", "--out", str(out_dir)]
+
+
+def test_interrupted_fix_says_how_to_resume_it(finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    k = copy_of(finished, tmp_path)
+    (k / report.MANIFEST).unlink()
+    diag_path = k / "analysis" / "gradient_diagnosis.json"
+    diag = json.loads(diag_path.read_text())
+    diag["diagnosis"] = [{"issue": "fine", "severity": "high", "fix": {"pruning.max_rate": 0.5}}]
+    diag_path.write_text(json.dumps(diag))
+    monkeypatch.setattr(pipeline, "run", _ctrl_c_three_times)
+    code, out = invoke("fix", str(k), "--apply", "1")
+    assert code == 130 and "Traceback" not in out, out
+    assert _resume_command(out) == ["prune", "run", str(tmp_path / "a-fix1.toml"), "--out", str(tmp_path / "a-fix1")]
+
+
+def test_checkpoint_for_other_inputs_is_named_and_removed(tmp_path: Path) -> None:
+    session = tiny_session(tmp_path, name="n", **{**FAST, "data.num_samples": 16, "data.batch_size": 2,
+                                                  "output.save_model": False})
+    seen: list[object] = []
+    with pytest.raises(Interrupted):
+        pipeline.run(session, on_event=seen.append,
+                     should_stop=lambda: sum(getattr(e, "kind", "") == "batch_done" for e in seen) >= 2)
+    [old] = (tmp_path / "runs" / "n" / "state" / "checkpoints").iterdir()
+    events: list[object] = []
+    pipeline.run(session.with_updates({"data.num_samples": 12}), on_event=events.append)
+    notices = [e.message for e in events if isinstance(e, Notice)]
+    assert any(str(old) in m and "num_samples: 16 → 12" in m and "not resumed" in m for m in notices), notices
+    assert any(m.startswith("removed the checkpoint") for m in notices), notices
+    assert not old.exists()
+
+
+def test_checkpoints_outside_the_stage_cache_are_left_alone(tmp_path: Path) -> None:
+    from prune_core.adapters import get_adapter
+
+    model, ckpt = _interrupted(tmp_path)  # tmp_path/ckpt: a library caller's own folder
+    events: list[object] = []
+    run_importance(model, get_adapter(model), TOKENS[:8], method="taylor", batch_size=2,
+                   checkpoint_dir=tmp_path / "other", on_event=events.append)
+    assert (ckpt / "manifest.json").is_file()
+    assert not any(isinstance(e, Notice) and "other inputs" in e.message for e in events)
+
+
+def test_every_file_is_written_with_the_usual_permissions(finished: Path, tmp_path: Path) -> None:
+    from prune_core.atomic import FILE_MODE, FOLDER_MODE
+
+    _, ckpt = _interrupted(tmp_path)
+    paths = [p for root in (finished, ckpt) for p in (root, *root.rglob("*")) if not p.name.startswith(".")]
+    assert any(p.suffix == ".safetensors" for p in paths) and (finished / "model").is_dir()
+    wrong = {str(p): oct(p.stat().st_mode & 0o777) for p in paths
+             if p.stat().st_mode & 0o777 != (FOLDER_MODE if p.is_dir() else FILE_MODE)}
+    assert not wrong
+
+
+def test_a_session_file_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
+    import sessions
+    from cli.runs_cmd import output_folders
+
+    text = "# my notes\n" + _with(tmp_path, **{"session.output_dir": str(tmp_path / "elsewhere")}).read_text()
+    (tmp_path / "project").mkdir()
+    path = tmp_path / "project" / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    code, out = invoke("validate", str(path))
+    assert code == 0, out
+    session = sessions.load(path)
+    sessions.save(session.with_updates({"pruning.ratio": 0.25}), path)  # rewriting keeps the user's comments
+    assert path.read_text(encoding="utf-8").startswith("# my notes") and sessions.load(path).pruning.ratio == 0.25
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    fixed = apply_fix(path, {"pruning.max_rate": 0.5}, tmp_path / "bom-fix.toml", name="bom-fix")
+    assert fixed.pruning.max_rate == 0.5 and "# my notes" in (tmp_path / "bom-fix.toml").read_text()
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    (tmp_path / "elsewhere").mkdir()
+    assert tmp_path / "elsewhere" in output_folders(tmp_path / "project")  # `prune ps` reads its output_dir

@@ -231,3 +231,61 @@ async def test_tui_run_writes_what_prune_run_writes(tmp_path: Path) -> None:
         assert again.state.results is not None and again.state.results.from_folder
         assert isinstance(again.screen, ResultsScreen) and again.state.run_state.stages == {}
         assert again.state.results.metrics["mask_sha256"] == cli_metrics["mask_sha256"]
+
+
+async def test_tune_from_the_palette_applies_the_best_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a run, the palette's "Tune the knobs" runs `prune tune` on the app's memo (no new
+    importance pass), then shows the best session's allocation and proxy, unsaved until ctrl+s."""
+    from textual.command import CommandList, CommandPalette
+
+    from prune_core.tune import TuneResult
+    from tests.helpers import tiny_session
+    from tui import jobs
+
+    results: list[TuneResult] = []
+    real_tune = jobs.tune_knobs
+
+    def short_tune(ctx, session, budget_s: float = 60.0):  # type: ignore[no-untyped-def]
+        import prune_core.tune as tune_mod
+
+        original = tune_mod.tune
+
+        def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+            kwargs["budget_s"] = 8.0
+            out = original(*args, **kwargs)
+            results.append(out)
+            return out
+
+        monkeypatch.setattr(tune_mod, "tune", recording)
+        return real_tune(ctx, session, budget_s)
+
+    monkeypatch.setattr(jobs, "tune_knobs", short_tune)
+    session = tiny_session(tmp_path, "tuned", **{"evaluation.before": False, "evaluation.after": False,
+                                                 "output.save_model": False})
+    path = sessions.save(session, tmp_path / "tuned.toml")
+    app = PruneApp(path, cpu_flops=50e9)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("ctrl+r")
+        await settle(app, pilot, cap_s=300)
+        assert app.state.run_state.status == "done", app.state.run_state.error
+        await pilot.press("ctrl+p")
+        await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette), what="palette")
+        await pilot.press(*"tune the knobs")
+        commands = app.screen.query_one(CommandList)
+        await wait_for(pilot, lambda: any("Tune" in str(commands.get_option_at_index(i).prompt)
+                                          for i in range(commands.option_count)), what="palette hits")
+        if commands.highlighted is None:
+            await pilot.press("down")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: bool(results), what="tune finished", cap_s=300)
+        await settle(app, pilot, cap_s=300)
+        result = results[0]
+        assert len(result.trials) > 1 and result.best_proxy <= result.base_proxy
+        assert app.state.session == result.best
+        assert app.state.results is not None and app.state.results.allocation is not None
+        assert app.state.results.metrics.get("proxy", {}).get("loss") == pytest.approx(result.best_proxy)
+        # the importance pass is reused from the memo, not recomputed
+        assert app.state.run_state.stages["importance"].status in ("done", "cached")
+        if result.best_updates:
+            assert app.title == "prune — tuned *"

@@ -105,3 +105,34 @@ def test_search_space_never_changes_the_ratio() -> None:
     for _, options in search_space(sessions.Session(), 4):
         for option in options:
             assert "pruning.ratio" not in option
+
+
+def test_a_slow_trial_is_cut_at_the_budget(log_case: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial that would overrun the budget (a new block-loss pass, say) stops at its next stage
+    boundary: tune ends "budget" within a stage of the budget, not a whole trial later."""
+    import time
+
+    import prune_core.tune as tune_mod
+    from prune_core.errors import Interrupted
+
+    path, _ = log_case
+    session = sessions.load(path)
+    memo = pipeline.Memo()
+    real_run = pipeline.run
+    calls: list[float] = []
+
+    def slow_trials(s, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(time.perf_counter())
+        if len(calls) == 1:
+            return real_run(s, **kwargs)  # the starting point
+        for _ in range(100):  # a 10-second trial whose stages ask should_stop between them
+            time.sleep(0.1)
+            if kwargs["should_stop"]():
+                raise Interrupted("stopped", "again")
+        return real_run(s, **kwargs)
+
+    monkeypatch.setattr(tune_mod.pipeline, "run", slow_trials)
+    result = tune(session, budget_s=1.0, memo=memo, corrections=False)
+    assert result.stopped == "budget"
+    assert len(result.trials) == 1  # the cut trial is not recorded
+    assert time.perf_counter() - calls[0] < 1.0 + 3.0  # not the 10 s the trial would take (+ slack for a busy CPU)

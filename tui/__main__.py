@@ -9,6 +9,9 @@ from tui import run_tui
 
 
 def main(argv: list[str] | None = None) -> int:
+    from prune_core.importance.allocator import keep_freed_memory
+
+    keep_freed_memory()  # process-wide, so here at the start and not in the engine (allocator.py)
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("-h", "--help"):
         print(__doc__)

@@ -56,6 +56,7 @@ from tui.messages import (
     JobFailed,
     Measured,
     OpenRequested,
+    RecoverRequested,
     RunRequested,
     SampleRequested,
     SaveModelRequested,
@@ -158,7 +159,7 @@ class PruneApp(App[int]):
                 state.set_session(state.session.with_updates({"session.name": path.stem}), saved=True)
             return "model"
         state.session_path = path
-        state.saved_text = path.read_text(encoding="utf-8")
+        state.saved_text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the TOML
         try:
             state.set_session(sessions.parse_text(state.saved_text, source=str(path)), saved=True)
         except SessionError as exc:
@@ -297,6 +298,11 @@ class PruneApp(App[int]):
     def on_save_model_requested(self, message: SaveModelRequested) -> None:
         self.action_save_model()
 
+    def on_recover_requested(self, message: RecoverRequested) -> None:
+        if self._need_results():
+            ctx, session, fresh = self._jobs(), self.state.session, message.fresh
+            self._start("recover", lambda: jobs.recover(ctx, session, fresh=fresh))
+
     def on_sample_requested(self, message: SampleRequested) -> None:
         self.action_generate(message.prompt)
 
@@ -367,7 +373,7 @@ class PruneApp(App[int]):
             self.notify(f"Cannot save {path}: {exc}", severity="error", markup=False)
             return
         self.state.session_path = path
-        self.state.mark_saved(path.read_text(encoding="utf-8"))
+        self.state.mark_saved(path.read_text(encoding="utf-8-sig"))
         self.update_title()
         self.notify(f"Saved {path}", markup=False)
         self.broadcast("saved")
@@ -401,7 +407,7 @@ class PruneApp(App[int]):
             self.notify(str(exc), severity="error", timeout=10, markup=False)
             return
         state = self.state
-        state.session_path, state.saved_text = path, path.read_text(encoding="utf-8")
+        state.session_path, state.saved_text = path, path.read_text(encoding="utf-8-sig")
         state.results, state.results_path, state.samples, state.saved_model_path = None, None, ("", ""), None
         self.set_session(session, saved=True)
         self.action_step("review")
@@ -630,6 +636,8 @@ class PruneApp(App[int]):
             state.engine_ready = True
             state.saved_model_path = result.model_dir or (state.results_path or Path()) / "model"
             self.notify(f"Saved the pruned model to {state.saved_model_path}", markup=False)
+        elif name == "recover":
+            self.notify(f"Recovery: {result.summary()}; merged model in {result.out_dir}", timeout=12, markup=False)
         elif name == "generate":
             state.engine_ready, state.samples = True, result
         elif name == "inspect":

@@ -12,6 +12,7 @@ from tui.messages import (
     EvaluateRequested,
     HelpRequested,
     OpenRequested,
+    RecoverRequested,
     Request,
     RunRequested,
     SampleRequested,
@@ -42,6 +43,10 @@ def commands() -> list[tuple[str, str, Callable[[], Request]]]:
         ("Tune the knobs", "Search normalization, budget, rate limits… by the proxy loss (60 s), like prune tune",
          TuneRequested),
         ("Save pruned model", "Save the pruned model in the results folder", SaveModelRequested),
+        ("Recover (LoRA fine-tune)", "Fine-tune the saved pruned model with LoRA and compare perplexity, as prune "
+         "recover does (resumes an interrupted one)", RecoverRequested),
+        ("Recover fresh", "Recovery fine-tuning ignoring an interrupted one's checkpoint",
+         partial(RecoverRequested, fresh=True)),
         ("Generate sample", "Short text from the original and the pruned model", SampleRequested),
         ("Help: keys", "Every key binding (F1)", HelpRequested),
     ]

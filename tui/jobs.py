@@ -71,6 +71,15 @@ def save_model(ctx: JobContext, session: Session) -> Any:
     return ctx.run(session.with_updates({"output.save_model": True}), until="save_model", write=True)
 
 
+def recover(ctx: JobContext, session: Session, *, fresh: bool = False) -> Any:
+    """`prune recover` on the results folder shown: LoRA fine-tuning with the session's [recovery] settings,
+    the merged model in `recovered/`, perplexity before/after in `recovery.json` (a RecoveryResult)."""
+    from prune_core.recovery import recover as run_recovery
+
+    folder = ctx.out_dir or ctx.pipeline.results_dir_for(session)
+    return run_recovery(folder, session=session, fresh=fresh, on_event=ctx.sink, should_stop=ctx.should_stop)
+
+
 def sample(ctx: JobContext, session: Session, prompt: str) -> tuple[str, str]:
     """A short text from the original and the pruned model (both from the memo after the surgery stage)."""
     ctx.run(session, until="surgery", write=False)

@@ -134,6 +134,14 @@ class SaveModelRequested(Request):
     """Save the pruned model in the results folder."""
 
 
+class RecoverRequested(Request):
+    """LoRA fine-tuning of the saved pruned model (`prune recover` on the results folder shown)."""
+
+    def __init__(self, *, fresh: bool = False) -> None:
+        super().__init__()
+        self.fresh = fresh
+
+
 class SampleRequested(Request):
     """Generate a short text from the original and the pruned model."""
 

@@ -25,7 +25,7 @@ from tui.runstate import RunState
 JOB_LABELS = {
     "run": "the run", "allocate": "re-allocation", "evaluate": "evaluation", "save_model": "saving the model",
     "generate": "text generation", "check": "looking for a checkpoint", "open": "opening results",
-    "inspect": "inspecting the model", "tune": "tuning the knobs",
+    "inspect": "inspecting the model", "tune": "tuning the knobs", "recover": "recovery fine-tuning",
 }
 
 

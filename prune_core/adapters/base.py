@@ -8,7 +8,7 @@ that declaration instead of re-deriving geometry from module names. A `Slice` sa
 [start + g·stride, start + g·stride + size). For axis 0 the module's bias (if any) belongs to the
 group too; a module sliced only along axis 1 (an output projection) keeps its bias outside every group.
 
-The default (Llama, Mistral, Qwen2) layout:
+The default layout (Llama, Mistral, Qwen2, Qwen3, Gemma 2 / 3, SmolLM3):
 - attention group k of layer l = KV head k: rows [k·d, (k+1)·d) of k_proj and v_proj (and their
   biases), rows [k·r·d, (k+1)·r·d) of q_proj (and bias) for its r = heads / kv_heads query heads,
   and the same columns of o_proj (d = head_dim);
@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from prune_core.errors import BadInput
 
 BLOCKS: tuple[str, str] = ("attention", "mlp")
 
@@ -278,13 +280,16 @@ class Adapter:
     Subclasses set `model_types` (the `config.model_type` values they handle) and override the
     attribute paths if their family names modules differently; a family with another group layout
     (fused projections, interleaved heads) overrides `layout()` (and `resize()` if its modules
-    cache sizes surgery must update).
+    cache sizes surgery must update). `attn_implementation` names the attention a family must run
+    with when sdpa cannot compute it (Gemma 2's soft-capped attention logits need "eager").
     """
 
     model_types: tuple[str, ...] = ()
     layers_path: str = "model.layers"
     attn_name: str = "self_attn"
     mlp_name: str = "mlp"
+    # the attention implementation the family needs; None: the loader's default (sdpa)
+    attn_implementation: str | None = None
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         obj: nn.Module = model
@@ -388,3 +393,20 @@ class Adapter:
             "prunable_parameters": self.prunable_parameters(model),
             "total_parameters": sum(p.numel() for p in model.parameters()),
         }
+
+
+def check_head_norms(adapter: Adapter, model: nn.Module, layer_idx: int, names: tuple[str, ...]) -> None:
+    """Refuse a layer whose q/k norms are not one `[head_dim]` weight shared by all heads."""
+    attn = getattr(adapter.layers(model)[layer_idx], adapter.attn_name)
+    if removed_block(attn):
+        return
+    d = adapter.head_dim(model, attn)
+    for name in names:
+        weight = getattr(getattr(attn, name, None), "weight", None)
+        if weight is None or tuple(weight.shape) != (d,):
+            shape = None if weight is None else tuple(weight.shape)
+            raise BadInput(
+                f"layer {layer_idx}: {adapter.attn_name}.{name} has weight shape {shape}, expected ({d},) "
+                "(one RMSNorm over head_dim shared by all heads)",
+                f"this is not a standard {adapter.model_types[0]} checkpoint; its attention needs its own adapter",
+            )

@@ -6,7 +6,8 @@ Modules: registry.py (the importance methods: one MethodSpec per module in metho
 sums and wanda input norms), groups.py (element → group scores, following the adapter's group
 layout), stats.py (live per-layer statistics), state.py (checkpoint / resume), prepare.py (model
 set-up and restore), nonfinite.py (naming where a NaN came from), result.py (ImportanceResult),
-block_loss.py, allocator.py (glibc malloc thresholds for CPU passes).
+block_loss.py, allocator.py (glibc malloc thresholds for CPU passes: applied by the `prune` process at
+its start, never by the engine).
 
 The names below are imported lazily, so `prune_core.importance.registry` (read by the session
 schema and the TUI) can be imported without torch.

@@ -5,10 +5,14 @@ between batches) makes glibc hand the freed gradient memory of every batch back 
 it in again on the next one: on smollm2-135m ~100k minor page faults per batch, 4–5 % of the pass
 time, which the same forward+backward loop without the pass does not pay. Raising M_MMAP_THRESHOLD
 and M_TRIM_THRESHOLD (the knobs behind MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_) keeps that
-memory in the heap for reuse; the price is that the process keeps its peak RSS after the pass.
+memory in the heap for reuse; the price is that the process keeps up to about its peak RSS after a
+pass (blocks of 1 GiB and more are still mapped and returned on their own).
 
-Applied once per process, only on Linux with glibc and only for passes on the CPU; set
-PRUNE_MALLOC_TUNING=0 to leave the allocator alone.
+This changes the whole process, so no library call makes it: the `prune` command (`cli.main.main`,
+which also opens the workbench) and `python -m tui` call `keep_freed_memory()` once at their start;
+`run_importance` and the pipeline leave the allocator alone (a notebook or another program that
+imports them keeps its own settings, and may call `keep_freed_memory()` itself to get the speed).
+Only on Linux with glibc; set PRUNE_MALLOC_TUNING=0 to leave the allocator alone.
 """
 
 from __future__ import annotations

@@ -10,6 +10,12 @@ returns a tuple: element 0 becomes zeros; the decoder layer returns a tensor in 
 tuple in older versions). The loss of a pass is the token-weighted mean of the per-batch losses
 model(ids, labels=ids).loss; the importance is loss(variant) − base loss (it can be negative).
 The allocation uses these to correct per-group importance across depth.
+
+With several ranks (prune_core/distributed.py) every pass splits its windows' batches: batch i is read
+by rank i % world, each rank sums loss·tokens and tokens over its batches, and one all-reduce (SUM,
+float64) gives the totals, so every rank gets the same losses (equal to one process's up to the
+order of the float64 additions). A stop asked on any rank stops all (all-reduce MAX); only rank 0
+reports progress.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from prune_core import distributed
 from prune_core.adapters.base import Adapter
 from prune_core.errors import BadInput, Interrupted, RunFailed
-from prune_core.events import EventSink, Progress, StageDone, StageStarted
+from prune_core.events import EventSink, Progress, StageDone, StageStarted, null_sink
 from prune_core.importance.engine import batch_slices
 from prune_core.importance.prepare import prepared
 
@@ -88,16 +95,23 @@ def ablated(model: nn.Module, adapter: Adapter, layer: int, kind: str) -> Iterat
         handle.remove()
 
 
-def mean_loss(model: nn.Module, tokens: torch.Tensor, batch_size: int) -> float:
-    """Token-weighted mean next-token loss over the windows (forward only)."""
+def mean_loss(model: nn.Module, tokens: torch.Tensor, batch_size: int,
+              world: distributed.World | None = None) -> float:
+    """Token-weighted mean next-token loss over the windows (forward only). With `world` (a collective
+    call on every rank) each rank reads its share of the batches and the sums are all-reduced."""
     device = next(model.parameters()).device
+    w = world or distributed.World()
     total, count = 0.0, 0
     with torch.no_grad():
-        for lo, hi in batch_slices(int(tokens.shape[0]), batch_size):
+        for i, (lo, hi) in enumerate(batch_slices(int(tokens.shape[0]), batch_size)):
+            if w.active and not w.owns(i):
+                continue
             ids = tokens[lo:hi].to(device=device, dtype=torch.long)
             n = (hi - lo) * (int(tokens.shape[1]) - 1)
             total += float(model(input_ids=ids, labels=ids, use_cache=False).loss) * n
             count += n
+    if w.active:
+        total, count = w.sum_numbers([total, count])
     return total / count
 
 
@@ -117,6 +131,9 @@ def block_importance(
     a full run is 1 + 3·L forward passes over the windows).
     """
     emit: EventSink = on_event or (lambda event: None)
+    w = distributed.world()
+    if not w.is_main:
+        emit = null_sink
     if tokens.dim() != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 2:
         raise BadInput(
             f"block importance needs token windows [n, seq_len >= 2] (got {tuple(tokens.shape)})",
@@ -134,14 +151,17 @@ def block_importance(
 
     def check(done: int, message: str) -> None:
         emit(Progress(stage, done, steps, "passes", message))
-        if should_stop is not None and done < steps and should_stop():
+        asked = should_stop is not None and done < steps and bool(should_stop())
+        if w.active:
+            (asked,) = w.any_of(asked) if done < steps else (False,)
+        if asked:
             raise Interrupted(
                 f"block importance stopped after {done}/{steps} passes",
                 "run again to recompute it (it keeps no partial state)",
             )
 
     with prepared(model, grad_params=None, layers=list(adapter.layers(model))):
-        base = mean_loss(model, tokens, batch_size)
+        base = mean_loss(model, tokens, batch_size, w)
         if not math.isfinite(base):
             raise RunFailed(
                 f"the base loss of block importance is {base}",
@@ -152,7 +172,7 @@ def block_importance(
         for layer in range(num_layers):
             for kind in KINDS:
                 with ablated(model, adapter, layer, kind):
-                    loss = mean_loss(model, tokens, batch_size)
+                    loss = mean_loss(model, tokens, batch_size, w)
                 out[kind].append(loss - base)
                 done += 1
                 check(done, f"layer {layer} {kind}: {loss - base:+.4f}")

@@ -33,7 +33,24 @@ Live statistics (stats.py) go out in a BatchDone event after every batch; the pa
 true (then raises Interrupted) and when a batch fails with NaN/Inf (then raises RunFailed naming
 the batch and module; the checkpoint holds everything accumulated before that batch). A checkpoint
 with the same identity is resumed from its batch; one with a different identity is refused. After
-a successful pass the checkpoint is deleted (the caller caches the ImportanceResult).
+a successful pass the checkpoint is deleted (the caller caches the ImportanceResult). Checkpoints of
+the same stage made for other inputs beside it (`state.other_checkpoints`: an interrupted pass, then
+another num_samples) are named in a Notice at the start and deleted after a successful pass.
+The pass leaves process-wide settings alone: the glibc malloc tuning that makes CPU passes faster
+is applied by the `prune` and `python -m tui` processes at their start, not here (allocator.py).
+
+Several processes (prune_core/distributed.py; a world of one changes nothing): batch i is read by
+rank i % world, in rounds of `world` batches. After every round the ranks exchange each batch's
+loss and statistics (all_gather_object), so every rank holds batch_stats in batch order, and agree
+on stopping and checkpointing (all-reduce MAX of the flags: rank 0's clock decides a periodic
+checkpoint, a stop asked on any rank stops all). A checkpoint all-reduces the sums (SUM; the token
+count too); rank 0 keeps the totals and writes them, the others zero theirs, so the final all-reduce
+at the end of the pass again gives the totals. The in-hook shares of the last batch are not used
+(that batch is on one rank): the scores come from the reduced sums, as when a pass resumes at its
+end. Only rank 0 reads and writes the checkpoint and emits events; it sends the others the batch to
+start from. A checkpoint records the world size; a resume with another world size is refused. A
+NaN/Inf batch fails every rank without a new checkpoint (the other batches of its round are
+already in the sums), so the last periodic checkpoint is what a rerun resumes from.
 """
 
 from __future__ import annotations
@@ -50,12 +67,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from prune_core import distributed
 from prune_core.adapters.base import Adapter
 from prune_core.data import token_fingerprint
-from prune_core.errors import BadInput, Interrupted, RunFailed
-from prune_core.events import BatchDone, Checkpointed, EventSink, LayerStats, Notice, StageDone, StageStarted
+from prune_core.errors import BadInput, Interrupted, PruneError, RunFailed
+from prune_core.events import (
+    BatchDone,
+    Checkpointed,
+    EventSink,
+    LayerStats,
+    Notice,
+    StageDone,
+    StageStarted,
+    null_sink,
+)
 from prune_core.importance.accumulate import GradientAccumulator, NonFiniteGradient
-from prune_core.importance.allocator import keep_freed_memory
 from prune_core.importance.groups import Target, TaylorPartial, pad_rows, prunable_targets
 from prune_core.importance.hooks import INPUT_SUM_KEYS, InputHooks
 from prune_core.importance.methods.spec import MethodScores, MethodSpec, ScoreInputs
@@ -63,7 +89,7 @@ from prune_core.importance.nonfinite import locate_nonfinite
 from prune_core.importance.prepare import prepared
 from prune_core.importance.registry import get_method
 from prune_core.importance.result import ImportanceResult
-from prune_core.importance.state import CheckpointStore
+from prune_core.importance.state import CheckpointStore, identity_differences, other_checkpoints
 from prune_core.importance.stats import BlockStats, aggregate
 
 AGGREGATIONS = ("element", "vector")
@@ -191,6 +217,7 @@ class _Pass:
         self.model, self.adapter, self.tokens = model, adapter, tokens
         self.method, self.aggregation, self.fisher_scale = method, aggregation, fisher_scale
         self.batch_size, self.store, self.emit, self.stage = batch_size, store, emit, stage
+        self.world = distributed.world()
         self.spec: MethodSpec = get_method(method)
         self.grad_pass = self.spec.needs_gradients
         self.parts = adapter.all_parts(model)
@@ -250,10 +277,42 @@ class _Pass:
             self.plan = BlockStats(self.inputs.owners(), len(self.parts))
 
     def restore(self) -> None:
-        """Resume from the checkpoint in the store, if there is one with the same identity."""
+        """Resume from the checkpoint in the store, if there is one with the same identity.
+
+        With several ranks, rank 0 reads it and sends the others where to start (or its error):
+        rank 0 holds the checkpoint's totals, the others start from zero sums.
+        """
+        w = self.world
+        if not w.active:
+            self._restore_local()
+            return
+        if w.is_main:
+            try:
+                self._restore_local()
+            except PruneError as exc:
+                distributed.announce(w, "abort", exc)
+                raise
+            distributed.announce(w, "compute")
+        else:
+            distributed.follow(w)
+        p = self.progress
+        start, stats, seconds = w.broadcast((p.next_batch, p.batch_stats, p.seconds_before))
+        if not w.is_main:
+            self.progress = _Progress(next_batch=start, batch_stats=list(stats), seconds_before=float(seconds),
+                                      resumed_from=start)
+
+    def _restore_local(self) -> None:
         ckpt = self.store.load() if self.store is not None else None
         if ckpt is None or self.store is None:
             return
+        stored_world = ckpt.meta.get("world_size", 1)
+        if stored_world != self.world.size:
+            raise BadInput(
+                f"the checkpoint in {self.store.folder} was written by a run of world size {stored_world} "
+                f"({stored_world} processes), this run has world size {self.world.size}",
+                f"resume with {stored_world} process(es) (torchrun --nproc_per_node {stored_world}), "
+                "or run with --fresh to start the pass over",
+            )
         self.store.check_identity(ckpt.meta.get("identity", {}), self.identity)
         start = self._checked_start(ckpt.meta)
         self.progress = _Progress(
@@ -286,8 +345,45 @@ class _Pass:
             raise self.store.damaged(name, f"counts {tokens!r} input tokens, {start} batches make {expected}")
         return start
 
+    def stale_checkpoints(self) -> list[Path]:
+        """Checkpoints beside this pass's that were made for other inputs: each is named once, here, and
+        the caller removes them when this pass completes (a changed num_samples leaves no stale state)."""
+        if self.store is None:
+            return []
+        stale = other_checkpoints(self.store.folder)
+        for folder in stale:
+            stored = CheckpointStore(folder).stored_identity()
+            shown = _changed_settings(stored, self.identity) if stored is not None else "settings not readable"
+            self.emit(Notice(f"the checkpoint of an interrupted pass in {folder} was made for other inputs "
+                             f"({shown}), so it is not resumed: this pass starts afresh and removes that checkpoint "
+                             "when it completes (to resume it instead, stop now and restore those settings)",
+                             "warning", self.stage))
+        return stale
+
     # checkpoints -------------------------------------------------------------------------------
+    def _reduce(self, final: bool) -> None:
+        """All-reduce the sums over the ranks (SUM). At a checkpoint rank 0 keeps the totals and the
+        others zero theirs (so the final reduction counts each batch once); `final` leaves the totals
+        on every rank."""
+        assert self.inputs is not None
+        w = self.world
+        tensors = [*(self.acc.state_tensors().values() if self.acc is not None else ()),
+                   *self.inputs.state_tensors().values()]
+        w.all_reduce_(tensors)
+        tokens = int(w.sum_numbers([self.inputs.tokens])[0])
+        if final or w.is_main:
+            self.inputs.tokens = tokens
+        else:
+            with torch.no_grad():
+                for t in tensors:
+                    t.zero_()
+            self.inputs.tokens = 0
+        if final and self.acc is not None:
+            self.acc.batches = self.total
+
     def checkpoint(self, next_batch: int) -> None:
+        if self.world.active:
+            self._reduce(final=False)
         if self.store is None:
             return
         assert self.inputs is not None
@@ -303,6 +399,7 @@ class _Pass:
             "batch_stats": self.progress.batch_stats[:next_batch],
             "input_tokens": self.inputs.tokens,
             "seconds": self.seconds(),
+            "world_size": self.world.size,
         }
         path = self.store.save(meta, tensors)
         self.emit(Checkpointed(self.stage, next_batch, str(path.parent)))
@@ -339,7 +436,7 @@ class _Pass:
                 if acc.streaming and not math.isfinite(float(loss.detach())):
                     raise _BatchFailed(None)  # on CPU the check is free: skip the backward
                 weight = rows * (self.seq_len - 1) if self.fisher_scale == "tokens" else 1.0
-                final = self._finalize if b == self.total - 1 else None
+                final = self._finalize if b == self.total - 1 and not self.world.active else None
                 try:
                     stat_rows, counts = acc.accumulate(loss, weight=weight, finalize=final), acc.counts
                 except NonFiniteGradient as exc:
@@ -366,13 +463,24 @@ class _Pass:
             raise _BatchFailed(where)
         return loss_value, stat_rows, counts
 
-    def run_batch(self, b: int) -> tuple[float, LayerStats]:
+    def _batch_record(self, b: int) -> dict[str, Any]:
+        """Run batch b and add it in; its loss, tokens and statistics. Raises _BatchFailed naming the cause."""
         lo, hi = self.slices[b]
         ids = self.tokens[lo:hi].to(device=self.device, dtype=torch.long)
         try:
             loss, stat_rows, counts = self._forward_backward(b, ids)
         except _BatchFailed as exc:
-            cause = exc.where or locate_nonfinite(self.model, ids) or "the loss"
+            raise _BatchFailed(exc.where or locate_nonfinite(self.model, ids) or "the loss") from None
+        assert self.inputs is not None
+        self.inputs.commit((hi - lo) * self.seq_len)
+        layer_stats = self.plan.combine(stat_rows, counts)
+        return {"loss": loss, "tokens": (hi - lo) * self.seq_len, "stats": layer_stats}
+
+    def run_batch(self, b: int) -> tuple[float, LayerStats]:
+        try:
+            record = self._batch_record(b)
+        except _BatchFailed as exc:
+            cause = exc.where
             self.checkpoint(b)
             kept = (
                 f"; batches 1–{b} are checkpointed in {self.store.folder}"
@@ -382,38 +490,84 @@ class _Pass:
             raise RunFailed(
                 f"NaN/Inf in batch {b + 1}/{self.total} of the {self.method} pass ({cause}){kept}", NAN_FIX
             ) from None
-        assert self.inputs is not None
-        self.inputs.commit((hi - lo) * self.seq_len)
-        layer_stats = self.plan.combine(stat_rows, counts)
-        self.progress.batch_stats.append(
-            {"loss": loss, "tokens": (hi - lo) * self.seq_len, "stats": layer_stats}
-        )
-        return loss, layer_stats
+        self.progress.batch_stats.append(record)
+        return record["loss"], record["stats"]
 
     # the loop ----------------------------------------------------------------------------------
+    def _batch_done(self, b: int, loss: float, layer_stats: LayerStats, session_tokens: int, now: float) -> None:
+        elapsed = now - self.started
+        losses = self.progress.losses
+        self.emit(
+            BatchDone(
+                stage=self.stage,
+                batch=b + 1,
+                total=self.total,
+                loss=loss,
+                mean_loss=sum(losses) / len(losses),
+                tokens_per_s=session_tokens / elapsed if elapsed > 0 else 0.0,
+                eta_s=(self.total - b - 1) * elapsed / (b + 1 - self.progress.resumed_from),
+                layer_stats=layer_stats,
+                stats_label=self.spec.stats_label,
+                resumed_from=self.progress.resumed_from,
+            )
+        )
+
+    def _stopped(self, done: int) -> Interrupted:
+        if self.store is not None:
+            kept, fix = f"progress is checkpointed in {self.store.folder}", "run again with the same settings to resume"
+        else:
+            kept, fix = "no checkpoint_dir was given, so progress is not kept", None
+        return Interrupted(f"importance pass stopped after batch {done}/{self.total}; {kept}", fix)
+
+    def loop_ranks(self, should_stop: Callable[[], bool] | None, checkpoint_seconds: float) -> None:
+        """The batch loop of a pass shared by several ranks: rounds of `world` batches (module docstring)."""
+        w = self.world
+        self.started = last_checkpoint = time.perf_counter()
+        session_tokens = 0
+        for first in range(self.progress.next_batch, self.total, w.size):
+            b = first + w.rank
+            mine: tuple[str, int, Any] | None = None
+            if b < self.total:
+                try:
+                    mine = ("ok", b, self._batch_record(b))
+                except _BatchFailed as exc:
+                    mine = ("failed", b, exc.where)
+            outcomes = sorted((o for o in w.gather(mine) if o is not None), key=lambda o: o[1])
+            failed = [o for o in outcomes if o[0] == "failed"]
+            if failed:
+                _, bad, cause = failed[0]
+                kept = f"; the last periodic checkpoint in {self.store.folder} is kept" if self.store else ""
+                raise RunFailed(f"NaN/Inf in batch {bad + 1}/{self.total} of the {self.method} pass ({cause}, "
+                                f"rank {bad % w.size} of {w.size}){kept}", NAN_FIX)
+            now = time.perf_counter()
+            for _, done_batch, record in outcomes:
+                self.progress.batch_stats.append(record)
+                session_tokens += int(record["tokens"])
+                self._batch_done(done_batch, float(record["loss"]), record["stats"], session_tokens, now)
+            done = min(first + w.size, self.total)
+            if done == self.total:
+                break
+            asked = bool(should_stop()) if should_stop is not None else False
+            due = self.store is not None and now - last_checkpoint >= checkpoint_seconds
+            stop, due = w.any_of(asked, due)
+            if stop or due:
+                self.checkpoint(done)
+                last_checkpoint = time.perf_counter()
+            if stop:
+                raise self._stopped(done)
+        self._reduce(final=True)
+
     def loop(self, should_stop: Callable[[], bool] | None, checkpoint_seconds: float) -> None:
+        if self.world.active:
+            self.loop_ranks(should_stop, checkpoint_seconds)
+            return
         self.started = last_checkpoint = time.perf_counter()
         session_tokens = 0
         for b in range(self.progress.next_batch, self.total):
             loss, layer_stats = self.run_batch(b)
             session_tokens += (self.slices[b][1] - self.slices[b][0]) * self.seq_len
             now = time.perf_counter()
-            elapsed = now - self.started
-            losses = self.progress.losses
-            self.emit(
-                BatchDone(
-                    stage=self.stage,
-                    batch=b + 1,
-                    total=self.total,
-                    loss=loss,
-                    mean_loss=sum(losses) / len(losses),
-                    tokens_per_s=session_tokens / elapsed if elapsed > 0 else 0.0,
-                    eta_s=(self.total - b - 1) * elapsed / (b + 1 - self.progress.resumed_from),
-                    layer_stats=layer_stats,
-                    stats_label=self.spec.stats_label,
-                    resumed_from=self.progress.resumed_from,
-                )
-            )
+            self._batch_done(b, loss, layer_stats, session_tokens, now)
             if b + 1 == self.total:
                 break
             stop = bool(should_stop()) if should_stop is not None else False
@@ -421,14 +575,7 @@ class _Pass:
                 self.checkpoint(b + 1)
                 last_checkpoint = time.perf_counter()
             if stop:
-                if self.store is not None:
-                    kept, fix = (
-                        f"progress is checkpointed in {self.store.folder}",
-                        "run again with the same settings to resume",
-                    )
-                else:
-                    kept, fix = "no checkpoint_dir was given, so progress is not kept", None
-                raise Interrupted(f"importance pass stopped after batch {b + 1}/{self.total}; {kept}", fix)
+                raise self._stopped(b + 1)
 
     # the result --------------------------------------------------------------------------------
     def result(self, gradient_checkpointing: bool) -> ImportanceResult:
@@ -475,6 +622,8 @@ class _Pass:
             "num_heads": [p.num_heads for p in self.parts],
             "head_dim": [p.head_dim for p in self.parts],
         }
+        if self.world.active:
+            metadata["world_size"] = self.world.size
         return ImportanceResult(
             method=self.method,
             aggregation=self.aggregation,
@@ -492,6 +641,17 @@ class _Pass:
             seconds=self.seconds(),
             metadata=metadata,
         )
+
+
+def _changed_settings(stored: dict[str, Any], current: dict[str, Any], most: int = 4) -> str:
+    """The settings two identities differ in, by their last key ("num_samples: 48 → 32"); digests only
+    when nothing else differs."""
+    seen: dict[str, str] = {}
+    for line in identity_differences(stored, current):
+        dotted, _, change = line.partition(": ")
+        seen.setdefault(dotted.rpartition(".")[2], change)
+    plain = [k for k in seen if not k.endswith(("sha256", "fingerprint"))] or list(seen)
+    return "; ".join(f"{k}: {seen[k]}" for k in plain[:most]) or "no difference found"
 
 
 def _data_free(
@@ -591,6 +751,8 @@ def run_importance(
     size, token sha256, parameter layout); a checkpoint whose identity differs is refused (BadInput).
     """
     emit: EventSink = on_event or (lambda event: None)
+    if not distributed.world().is_main:  # rank 0 reports and writes for all ranks
+        emit, checkpoint_dir = null_sink, None
     _validate(tokens, method, aggregation, fisher_scale, batch_size, hessian_device, checkpoint_seconds)
     spec = get_method(method)
     if aggregation not in spec.aggregations:
@@ -606,8 +768,6 @@ def run_importance(
     if not spec.needs_calibration:
         return _data_free(model, adapter, spec, aggregation, fisher_scale, identity or {}, emit, stage)
     store = CheckpointStore(Path(checkpoint_dir)) if checkpoint_dir is not None else None
-    if next(model.parameters()).device.type == "cpu":
-        keep_freed_memory()  # see allocator.py: avoids re-faulting the gradient memory every batch
     run = _Pass(
         model,
         adapter,
@@ -629,10 +789,19 @@ def run_importance(
     with ExitStack() as stack:
         run.attach(stack, hessian_device, gradient_checkpointing)
         run.restore()
+        stale = run.stale_checkpoints()
         run.loop(should_stop, checkpoint_seconds)
         result = run.result(gradient_checkpointing)
     if store is not None:
         store.clear()
+    for folder in stale:
+        try:
+            CheckpointStore(folder).clear()
+        except OSError as exc:  # the pass itself succeeded: say so, do not fail it
+            emit(Notice(f"could not remove the checkpoint made for other inputs in {folder} ({exc.strerror})",
+                        "warning", stage))
+        else:
+            emit(Notice(f"removed the checkpoint made for other inputs in {folder}", "info", stage))
     losses = run.progress.losses
     emit(
         StageDone(

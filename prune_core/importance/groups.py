@@ -167,10 +167,12 @@ def assemble_taylor(
     if aggregation == "vector":
         first = {k: v.abs() for k, v in first.items()}
 
+    empty = torch.zeros(0, dtype=torch.float64)  # a block surgery removed entirely has no groups
+
     def assemble(values: dict[tuple[int, str], torch.Tensor], scale: float) -> GroupScores:
         return GroupScores(
-            attention=pad_rows([values[(i, "attention")] * scale for i in range(len(parts))]),
-            mlp=pad_rows([values[(i, "mlp")] * scale for i in range(len(parts))]),
+            attention=pad_rows([values.get((i, "attention"), empty) * scale for i in range(len(parts))]),
+            mlp=pad_rows([values.get((i, "mlp"), empty) * scale for i in range(len(parts))]),
         )
 
     b = max(batches, 1)

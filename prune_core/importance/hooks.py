@@ -49,6 +49,8 @@ class InputHooks:
         self._modules: dict[Key, tuple[str, str, str | None, bool]] = {}
         for layer, p in enumerate(parts):
             for gl in p.layout.blocks:
+                if not gl.groups:  # a block surgery removed entirely: nothing to observe
+                    continue
                 inputs = gl.input_modules()
                 paths = gl.modules() if squares else (gl.output,)
                 for path in paths:
@@ -56,7 +58,9 @@ class InputHooks:
                     sum_key = INPUT_SUM_KEYS[gl.block] if path == gl.output else None
                     self._modules[(layer, name)] = (path, gl.block, sum_key, path in inputs)
         self.slots: list[Key] = list(self._modules)
-        first = parts[0].linear(parts[0].layout.attention.output)
+        first = next((p.linear(gl.output) for p in parts for gl in p.layout.blocks if gl.groups), None)
+        if first is None:
+            raise ValueError("every attention and MLP block of this model was removed: nothing to score")
         self.device = first.weight.device
         self.dtype = sum_dtype(self.device)
         self.sums: dict[Key, torch.Tensor] = {}
@@ -170,7 +174,9 @@ class InputHooks:
 
     def input_sums(self) -> dict[str, torch.Tensor]:
         """{"o_proj": [L, in], "down_proj": [L, intermediate]} float64 on CPU (NaN-padded if ragged)."""
-        return {n: pad_rows([self.sums[(i, n)] for i in range(len(self.parts))]) for n in INPUT_SUM_KEYS.values()}
+        empty = torch.zeros(0, dtype=torch.float64)  # a removed block: no features
+        return {n: pad_rows([self.sums.get((i, n), empty) for i in range(len(self.parts))])
+                for n in INPUT_SUM_KEYS.values()}
 
     # checkpointing -----------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -15,6 +15,11 @@ usable. `identity` (what identifies the inputs: model and data fingerprints, met
 Each file's sha256 is in the manifest and checked on load: a checkpoint whose tensors or meta were
 changed after it was written (flipped bits, an edited `next_batch`) is refused with RunFailed naming
 the file and saying `--fresh`; the engine also cross-checks the meta's batch counts.
+
+Checkpoints of other passes may sit beside `checkpoint_dir` (the stage cache keeps one folder per
+set of inputs, `state/checkpoints/<stage>-<key>/`: an interrupted pass, then a run with another
+`num_samples`). `other_checkpoints()` finds them and `stored_identity()` reads what each was made
+for, so the engine says why it starts afresh and removes them once its own pass completes.
 """
 
 from __future__ import annotations
@@ -134,6 +139,19 @@ class CheckpointStore:
             raise self.damaged(str(manifest["meta"]), "is not a JSON object")
         return Checkpoint(meta=meta, tensors=tensors, path=self.folder)
 
+    def stored_identity(self) -> dict[str, Any] | None:
+        """The identity the checkpoint was made for, read without its tensors (None when unreadable)."""
+        try:
+            manifest = self._manifest()
+            name = manifest.get("meta") if manifest is not None else None
+            if not isinstance(name, str) or "/" in name:
+                return None
+            meta = json.loads((self.folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError, BadInput, RunFailed):
+            return None
+        identity = meta.get("identity") if isinstance(meta, dict) else None
+        return identity if isinstance(identity, dict) else None
+
     def check_identity(self, stored: dict[str, Any], current: dict[str, Any]) -> None:
         diffs = identity_differences(stored, current)
         if diffs:
@@ -173,3 +191,21 @@ class CheckpointStore:
             (self.folder / MANIFEST).unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # not empty: the caller keeps other files there
             self.folder.rmdir()
+
+
+def other_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoints of the same stage made for other inputs, beside `folder`.
+
+    Only in the stage cache's layout, `<results>/state/checkpoints/<stage>-<key>/`: the folders
+    `<stage>-*` beside it that hold a checkpoint. A `checkpoint_dir` anywhere else has none.
+    """
+    folder = Path(folder)
+    stage, dash, _ = folder.name.rpartition("-")
+    if folder.parent.name != "checkpoints" or not dash or not stage:
+        return []
+    try:
+        siblings = sorted(folder.parent.iterdir())
+    except OSError:
+        return []
+    return [p for p in siblings if p != folder and p.name.rpartition("-")[0] == stage and p.is_dir()
+            and not p.is_symlink() and CheckpointStore(p).exists()]

@@ -1,0 +1,586 @@
+"""Memory plan: what each importance method needs for a model, computed from its config alone.
+
+Why: a 7–8B model on one 48 GB GPU, or a 70B model anywhere, runs out of memory in the middle of the
+importance pass, after minutes of loading. `prune plan SESSION.toml` answers before anything loads:
+the model is built on the meta device from its config (`AutoModelForCausalLM.from_config` under
+`torch.device("meta")`: shapes, no weights, no memory, trust_remote_code never on), the scored
+parameters are those the engine scores (`prune_core.importance.groups.prunable_targets` through the
+family's adapter), and the buffers are those the engine allocates, at their real dtypes.
+
+Symbols (bytes unless said): e = bytes per element of the session's dtype (4 float32, 2 bfloat16 /
+float16); T = batch_size × seq_len tokens of one batch; h hidden size, L layers, n_h query heads,
+q = n_h × head_dim, kv = n_kv × head_dim, I MLP width, V vocabulary; P all parameters (tied embeddings
+once), P_s the scored parameters (q/k/v/o, gate/up/down weights and q/k/v biases where present).
+
+    weights              W  = P · e
+    gradients            G  = P_s · e            p.grad of the scored parameters during one backward
+    Σg                   Sg = P_s · 4            float32 sum of the gradients (taylor, taylor_2nd)
+    Σ n·g² (Fisher)      F  = P_s · 4            taylor_2nd only; on the CPU with hessian_device = "cpu"
+    scratch              2 · max(scored tensor) · 4   |g| buffer of the hooks + the last batch's scores
+    input statistics     L · (q + I) · 8          float64 input sums of o_proj / down_proj (every pass)
+                         + L · (5h + q + I) · 8   wanda: Σx² per input feature of every sliced linear
+
+Activations saved for backward, per layer, by the eager LLaMA/Mistral/Qwen2 layer with sdpa (no
+padding mask, so sdpa's flash / memory-efficient kernel keeps q, k, v, out and a float32 logsumexp;
+grouped-query K/V are not expanded), with only the scored parameters requiring gradients:
+
+    a = T · [ e·(2h + 2q + 2kv + 4I) + 4·2h + 2·4 + 4·n_h ]
+        e·2h: the two RMSNorm outputs fed to q/k/v and gate/up; e·(q + 2kv): q, k after RoPE and v;
+        e·q: the attention output (o_proj's input); e·4I: gate, SiLU(gate), up and their product
+        (down_proj's input); 4·2h + 2·4: each RMSNorm keeps its float32 input and its rsqrt;
+        4·n_h: sdpa's logsumexp.
+    A  = L·a − T·(4h + 4)   (layer 0's input is the frozen embedding output: its norm keeps nothing)
+    A_ckpt = L · T · h · e  with gradient checkpointing (each layer keeps its input only)
+    loss head  H = 3 · T · V · 4 + T · (4h + 12)
+        the float32 log-softmax that cross-entropy keeps, and during its backward the gradients with
+        respect to its output and input (all T × V, float32), plus the final norm and the labels.
+
+Peak of a gradient pass (the batches after the first, when Σg already exists beside fresh gradients),
+with t = 2 · T · I · e the gradients one layer's backward holds at once (of its MLP's T × I tensors):
+
+    W + Sg + F + scratch + stats + max(A + max(H, t), G + a + t)           without checkpointing
+    W + Sg + F + scratch + stats + max(A_ckpt + max(H, a + t), G + a + t)  with checkpointing
+
+(the backward frees each layer's activations as it creates that layer's gradients, so the peak is
+at its start — all activations and the loss head — or at its end — all gradients and one layer's
+working set; with checkpointing each layer's activations are recomputed during its backward). wanda runs forward passes without gradients: W + stats + T·I·4 (its |x| scratch) +
+the larger of one layer's forward working set T·(e·(2h + q + 2kv + 3I) + 4·2I) and the loss head
+T·V·(e + 8) (logits, their float32 copy and the log-softmax). magnitude reads the weights only:
+W + 2 · max(scored tensor) · 4.
+
+Reconstruction (pruning.compensate = "reconstruct") keeps one Gram matrix at a time, in float64,
+for the wider of o_proj (n = q inputs) and down_proj (n = I): the accumulator n·k·8 for the k kept
+inputs, the augmented (n+1)²·8 matrix and the (k+1)²·8 system it solves; plus the calibration stream
+num_samples × seq_len × h × e of hidden states.
+
+Validated (tests/test_plan.py, README "Memory"): the parameter and buffer counts exactly against the
+Llama-3-8B / 70B configs; the saved-activation formula exactly, byte for byte, against the tensors
+autograd saves for a small Llama (saved-tensor hooks); and the predicted peak of a real importance
+pass against the peak RSS of a fresh process (tiny-llama; smollm2-135m when cached), within the
+tolerance stated there. Other families (Gemma's extra norms, Qwen3's q/k norms, fused Phi-3
+projections) are planned with the same per-layer formula: their figures are approximate.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prune_core.errors import BadInput
+
+GIB = 1024**3
+MIB = 1024**2
+FP32 = 4
+FP64 = 8
+# the engine keeps the Fisher diagonal on the CPU when the device has less free than this (engine.py)
+FISHER_FREE_FACTOR = 1.5
+FISHER_FREE_MARGIN = GIB
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+# --------------------------------------------------------------------------------------------------
+# the model, from its config
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the plan reads off a model: config numbers and parameter counts (meta device)."""
+
+    model_type: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    parameters: dict[str, int]  # embeddings, attention, mlp, norms, lm_head, other, total
+    scored: int  # parameters the gradient methods score (P_s)
+    largest_scored: int  # elements of the largest scored tensor
+    attention_bias: bool = False
+
+    @property
+    def q(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def _bucket(name: str) -> str:
+    if "embed_tokens" in name:
+        return "embeddings"
+    if name.startswith("lm_head"):
+        return "lm_head"
+    module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name  # "input_layernorm", "q_norm", "norm"
+    if "norm" in module:
+        return "norms"
+    if ".self_attn." in name:
+        return "attention"
+    if ".mlp." in name:
+        return "mlp"
+    return "other"
+
+
+def geometry_from_config(config: Any) -> Geometry:
+    """Build the model on the meta device (no weights, no memory) and count what the plan needs."""
+    from transformers import AutoModelForCausalLM
+
+    from prune_core.adapters import adapter_for_type
+    from prune_core.importance.groups import prunable_targets
+
+    model_type = str(getattr(config, "model_type", ""))
+    from prune_core.models import _check_family
+
+    _check_family(model_type, f"the config ({model_type or 'no model_type'})")
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except Exception as exc:
+        raise BadInput(f"cannot build a {model_type!r} model from this config ({str(exc).splitlines()[0]})",
+                       "check the config.json numbers (hidden_size, num_attention_heads, …)") from None
+    counts = dict.fromkeys(("embeddings", "attention", "mlp", "norms", "lm_head", "other"), 0)
+    for name, p in model.named_parameters():  # unique parameters: a tied lm_head is not listed again
+        counts[_bucket(name)] += p.numel()
+    counts["total"] = sum(counts.values())
+    parts = adapter_for_type(model_type).all_parts(model)
+    targets = prunable_targets(parts)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = int(text.num_attention_heads)
+    hidden = int(text.hidden_size)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    return Geometry(
+        model_type=model_type,
+        hidden=hidden,
+        layers=int(text.num_hidden_layers),
+        heads=heads,
+        kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+        head_dim=head_dim,
+        intermediate=int(text.intermediate_size),
+        vocab=int(text.vocab_size),
+        tied=bool(getattr(config, "tie_word_embeddings", False)),
+        parameters=counts,
+        scored=sum(t.param.numel() for t in targets),
+        largest_scored=max(t.param.numel() for t in targets),
+        attention_bias=bool(getattr(text, "attention_bias", False)),
+    )
+
+
+def load_config(spec: str, *, revision: str = "") -> tuple[Any, str]:
+    """The transformers config a model spec names, without weights; returns (config, where it came from).
+
+    Built-in tiny models: their config in code; smollm2-135m: the cached folder's config.json (not
+    fetched: a plan reads no weights); a local folder's config.json; a hub id's config.json (the only
+    file read). trust_remote_code is never turned on.
+    """
+    from transformers import AutoConfig
+
+    from prune_core import tiny, zoo
+    from prune_core.models import _classify, _hub_error
+
+    spec = (spec or "").strip()
+    if not spec:
+        raise BadInput("no model given", "set [model] id in the session or pass --model")
+    if spec in tiny.TINY_MODELS:
+        return tiny.make_config(spec), f"builtin:{spec}"
+    if spec in zoo.ZOO:
+        if not zoo.is_cached(spec):
+            raise BadInput(f"{spec} is not downloaded yet, so its config cannot be read without fetching the "
+                           "weights",
+                           "run `prune run` once on it (it is fetched and cached), or pass --model with a "
+                           "local folder or hub id")
+        folder = zoo.model_dir(spec)  # cached (checked above): nothing is fetched
+        return AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False), str(folder)
+    path = Path(spec).expanduser()
+    if (path / "pruning.json").is_file():
+        raise BadInput(f"{spec} is a pruned model folder: its layers have their own widths, which a plain config "
+                       "does not describe",
+                       "plan the original model (its hub id or folder); a pruned model needs less than that")
+    source = _classify(spec, revision)
+    kwargs: dict[str, Any] = {"trust_remote_code": False, "local_files_only": source.local_only}
+    if source.revision:
+        kwargs["revision"] = source.revision
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        return AutoConfig.from_pretrained(source.path, **kwargs), source.label
+    except Exception as exc:
+        mapped = _hub_error(exc, spec, revision, source.local_only) if source.is_hub else None
+        if mapped is not None:
+            raise mapped from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadInput(f"cannot read the config of {spec} ({first})",
+                       "point --model at a Hugging Face model folder with a valid config.json") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# the formulas
+
+
+def activation_per_layer(g: Geometry, tokens: int, e: int) -> int:
+    """a: bytes autograd keeps for one decoder layer (see the module docstring)."""
+    h, q, kv, inter = g.hidden, g.q, g.kv, g.intermediate
+    return tokens * (e * (2 * h + 2 * q + 2 * kv + 4 * inter) + FP32 * 2 * h + 2 * FP32 + FP32 * g.heads)
+
+
+def activations(g: Geometry, tokens: int, e: int, checkpointing: bool) -> int:
+    """A (or A_ckpt): the layers' saved activations of one batch."""
+    if checkpointing:
+        return g.layers * tokens * g.hidden * e
+    return g.layers * activation_per_layer(g, tokens, e) - tokens * (FP32 * g.hidden + FP32)
+
+
+def layer_backward(g: Geometry, tokens: int, e: int) -> int:
+    """t: the gradients one layer's backward holds at once (two of its MLP's T × I tensors)."""
+    return 2 * tokens * g.intermediate * e
+
+
+def loss_head(g: Geometry, tokens: int) -> int:
+    """H: cross-entropy over the vocabulary at its backward's start, plus the final norm and labels."""
+    return 3 * tokens * g.vocab * FP32 + tokens * (FP32 * g.hidden + FP32 + 8)
+
+
+def input_stats(g: Geometry, squares: bool) -> int:
+    """float64 input sums of o_proj/down_proj (every data pass); wanda's Σx² per input feature too."""
+    sums = g.layers * (g.q + g.intermediate) * FP64
+    if squares:
+        sums += g.layers * (5 * g.hidden + g.q + g.intermediate) * FP64
+    return sums
+
+
+def gram_bytes(g: Geometry, ratio: float) -> dict[str, int]:
+    """Reconstruction: one float64 Gram matrix at a time (the wider of o_proj and down_proj)."""
+    n = max(g.q, g.intermediate)
+    kept = max(1, round(n * (1.0 - ratio)))
+    acc, augmented, system = n * kept * FP64, (n + 1) ** 2 * FP64, (kept + 1) ** 2 * FP64
+    return {"inputs": n, "kept": kept, "accumulator": acc, "augmented": augmented, "system": system,
+            "total": acc + augmented + system}
+
+
+@dataclass
+class MethodPlan:
+    """One method's figures (bytes), each at its real dtype."""
+
+    method: str
+    needs_gradients: bool
+    needs_calibration: bool
+    weights: int
+    gradients: int
+    buffers: dict[str, int]  # grad_sum, fisher, scratch, input_stats
+    activations: dict[str, int]  # without / with gradient checkpointing (saved per batch, + loss head)
+    peak: dict[str, int]  # without / with checkpointing: on the model's device (Fisher where hessian_device says)
+    fisher_on_cpu: bool = False
+    fits: dict[str, bool | None] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method, "needs_gradients": self.needs_gradients,
+            "needs_calibration": self.needs_calibration, "weights": self.weights, "gradients": self.gradients,
+            "buffers": dict(self.buffers), "activations": dict(self.activations), "peak": dict(self.peak),
+            "fisher_on_cpu": self.fisher_on_cpu, "fits": dict(self.fits),
+        }
+
+
+def method_plan(g: Geometry, method: str, *, dtype: str, batch_size: int, seq_len: int,
+                fisher_on_cpu: bool = False) -> MethodPlan:
+    """The figures of one registered importance method (see the module docstring for the formulas)."""
+    from prune_core.importance.registry import get_method
+
+    spec = get_method(method)
+    e = _DTYPE_BYTES[dtype]
+    tokens = batch_size * seq_len
+    weights = g.parameters["total"] * e
+    scratch = 2 * g.largest_scored * FP32
+    if spec.needs_gradients:
+        grads = g.scored * e
+        fisher = g.scored * FP32 if spec.needs_fisher else 0
+        buffers = {"grad_sum": g.scored * FP32, "fisher": fisher, "scratch": scratch,
+                   "input_stats": input_stats(g, squares=False)}
+        a = activation_per_layer(g, tokens, e)
+        t = layer_backward(g, tokens, e)
+        head = loss_head(g, tokens)
+        plain, ckpt = activations(g, tokens, e, False), activations(g, tokens, e, True)
+        on_device = weights + buffers["grad_sum"] + scratch + buffers["input_stats"] + (0 if fisher_on_cpu else fisher)
+        acts = {"without_checkpointing": plain + max(head, t), "with_checkpointing": ckpt + max(head, a + t)}
+        peak = {k: on_device + max(v, grads + a + t) for k, v in acts.items()}
+    elif spec.needs_calibration:
+        grads = 0
+        buffers = {"grad_sum": 0, "fisher": 0, "scratch": tokens * g.intermediate * FP32,
+                   "input_stats": input_stats(g, squares=True)}
+        layer = tokens * (e * (2 * g.hidden + g.q + 2 * g.kv + 3 * g.intermediate) + FP32 * 2 * g.intermediate)
+        forward = max(layer, tokens * g.vocab * (e + 2 * FP32))
+        total = weights + buffers["scratch"] + buffers["input_stats"] + forward
+        acts = {"without_checkpointing": forward, "with_checkpointing": forward}
+        peak = {"without_checkpointing": total, "with_checkpointing": total}
+    else:
+        grads = 0
+        buffers = {"grad_sum": 0, "fisher": 0, "scratch": scratch, "input_stats": 0}
+        acts = {"without_checkpointing": 0, "with_checkpointing": 0}
+        peak = {"without_checkpointing": weights + scratch, "with_checkpointing": weights + scratch}
+    return MethodPlan(method=method, needs_gradients=spec.needs_gradients, needs_calibration=spec.needs_calibration,
+                      weights=weights, gradients=grads, buffers=buffers, activations=acts, peak=peak,
+                      fisher_on_cpu=fisher_on_cpu and spec.needs_fisher)
+
+
+# --------------------------------------------------------------------------------------------------
+# devices and what fits
+
+
+def devices_present() -> list[dict[str, Any]]:
+    """CUDA devices' free and total memory, else the system RAM (psutil, /proc/meminfo as fallback)."""
+    found: list[dict[str, Any]] = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            found.append({"device": f"cuda:{i}", "name": torch.cuda.get_device_name(i), "free": int(free),
+                          "total": int(total)})
+    found.append({"device": "cpu", "name": "system RAM", **_ram()})
+    return found
+
+
+def _ram() -> dict[str, int | None]:
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return {"free": int(vm.available), "total": int(vm.total)}
+    except Exception:  # psutil is a dependency; /proc/meminfo covers a broken install on Linux
+        try:
+            info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+            kib = {k: int(v.split()[0]) * 1024 for k, v in info.items() if k in ("MemAvailable", "MemTotal")}
+            return {"free": kib.get("MemAvailable"), "total": kib.get("MemTotal")}
+        except (OSError, ValueError, IndexError):
+            return {"free": None, "total": None}
+
+
+def _target(devices: list[dict[str, Any]], device: str) -> dict[str, Any]:
+    """The device the session's passes would run on, among those present (RAM when it has no GPU here)."""
+    cuda = [d for d in devices if d["device"].startswith("cuda")]
+    name = device.strip().lower()
+    if name.startswith("cuda") and cuda:
+        index = int(name.split(":")[1]) if ":" in name else 0
+        return next((d for d in cuda if d["device"] == f"cuda:{index}"), cuda[0])
+    if name == "auto" and cuda:
+        return cuda[0]
+    return devices[-1]
+
+
+# --------------------------------------------------------------------------------------------------
+# the plan
+
+
+def build_plan(
+    geometry: Geometry,
+    *,
+    model: str,
+    source: str,
+    dtype: str,
+    seq_len: int,
+    batch_size: int,
+    num_samples: int,
+    gradient_checkpointing: bool,
+    hessian_device: str,
+    device: str,
+    method: str,
+    ratio: float,
+    compensate: str,
+    devices: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """One plan object (JSON-ready): model, settings, per-method figures, reconstruction, devices, advice."""
+    from prune_core.importance.registry import method_keys
+
+    if dtype not in _DTYPE_BYTES:
+        raise BadInput(f"unknown dtype {dtype!r}", f"use one of: {', '.join(_DTYPE_BYTES)}")
+    if seq_len < 2 or batch_size < 1:
+        raise BadInput(f"seq_len must be >= 2 and batch_size >= 1 (got {seq_len}, {batch_size})",
+                       "pass --seq-len 2 or more and --batch-size 1 or more")
+    devices = devices_present() if devices is None else devices
+    target = _target(devices, device)
+    ram = devices[-1]
+    checkpointing = "with_checkpointing" if gradient_checkpointing else "without_checkpointing"
+    methods: list[MethodPlan] = []
+    for key in method_keys():
+        plan = method_plan(geometry, key, dtype=dtype, batch_size=batch_size, seq_len=seq_len)
+        fisher = plan.buffers["fisher"]
+        # the engine decides with the model already loaded: free then = free now − the weights
+        on_cpu = fisher > 0 and (hessian_device == "cpu" or target["device"] == "cpu" or (
+            hessian_device == "auto" and target["free"] is not None
+            and target["free"] - plan.weights < FISHER_FREE_FACTOR * fisher + FISHER_FREE_MARGIN))
+        if on_cpu and target["device"] != "cpu":
+            plan = method_plan(geometry, key, dtype=dtype, batch_size=batch_size, seq_len=seq_len, fisher_on_cpu=True)
+        free = target["free"]
+        plan.fits = {k: (None if free is None else v <= free) for k, v in plan.peak.items()}
+        if plan.fisher_on_cpu and ram["free"] is not None:
+            plan.fits["fisher_in_ram"] = fisher <= ram["free"]
+        methods.append(plan)
+    chosen = next(m for m in methods if m.method == method)
+    gram = gram_bytes(geometry, ratio)
+    stream = num_samples * seq_len * geometry.hidden * _DTYPE_BYTES[dtype]
+    plan_obj: dict[str, Any] = {
+        "kind": "memory_plan",
+        "model": {"spec": model, "source": source, "model_type": geometry.model_type, "hidden_size": geometry.hidden,
+                  "num_layers": geometry.layers, "num_heads": geometry.heads, "num_kv_heads": geometry.kv_heads,
+                  "head_dim": geometry.head_dim, "intermediate_size": geometry.intermediate,
+                  "vocab_size": geometry.vocab, "tied_embeddings": geometry.tied,
+                  "parameters": dict(geometry.parameters), "scored_parameters": geometry.scored,
+                  "largest_scored_tensor": geometry.largest_scored},
+        "settings": {"dtype": dtype, "bytes_per_element": _DTYPE_BYTES[dtype], "seq_len": seq_len,
+                     "batch_size": batch_size, "tokens_per_batch": seq_len * batch_size, "num_samples": num_samples,
+                     "gradient_checkpointing": gradient_checkpointing, "hessian_device": hessian_device,
+                     "device": device, "method": method, "ratio": ratio, "compensate": compensate},
+        "methods": [m.to_dict() for m in methods],
+        "reconstruct": {"gram": gram, "stream": stream, "used": compensate == "reconstruct",
+                        "fits": None if ram["free"] is None and target["free"] is None
+                        else (gram["total"] + stream) <= (target["free"] or 0)},
+        "devices": devices,
+        "target": target["device"],
+        "assumptions": ASSUMPTIONS,
+    }
+    plan_obj["suggestions"] = suggestions(geometry, chosen, target, ram, dtype=dtype, seq_len=seq_len,
+                                          batch_size=batch_size, checkpointing=checkpointing,
+                                          hessian_device=hessian_device)
+    return plan_obj
+
+
+ASSUMPTIONS = (
+    "activations: eager LLaMA-style decoder layers with sdpa (flash / memory-efficient kernel, no padding mask), "
+    "only the scored parameters require gradients; other families are approximate",
+    "peak of a gradient pass = a batch after the first (Σg exists beside the fresh gradients)",
+    "loss head: float32 log-softmax over the vocabulary plus two T×V float32 gradients in its backward",
+    "not counted: the framework itself (CUDA context ~0.5 GiB, the Python process ~0.5 GiB), allocator "
+    "fragmentation, the tokenizer and calibration data",
+)
+
+
+def _fmt(n: int | float | None) -> str:
+    if n is None:
+        return "unknown"
+    if n >= GIB:
+        return f"{n / GIB:.2f} GiB"
+    return f"{n / MIB:.1f} MiB"
+
+
+def suggestions(g: Geometry, chosen: MethodPlan, target: dict[str, Any], ram: dict[str, Any], *, dtype: str,
+                seq_len: int, batch_size: int, checkpointing: str, hessian_device: str) -> list[str]:
+    """What to change when the chosen method does not fit on the target device (empty when it fits)."""
+    free = target["free"]
+    need = chosen.peak[checkpointing]
+    if free is None or need <= free:
+        return []
+    where = target["device"]
+    out: list[str] = [f"{chosen.method} needs about {_fmt(need)} on {where} but {_fmt(free)} is free"]
+
+    def peak(**changes: Any) -> int:
+        kw: dict[str, Any] = {"dtype": dtype, "batch_size": batch_size, "seq_len": seq_len,
+                              "fisher_on_cpu": chosen.fisher_on_cpu}
+        ck = changes.pop("checkpointing", checkpointing)
+        kw.update(changes)
+        return method_plan(g, chosen.method, **kw).peak[ck]
+
+    if dtype == "float32":
+        out.append(f'dtype = "bfloat16": weights and gradients in bf16, the sums stay float32 → {_fmt(peak(dtype="bfloat16"))}')
+    if chosen.buffers["fisher"] and not chosen.fisher_on_cpu and where != "cpu":
+        ok = ram["free"] is None or chosen.buffers["fisher"] <= ram["free"]
+        out.append(f'hessian_device = "cpu": the Fisher buffer ({_fmt(chosen.buffers["fisher"])}) in system RAM'
+                   f' → {_fmt(peak(fisher_on_cpu=True))} on {where}' + ("" if ok else " (RAM is short for it too)"))
+    if chosen.needs_gradients and checkpointing == "without_checkpointing":
+        out.append(f"gradient_checkpointing = true → {_fmt(peak(checkpointing='with_checkpointing'))}")
+    for s in (seq_len // 2, seq_len // 4):
+        if s >= 2 and s != seq_len:
+            out.append(f"seq_len = {s} → {_fmt(peak(seq_len=s))}")
+            break
+    if batch_size > 1:
+        out.append(f"batch_size = 1 → {_fmt(peak(batch_size=1))}")
+    floor = method_plan(g, chosen.method, dtype="bfloat16" if dtype == "float32" else dtype, batch_size=1,
+                        seq_len=min(seq_len, 128), fisher_on_cpu=chosen.needs_gradients and where != "cpu"
+                        ).peak["with_checkpointing"]
+    out.append(f"all of these (bf16, Fisher on CPU, checkpointing, batch 1, seq_len ≤ 128) → {_fmt(floor)}")
+    out.append("more ranks: data-parallel ranks (torchrun) split the batches, so each rank's activations shrink "
+               "with its share of the batch; each rank still holds the weights and the buffers above")
+    if floor > free:
+        out.append("it does not fit even so: the weights and buffers alone are too large for this device; use a "
+                   "larger device, or run on the CPU with enough RAM (slow but it works)")
+    return out
+
+
+def render_text(plan: dict[str, Any]) -> str:
+    """The plan as plain text (never markup)."""
+    m, s = plan["model"], plan["settings"]
+    p = m["parameters"]
+    lines = [
+        f"memory plan for {m['spec']} ({m['model_type']}, {p['total']:,} parameters; source {m['source']})",
+        f"  {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_heads']} heads / {m['num_kv_heads']} KV heads "
+        f"× {m['head_dim']}, MLP {m['intermediate_size']}, vocab {m['vocab_size']}"
+        f"{', tied embeddings' if m['tied_embeddings'] else ''}",
+        f"  parameters: embeddings {p['embeddings']:,}, attention {p['attention']:,}, MLP {p['mlp']:,}, "
+        f"norms {p['norms']:,}, lm_head {p['lm_head']:,}" + (f", other {p['other']:,}" if p["other"] else ""),
+        f"  scored by the gradient methods: {m['scored_parameters']:,}",
+        f"settings: {s['dtype']}, seq_len {s['seq_len']}, batch_size {s['batch_size']} ({s['tokens_per_batch']:,} "
+        f"tokens per batch), gradient_checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, "
+        f"hessian_device {s['hessian_device']}, device {s['device']} (plans against {plan['target']})",
+        "",
+    ]
+    header = ("method", "weights", "gradients", "Σg", "Σn·g²", "other", "act.", "act. ckpt", "peak", "peak ckpt", "fits")
+    rows = [header]
+    for mp in plan["methods"]:
+        b = mp["buffers"]
+        fits = mp["fits"]
+        key = "with_checkpointing" if s["gradient_checkpointing"] else "without_checkpointing"
+        verdict = {True: "yes", False: "no", None: "?"}[fits.get(key)]
+        if mp["fisher_on_cpu"]:
+            verdict += " (Σn·g² in RAM)"
+        rows.append((mp["method"], _fmt(mp["weights"]), _fmt(mp["gradients"]), _fmt(b["grad_sum"]), _fmt(b["fisher"]),
+                     _fmt(b["scratch"] + b["input_stats"]), _fmt(mp["activations"]["without_checkpointing"]),
+                     _fmt(mp["activations"]["with_checkpointing"]), _fmt(mp["peak"]["without_checkpointing"]),
+                     _fmt(mp["peak"]["with_checkpointing"]), verdict))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        lines.append("  " + "  ".join(c.ljust(w) if i in (0, len(r) - 1) else c.rjust(w)
+                                      for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
+    lines.append("  (act. = activations of one batch incl. the loss head; peak = weights + buffers + the larger of "
+                 "activations and gradients; Σn·g² is taylor_2nd's Fisher buffer)")
+    r = plan["reconstruct"]
+    gram = r["gram"]
+    lines += ["", f"reconstruct{' (used by this session)' if r['used'] else ''}: one float64 Gram at a time, "
+              f"{gram['inputs']} inputs ({gram['kept']} kept): {_fmt(gram['total'])}; calibration stream "
+              f"{_fmt(r['stream'])}", "", "devices:"]
+    for d in plan["devices"]:
+        lines.append(f"  {d['device']} ({d['name']}): {_fmt(d['free'])} free of {_fmt(d['total'])}")
+    if plan["suggestions"]:
+        lines += ["", "short of memory — " + plan["suggestions"][0] + "; try:"]
+        lines += [f"  - {t}" for t in plan["suggestions"][1:]]
+    else:
+        lines += ["", f"{s['method']} fits on {plan['target']} with these settings"]
+    lines += ["", "assumptions:"] + [f"  - {a}" for a in plan["assumptions"]]
+    return "\n".join(lines)
+
+
+def plan_for_session(session: Any, *, model: str | None = None, seq_len: int | None = None,
+                     batch_size: int | None = None, devices: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Read the model's config named by the session (or `model`) and build the plan for its settings."""
+    spec = model if model is not None else session.model.id
+    config, source = load_config(spec, revision=session.model.revision if model is None else "")
+    return build_plan(
+        geometry_from_config(config), model=spec, source=source, dtype=session.model.dtype,
+        seq_len=seq_len if seq_len is not None else session.data.seq_len,
+        batch_size=batch_size if batch_size is not None else session.data.batch_size,
+        num_samples=session.data.num_samples, gradient_checkpointing=session.importance.gradient_checkpointing,
+        hessian_device=session.importance.hessian_device, device=session.model.device,
+        method=session.importance.method, ratio=session.pruning.ratio, compensate=session.pruning.compensate,
+        devices=devices,
+    )
+
+
+def to_json(plan: dict[str, Any]) -> str:
+    return json.dumps(plan, indent=2, ensure_ascii=False)
+
+
+__all__ = ["Geometry", "MethodPlan", "activation_per_layer", "activations", "build_plan", "devices_present",
+           "geometry_from_config", "layer_backward", "load_config", "loss_head", "method_plan", "plan_for_session", "render_text",
+           "to_json"]

@@ -1,0 +1,177 @@
+"""Data-parallel passes: 2 gloo processes on CPU must give what one process gives over the same batches.
+
+The ranks are started with torch.multiprocessing.spawn and the torch.distributed environment a
+launcher sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); rank 0 saves what it computed, the
+test compares it with a single-process run in this process. Also: an interrupted 2-process pipeline
+run resumes to the single-process result, and a resume with another world size is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from prune_core import distributed
+from prune_core.errors import BadInput, Interrupted
+from prune_core.events import BatchDone
+from prune_core.importance import block_importance, run_importance
+from prune_core.importance.registry import METHODS
+from tests.helpers import tiny_session
+
+WORLD = 2
+SAMPLES, SEQ, BATCH = 7, 16, 2  # 4 batches, the last one smaller: 2 rounds of 2 ranks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _join(rank: int, port: int) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+
+
+def _spawn(fn: Any, *args: Any) -> None:
+    mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=True)
+
+
+def _model() -> Any:
+    from prune_core.adapters import get_adapter
+    from prune_core.models import resolve_model
+
+    loaded = resolve_model("tiny-llama", dtype="float32", device="cpu")
+    model = loaded.model.to(torch.float64)  # float64 sums: a tight tolerance separates order from error
+    return model, get_adapter(model)
+
+
+def _tokens(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (SAMPLES, SEQ), generator=torch.Generator().manual_seed(3))
+
+
+def _passes() -> dict[str, Any]:
+    """Every method's scores and sums, and the block losses, over the same batches."""
+    model, adapter = _model()
+    tokens = _tokens(int(model.config.vocab_size))
+    out: dict[str, Any] = {}
+    for method in METHODS:
+        r = run_importance(model, adapter, tokens, method=method, batch_size=BATCH, checkpoint_seconds=0.0)
+        out[method] = {"attention": r.attention, "mlp": r.mlp, "input_sums": r.input_sums,
+                       "input_tokens": r.input_tokens, "losses": [b["loss"] for b in r.batch_stats],
+                       "stats": r.stats, "batches": r.batches, "tokens": r.tokens}
+    blocks = block_importance(model, adapter, tokens, batch_size=BATCH)
+    out["block"] = blocks.to_dict()
+    return out
+
+
+def _passes_rank(rank: int, port: int, folder: str) -> None:
+    _join(rank, port)
+    world = distributed.setup("cpu")
+    assert world.size == WORLD and world.rank == rank and world.backend == "gloo"
+    try:
+        torch.save(_passes(), Path(folder) / f"rank{rank}.pt")
+    finally:
+        distributed.shutdown()
+
+
+def _close(a: Any, b: Any, where: str) -> None:
+    if isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            _close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _close(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, equal_nan=True, msg=lambda m: f"{where}: {m}")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12), where
+    else:
+        assert a == b, where
+
+
+def test_two_ranks_match_one_process(tmp_path: Path) -> None:
+    _spawn(_passes_rank, str(tmp_path))
+    single = _passes()
+    for rank in range(WORLD):  # every rank ends with the totals
+        shared = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        _close(shared, single, f"rank{rank}")
+    assert single["taylor"]["batches"] == 4 and single["taylor"]["input_tokens"] == SAMPLES * SEQ
+    assert single["block"]["attention"] != [0.0] * len(single["block"]["attention"])
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+def _session(tmp: Path, name: str) -> Any:
+    return tiny_session(tmp, name=name, data__num_samples=8, data__seq_len=16, data__batch_size=2,
+                        data__proxy_samples=0, correction__temperature=1.0, correction__samples=4,
+                        correction__seq_len=16, evaluation__before=False, evaluation__after=False,
+                        output__save_model=False)
+
+
+def _pipeline_rank(rank: int, port: int, folder: str, stop_after: int) -> None:
+    from prune_core import pipeline
+
+    _join(rank, port)
+    seen = [0]
+
+    def on_event(event: Any) -> None:
+        if isinstance(event, BatchDone):
+            seen[0] = max(seen[0], event.batch)
+
+    def should_stop() -> bool:  # asked on rank 0 only: the others stop with it
+        return bool(stop_after) and rank == 0 and seen[0] >= stop_after
+
+    session = _session(Path(folder), "shared")
+    try:
+        pipeline.run(session, on_event=on_event, should_stop=should_stop)
+    except Interrupted:
+        Path(folder, f"interrupted{rank}").write_text("yes", encoding="utf-8")
+    finally:
+        distributed.shutdown()
+
+
+def _metrics(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+
+
+def test_interrupted_two_rank_run_resumes_to_the_single_process_result(tmp_path: Path) -> None:
+    from prune_core import pipeline
+
+    results = tmp_path / "runs" / "shared"
+    _spawn(_pipeline_rank, str(tmp_path), 2)
+    assert (tmp_path / "interrupted0").exists() and (tmp_path / "interrupted1").exists()
+    assert not (results / "metrics.json").exists()
+    assert pipeline.has_checkpoint(results)
+    assert not list(tmp_path.glob("runs/*/events.ndjson.*"))
+
+    # another world size is refused, naming both sizes and --fresh; the checkpoint is left alone
+    with pytest.raises(BadInput) as refused:
+        pipeline.run(_session(tmp_path, "shared"))
+    text = str(refused.value)
+    assert "world size 2" in text and "world size 1" in text and "--fresh" in text
+    assert pipeline.has_checkpoint(results)
+
+    _spawn(_pipeline_rank, str(tmp_path), 0)
+    events = [json.loads(line) for line in (results / "events.ndjson").read_text(encoding="utf-8").splitlines()]
+    assert any("resuming from batch 2/4" in e.get("message", "") for e in events)
+    done = [e["batch"] for e in events if e.get("kind") == "batch_done"]
+    assert done == [3, 4]  # global progress, in order, rank 0 alone reports
+    shared = _metrics(results)
+    provenance = tomllib.loads((results / "session.toml").read_text(encoding="utf-8"))["provenance"]
+    assert provenance["world_size"] == 2 and provenance["distributed_backend"] == "gloo"
+    assert provenance["devices"] == ["cpu", "cpu"]
+
+    alone = pipeline.run(_session(tmp_path, "alone"))
+    assert shared["mask_sha256"] == alone.metrics["mask_sha256"]
+    assert shared["importance"]["batches"] == alone.metrics["importance"]["batches"] == 4
