@@ -154,7 +154,7 @@ class PlainRenderer(_Guarded):
         elif isinstance(event, Notice):
             c.print(f"[{event.level}] {event.message}", markup=False, highlight=False)
         elif isinstance(event, Checkpointed):
-            c.print(f"[ckpt]  {event.stage} checkpointed at batch {event.batch}", markup=False, highlight=False)
+            c.print(f"[ckpt]  {event.stage} checkpointed at {event.unit} {event.batch}", markup=False, highlight=False)
         elif isinstance(event, RunDone):
             pass
 

@@ -86,8 +86,9 @@ class BatchDone(Event):
 @dataclass(frozen=True)
 class Checkpointed(Event):
     stage: str
-    batch: int
+    batch: int  # the next batch (or step, see `unit`) to run on resume
     path: str
+    unit: str = "batch"
     kind: str = field(init=False, default="checkpointed")
 
 

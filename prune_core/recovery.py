@@ -420,7 +420,7 @@ def train(model: nn.Module, tokens: torch.Tensor, settings: RecoverySettings, *,
                 "losses": losses[:next_step], "optimizer": opt_index,
                 "seconds": seconds_before + time.perf_counter() - started, **(extra_meta or {})}
         path = store.save(meta, tensors)
-        on_event(Checkpointed(STAGE, next_step, str(path.parent)))
+        on_event(Checkpointed(STAGE, next_step, str(path.parent), unit="step"))
 
     peft_model.train()
     tokens_per_step = settings.batch_size * settings.seq_len

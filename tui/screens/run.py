@@ -180,7 +180,7 @@ class RunScreen(Screen):
             label, style = "Stopping: the pass is checkpointed after the batch in flight", "bold yellow"
         status.append(label, style=style)
         if state.status == "interrupted" and state.checkpoint is not None:
-            status.append(f" (checkpoint after batch {state.checkpoint.batch})", style="yellow")
+            status.append(f" (checkpoint after {state.checkpoint.unit} {state.checkpoint.batch})", style="yellow")
         if state.error and state.status == "failed":
             status.append(f"  {state.error}", style="red")
         for notice in state.notices[-2:]:
