@@ -325,6 +325,8 @@ def tune(
         table.add_row(str(t.number), t.knob, f"{t.proxy:.4f}", f"{t.achieved_ratio:.1%}", changes)
     out.print(table)
     out.print(f"proxy loss {result.base_proxy:.4f} → {result.best_proxy:.4f}", highlight=False)
+    for note in result.notes:
+        out.print(f"note: {note}", markup=False, highlight=False)
     out.print(f"best session: {paths['session']}  (run it: prune run {paths['session']})", markup=False,
               highlight=False)
     out.print(f"all trials: {paths['csv']}", markup=False, highlight=False)

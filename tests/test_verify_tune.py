@@ -136,3 +136,13 @@ def test_a_slow_trial_is_cut_at_the_budget(log_case: tuple[Path, Path], monkeypa
     assert result.stopped == "budget"
     assert len(result.trials) == 1  # the cut trial is not recorded
     assert time.perf_counter() - calls[0] < 1.0 + 3.0  # not the 10 s the trial would take (+ slack for a busy CPU)
+
+
+def test_with_compensation_the_budget_shape_is_not_searched() -> None:
+    """The proxy scores the uncompensated model; it misranked blocks/allocation once reconstructed
+    (BENCHMARKS.md "Quality"), so with compensation those knobs stay as the session has them."""
+    plain = {knob for knob, _ in search_space(sessions.Session(), 4)}
+    assert {"blocks", "allocation"} <= plain
+    for mode in ("bias", "reconstruct"):
+        knobs = {knob for knob, _ in search_space(sessions.Session().with_updates({"pruning.compensate": mode}), 4)}
+        assert not knobs & {"blocks", "allocation"} and "protect_layers" in knobs
