@@ -49,8 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from prune_core import atomic
 from prune_core.errors import BadInput, RunFailed
 
 Say = Callable[[str], None]
@@ -512,13 +511,9 @@ def export_gguf(source: Path, out: Path, *, dtype: str = "f32", verify: bool = T
     tok = tokenizer_metadata(tokenizer, n_vocab)
     tensors = {k: _array(v, dtype) for k, v in plan_tensors(state, config, plans).items()}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     checks: list[str] = []
     max_diff = None
-    try:
+    with atomic.atomic_path(out) as tmp:  # renamed into place only after every check below passed
         say(f"writing {arch} GGUF ({dtype}, {len(plans)} blocks) to {out}")
         write_gguf(tmp, arch, config, plans, tensors, tok, name=model_dir.parent.name if model_dir.name == "model"
                    else model_dir.name, dtype=dtype)
@@ -530,13 +525,5 @@ def export_gguf(source: Path, out: Path, *, dtype: str = "f32", verify: bool = T
             checks.append("loaded with llama.cpp (llama_cpp): its logits match the pruned model's")
         elif verify:
             checks.append("not run in llama.cpp: llama_cpp is not importable here (see the README for the check)")
-        os.chmod(tmp, 0o644)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
     parameters = sum(int(a.size) for a in tensors.values())
     return GGUFExport(out, model_dir, arch, dtype, plans, dropped, len(tensors), parameters, max_diff, checks)
