@@ -50,11 +50,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "baseline: uniform L2 magnitude (MLP)": {"importance.method": "magnitude", "pruning.blocks": "mlp",
                                              "pruning.allocation": "uniform"},
     "baseline: random groups": {"importance.method": "magnitude", "random": True},
-    "recommended (LLM-Pruner-like + reconstruct)": dict(RECOMMENDED),
+    "recommended (quick start)": dict(RECOMMENDED),
+    "recommended with Shakespeare windows only": {**RECOMMENDED, "data.generated_samples": 0},
+    "previous recommended (no generated windows or error feedback; ridge 1)": {
+        **RECOMMENDED, "data.generated_samples": 0, "pruning.error_feedback": 0.0, "pruning.ridge": 1.0},
     "recommended + bias": {**RECOMMENDED, "pruning.compensate": "bias"},
     "recommended + tune": {**RECOMMENDED, "tune": True},
 }
-QUICK = ["taylor global (old quick start)", "baseline: LLM-Pruner-like", "recommended (LLM-Pruner-like + reconstruct)"]
+QUICK = ["taylor global (old quick start)", "baseline: LLM-Pruner-like", "recommended (quick start)"]
 
 
 def machine() -> str:

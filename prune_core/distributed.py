@@ -19,7 +19,9 @@ The split is deterministic: batch i belongs to rank i % world (`World.owns`). Pa
 of `world` consecutive batches, so after every round the batches done by all ranks together form a
 prefix [0, k) of the batches: that is what checkpoints record and what progress events count.
 Rank 0 alone writes (results folder, stage cache, checkpoints, event log, lock); the others report
-nothing and follow rank 0's decisions (`Follower`/`announce`).
+nothing and follow rank 0's decisions (`follow`/`announce`). Between the collective stages rank 0
+runs the stages of its own (proxy, diagnosis, evaluation) with the world released (`release`,
+`rejoin`), while the others wait for its next decision: hence the long `TIMEOUT` of the group.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -35,6 +38,9 @@ import torch.distributed as dist
 from prune_core.errors import BadInput, Interrupted, PruneError, RunFailed
 
 _ERRORS: dict[str, type[PruneError]] = {"BadInput": BadInput, "RunFailed": RunFailed, "Interrupted": Interrupted}
+# How long a collective may wait for the slowest rank: the other ranks wait for rank 0's decision
+# while it runs the proxy, the diagnosis and the evaluation alone (torch's default is 10-30 minutes).
+TIMEOUT = timedelta(hours=6)
 
 
 @dataclass(frozen=True)
@@ -169,7 +175,8 @@ def setup(device: str = "auto") -> World:
                            f"start at most {count} processes per node (--nproc_per_node {count})")
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=size)
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=size,
+                                timeout=TIMEOUT)
     else:
         backend = str(dist.get_backend())
     here = f"cuda:{local} ({torch.cuda.get_device_name(local)})" if backend == "nccl" else "cpu"
@@ -181,14 +188,20 @@ def setup(device: str = "auto") -> World:
 
 def world() -> World:
     """The World the passes share: World() until `setup` joined a group of several processes, and again
-    after `release` (rank 0 then runs the later stages alone, with no collective calls)."""
+    after `release` until `rejoin` (rank 0 then runs its own stages alone, with no collective calls)."""
     return World() if _RELEASED else _WORLD
 
 
 def release() -> None:
-    """The collective part of the run is over for this rank: later passes run as a single process."""
+    """A collective stage is over for this rank: the passes that follow run as a single process."""
     global _RELEASED
     _RELEASED = _WORLD.active
+
+
+def rejoin() -> None:
+    """The next collective stage starts: the passes share the work of all ranks again (after `release`)."""
+    global _RELEASED
+    _RELEASED = False
 
 
 def shutdown() -> None:

@@ -14,13 +14,16 @@ from the disk cache in another process), and one that changes `[correction] temp
 block losses only — announced first by a `StagePlan` event and a `Notice` with the estimated time.
 
 Under torchrun / accelerate launch / srun (`distributed.py`) the stages that read calibration batches
-in a collective way (`COLLECTIVE`: importance, block_losses) are shared by all ranks. Rank 0 runs the
-pipeline as always (lock, preflight, stage cache, checkpoints, event log, results folder) and, at
-each of those stages, tells the other ranks whether it computes it or reuses it (or that it stopped:
-they raise the same error). The other ranks (`_follow`) load the model and the calibration windows
-themselves, take part in the passes rank 0 computes, write nothing, report nothing, and return after
-the last collective stage; every later stage (proxy, diagnosis, evaluation, surgery and its
-reconstruction, save) runs on rank 0 alone.
+in a collective way (`_collective`: importance, block_losses, and surgery when it reconstructs) are
+shared by all ranks. Rank 0 runs the pipeline as always (lock, preflight, stage cache, checkpoints,
+event log, results folder) and, at each of those stages, tells the other ranks whether it computes it
+or reuses it (or that it stopped: they raise the same error). The other ranks (`_follow`) load the
+model and the calibration windows themselves, take part in the passes rank 0 computes, write nothing,
+report nothing, and return after the last collective stage. Every other stage (proxy, diagnosis,
+evaluation, surgery without reconstruction, save) runs on rank 0 alone, with the world released
+(`distributed.release`) until the next collective stage; a reconstructing surgery is computed by every
+rank (rank 0 broadcasts the allocation's groups, `steps.compute_surgery`), then rank 0 goes on alone
+with the pruned model.
 """
 
 from __future__ import annotations
@@ -86,7 +89,8 @@ STAGES: tuple[Stage, ...] = (
           keys=("model.id", "model.revision", "model.dtype", "model.device", "model.trust_remote_code"),
           identity=steps.model_identity, keep=1),
     Stage("calibration", "calibration windows", steps.load_calibration, deps=("model",),
-          keys=("data.dataset", "data.num_samples", "data.seq_len", "data.proxy_samples", "session.seed"),
+          keys=("data.dataset", "data.num_samples", "data.seq_len", "data.proxy_samples", "data.generated_samples",
+                "session.seed"),
           identity=lambda c: c.fingerprint, keep=2),
     Stage("importance", "importance pass", steps.compute_importance, deps=("model", "calibration"),
           keys=("importance.method", "importance.aggregation", "importance.fisher_scale", "data.batch_size"),
@@ -110,7 +114,8 @@ STAGES: tuple[Stage, ...] = (
           keys=("evaluation.seq_len",), enabled=lambda s, w: s.evaluation.before,
           save=steps.save_json_value, load=steps.load_json_value, expensive=True),
     Stage("surgery", "remove pruned heads and channels, compensate", steps.compute_surgery,
-          deps=("model", "calibration", "importance", "allocation"), keys=("pruning.compensate", "pruning.ridge"),
+          deps=("model", "calibration", "importance", "allocation"), keys=("pruning.compensate", "pruning.ridge",
+                                                                           "pruning.error_feedback"),
           enabled=_needs_surgery, keep=1),
     Stage("eval_after", "perplexity after pruning", steps.eval_after, deps=("surgery", "eval_data"),
           keys=("evaluation.seq_len",), enabled=lambda s, w: s.evaluation.after,
@@ -265,6 +270,12 @@ def plan(session: Session, memo: Memo | None = None, *, until: str | None = None
 COLLECTIVE = ("importance", "block_losses")  # stages every rank takes part in (their passes all-reduce)
 
 
+def _is_collective(stage: str, session: Session) -> bool:
+    """Every rank takes part in this stage: a COLLECTIVE one, or a surgery that reconstructs (its Gram
+    sums are all-reduced, `compensation/reconstruct.py`)."""
+    return stage in COLLECTIVE or (stage == "surgery" and session.pruning.compensate == "reconstruct")
+
+
 class _Lead:
     """Rank 0's side of a run shared by several ranks: tells the others what it does at each collective
     stage, and that it stopped when it fails before the last one. Inactive (does nothing) otherwise."""
@@ -275,15 +286,16 @@ class _Lead:
 
     def before(self, stage: str, computing: bool) -> None:
         if stage in self.pending:
+            distributed.rejoin()
             distributed.announce(self.world, "compute" if computing else "skip")
             self.inside = True
 
     def after(self, stage: str) -> None:
+        """The stage is over: rank 0 runs alone (no collective calls) until the next collective stage."""
         if stage in self.pending:
             self.pending.remove(stage)
             self.inside = False
-            if not self.pending:
-                distributed.release()
+            distributed.release()
 
     def abort(self, exc: BaseException) -> None:
         if self.pending and not self.inside:
@@ -296,7 +308,7 @@ _LEAD = _Lead(distributed.World(), [])
 
 
 def _collective(session: Session, until: str | None, write: bool) -> list[str]:
-    return [s.name for s in _selected(until) if s.enabled(session, write) and s.name in COLLECTIVE]
+    return [s.name for s in _selected(until) if s.enabled(session, write) and _is_collective(s.name, session)]
 
 
 def _follow(session: Session, world: distributed.World, *, write: bool, until: str | None = None,
@@ -314,7 +326,7 @@ def _follow(session: Session, world: distributed.World, *, write: bool, until: s
     try:
         if todo:
             values["model"] = steps.load_model(ctx("model"))
-        if "importance" in todo:
+        if "importance" in todo or "surgery" in todo:
             values["calibration"] = steps.load_calibration(ctx("calibration"))
         for name in todo:
             if distributed.follow(world):
@@ -538,6 +550,7 @@ def build_report(session: Session, record: _Record, results_dir: Path | None, st
     if pruned is not None:
         metrics.setdefault("parameters", {})["total_after_surgery"] = int(pruned.report.params_after)
         metrics["compensation"] = {"mode": pruned.compensate, "ridge": session.pruning.ridge,
+                                   "error_feedback": session.pruning.error_feedback,
                                    "modules": len(pruned.report.compensated),
                                    "added_bias_parameters": int(pruned.report.added_bias_parameters)}
     metrics["stage_seconds"] = {k: round(s, 4) for k, s in record.seconds.items()}

@@ -2,8 +2,8 @@
 
 The schema's own defaults are the plain baseline (one global taylor ranking, no compensation), so an
 empty session file stays the simplest run. `prune new`, `examples/quickstart.toml` and a new session
-in the workbench start from `RECOMMENDED` instead: on smollm2-135m at 20 % it beats an LLM-Pruner-like
-setting on the calibration domain and on another domain, and at 40 % by a third (see the README).
+in the workbench start from `RECOMMENDED` instead: on smollm2-135m it beats an LLM-Pruner-like setting
+on the calibration domain and on another domain at 20 % and 40 % (see the README and BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from sessions.schema import Session
 RECOMMENDED: dict[str, Any] = {
     "importance.method": "taylor_2nd",  # element-wise second-order Taylor (+ Fisher)
     "data.num_samples": 32,
+    "data.generated_samples": 64,  # + 64 windows the model writes itself: the pruned model stays general
     "pruning.blocks": "mlp",  # attention heads are kept: pruning them costs more than it saves
     "pruning.allocation": "uniform",  # the same MLP rate in every unprotected layer
     "pruning.protect_layers": [0, 1, 2, -1],  # the first three and the last layer
     "pruning.compensate": "reconstruct",  # ridge refit of down_proj on calibration activations
-    "pruning.ridge": 1.0,
+    "pruning.ridge": 0.5,
+    "pruning.error_feedback": 0.5,  # each refit also corrects half the error earlier layers left
 }
 
 

@@ -79,6 +79,9 @@ class DataSection(_Section):
     proxy_samples: int = Field(4, ge=0, le=1024,
                                description="extra calibration windows held out of the importance pass; the proxy "
                                            "loss that scores every allocation, what-if and fix (0 = off)")
+    generated_samples: int = Field(0, ge=0, le=100_000,
+                                   description="more calibration windows of seq_len tokens sampled from the model "
+                                               "itself, so the pruned model stays general (0 = off)")
 
     @model_validator(mode="after")
     def _batch(self) -> DataSection:
@@ -142,6 +145,10 @@ class PruningSection(_Section):
     compensate: Literal["none", "bias", "reconstruct"] = Field(
         "none", description="none, bias (FLAP mean compensation) or reconstruct (ridge refit of o_proj/down_proj)")
     ridge: float = Field(1.0, ge=0.0, description="reconstruct: shrinkage toward the original weights, × mean diag of the Gram")
+    error_feedback: float = Field(
+        0.0, ge=0.0, le=1.0, description="reconstruct: share of the error earlier pruned layers left in the hidden "
+                                         "states that each refit also corrects (0: each block reproduces its own "
+                                         "output; 1: aim at the dense model's hidden states)")
 
     @field_validator("protect_layers")
     @classmethod

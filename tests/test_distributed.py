@@ -3,7 +3,9 @@
 The ranks are started with torch.multiprocessing.spawn and the torch.distributed environment a
 launcher sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); rank 0 saves what it computed, the
 test compares it with a single-process run in this process. Also: an interrupted 2-process pipeline
-run resumes to the single-process result, and a resume with another world size is refused.
+run resumes to the single-process result, and a resume with another world size is refused; the
+reconstruction (`compensate = "reconstruct"`, with and without error feedback) gives the weights of a
+single-process run, called directly and as the pipeline's surgery.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import torch.multiprocessing as mp
 
 from prune_core import distributed
+from prune_core.compensation import prune_and_reconstruct
 from prune_core.errors import BadInput, Interrupted
 from prune_core.events import BatchDone
 from prune_core.importance import block_importance, run_importance
@@ -175,3 +178,86 @@ def test_interrupted_two_rank_run_resumes_to_the_single_process_result(tmp_path:
     alone = pipeline.run(_session(tmp_path, "alone"))
     assert shared["mask_sha256"] == alone.metrics["mask_sha256"]
     assert shared["importance"]["batches"] == alone.metrics["importance"]["batches"] == 4
+
+
+# ---------------------------------------------------------------------------------------------- reconstruction
+# a refit attention and MLP, a fully removed MLP and attention (constant outputs), refits after them
+RECONSTRUCT = {0: {"attention": [1], "mlp": list(range(0, 128, 3))}, 1: {"mlp": list(range(128))},
+               2: {"attention": [0, 1], "mlp": list(range(1, 128, 2))}, 3: {"attention": [0], "mlp": list(range(40))}}
+FEEDBACK = (0.0, 0.5)
+
+
+def _reconstructed() -> dict[float, dict[str, torch.Tensor]]:
+    """The pruned model's weights after reconstruction, per error feedback, over the same batches."""
+    out: dict[float, dict[str, torch.Tensor]] = {}
+    for feedback in FEEDBACK:
+        model, adapter = _model()
+        tokens = _tokens(int(model.config.vocab_size))
+        prune_and_reconstruct(model, adapter, RECONSTRUCT, tokens, ridge=1.0, batch_size=BATCH,
+                              gram_dtype=torch.float64, error_feedback=feedback)
+        out[feedback] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return out
+
+
+def _reconstruct_rank(rank: int, port: int, folder: str) -> None:
+    _join(rank, port)
+    distributed.setup("cpu")
+    try:
+        torch.save(_reconstructed(), Path(folder) / f"rank{rank}.pt")
+    finally:
+        distributed.shutdown()
+
+
+def test_two_rank_reconstruction_matches_one_process(tmp_path: Path) -> None:
+    _spawn(_reconstruct_rank, str(tmp_path))
+    single = _reconstructed()
+    for rank in range(WORLD):  # every rank ends with the weights of one process over all windows
+        _close(torch.load(tmp_path / f"rank{rank}.pt", weights_only=False), single, f"rank{rank}")
+    plain, fed = single[0.0], single[0.5]
+    assert "model.layers.1.mlp.bias" in plain and "model.layers.2.self_attn.bias" in plain  # zero blocks' constants
+    assert not torch.allclose(plain["model.layers.3.mlp.down_proj.weight"], fed["model.layers.3.mlp.down_proj.weight"])
+
+
+def _reconstruct_session(tmp: Path, name: str) -> Any:
+    return tiny_session(tmp, name=name, data__num_samples=7, data__seq_len=16, data__batch_size=2,
+                        data__proxy_samples=0, pruning__compensate="reconstruct", pruning__error_feedback=0.5,
+                        evaluation__before=True, evaluation__after=True, evaluation__max_tokens=256,
+                        output__save_model=False)
+
+
+def _reconstruct_pipeline_rank(rank: int, port: int, folder: str) -> None:
+    from prune_core import pipeline
+    from prune_core.compensation import reconstruct
+
+    _join(rank, port)
+    reductions = [0]
+    gram_all_reduce = reconstruct._Gram.all_reduce
+
+    def counted(gram: Any, world: distributed.World) -> None:
+        reductions[0] += int(world.active)
+        gram_all_reduce(gram, world)
+
+    reconstruct._Gram.all_reduce = counted  # type: ignore[method-assign]
+    try:
+        pipeline.run(_reconstruct_session(Path(folder), "shared"))
+        Path(folder, f"reductions{rank}").write_text(str(reductions[0]), encoding="utf-8")
+    finally:
+        reconstruct._Gram.all_reduce = gram_all_reduce  # type: ignore[method-assign]
+        distributed.shutdown()
+
+
+def test_two_rank_pipeline_reconstructs_together(tmp_path: Path) -> None:
+    """The surgery is a collective stage when it reconstructs: every rank refits (after rank 0 ran the
+    diagnosis and the evaluation alone), and the pruned model is the single-process one."""
+    from prune_core import pipeline
+
+    _spawn(_reconstruct_pipeline_rank, str(tmp_path))
+    counts = [int(Path(tmp_path, f"reductions{rank}").read_text(encoding="utf-8")) for rank in range(WORLD)]
+    assert counts[0] == counts[1] > 0
+    shared = _metrics(tmp_path / "runs" / "shared")
+    alone = pipeline.run(_reconstruct_session(tmp_path, "alone")).metrics
+    assert shared["mask_sha256"] == alone["mask_sha256"]
+    assert shared["compensation"] == alone["compensation"]
+    for which in ("before", "after"):
+        assert shared["perplexity"][which]["ppl"] == pytest.approx(alone["perplexity"][which]["ppl"],
+                                                                  rel=1e-5), which

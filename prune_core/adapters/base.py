@@ -290,6 +290,10 @@ class Adapter:
     mlp_name: str = "mlp"
     # the attention implementation the family needs; None: the loader's default (sdpa)
     attn_implementation: str | None = None
+    # whether the attention / MLP outputs (o_proj, down_proj) are added to the residual stream as they
+    # are; False for families that normalise them first (Gemma's post-attention / post-feed-forward
+    # norms), where reconstruction's error feedback cannot map a stream error onto the projection
+    residual_outputs: bool = True
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         obj: nn.Module = model

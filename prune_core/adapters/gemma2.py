@@ -21,3 +21,4 @@ from prune_core.adapters.base import Adapter
 class Gemma2Adapter(Adapter):
     model_types = ("gemma2",)
     attn_implementation = "eager"
+    residual_outputs = False  # post-attention / post-feed-forward norms

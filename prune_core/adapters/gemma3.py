@@ -20,6 +20,7 @@ from prune_core.adapters.base import Adapter, LayerLayout, check_head_norms
 
 class Gemma3Adapter(Adapter):
     model_types = ("gemma3_text",)
+    residual_outputs = False  # post-attention / post-feed-forward norms
 
     def layout(self, model: nn.Module, layer_idx: int) -> LayerLayout:
         check_head_norms(self, model, layer_idx, ("q_norm", "k_norm"))

@@ -29,6 +29,7 @@ METHOD_FIELDS = (
 LENGTH_FIELDS = (
     FieldSpec("data.seq_len", "seq_len", "int", "tokens per calibration window"),
     FieldSpec("data.num_samples", "num_samples", "int", "calibration windows"),
+    FieldSpec("data.generated_samples", "generated", "int", "+ windows the model writes itself"),
     FieldSpec("data.batch_size", "batch_size", "int", "windows per gradient batch"),
     FieldSpec("importance.gradient_checkpointing", "grad. checkpointing", "bool", "less memory, ~1/3 more time"),
     FieldSpec("session.seed", "seed", "int", "which windows are drawn"),
@@ -60,6 +61,8 @@ PRUNING_ADVANCED = (
     FieldSpec("pruning.early_max_rate", "early max rate", "float", "max rate of those layers"),
     FieldSpec("pruning.depth_weight", "depth weight", "float", "favour early layers ×(1+(1-l/L)·w)"),
     FieldSpec("pruning.ridge", "ridge", "float", "reconstruct: pull toward the original weights"),
+    FieldSpec("pruning.error_feedback", "error feedback", "float",
+              "reconstruct: share of earlier layers' error each refit corrects (0–1)"),
     FieldSpec("pruning.attention_weight", "attention weight", "float", ">1 prunes attention less"),
 )
 
@@ -121,7 +124,7 @@ class LengthStep(Step):
             return Text("Estimate: inspect the model in step 1 to see time and memory.", style="dim")
         try:
             seq = int(value_at(data, "data.seq_len"))
-            n = int(value_at(data, "data.num_samples"))
+            n = int(value_at(data, "data.num_samples")) + int(value_at(data, "data.generated_samples") or 0)
             b = int(value_at(data, "data.batch_size"))
         except (TypeError, ValueError):
             return Text("Estimate: enter whole numbers above.", style="dim")
