@@ -63,6 +63,8 @@ async def test_keyboard_walk_run_fix_whatif_save_reopen(tmp_path: Path, monkeypa
         await pilot.press("tab")
         await type_into(pilot, app, "f-data--num_samples", "8")
         await pilot.press("tab")
+        await type_into(pilot, app, "f-data--generated_samples", "2")  # + 2 windows the model writes itself
+        await pilot.press("tab")
         await type_into(pilot, app, "f-data--batch_size", "4")
         assert "◀ chosen" in shown(setup.query_one("#estimate"))
         # 5 Pruning
@@ -81,6 +83,7 @@ async def test_keyboard_walk_run_fix_whatif_save_reopen(tmp_path: Path, monkeypa
         s = sessions.load(path)
         assert (s.model.id, s.data.dataset, s.importance.method) == ("tiny-llama", "shakespeare", "taylor")
         assert (s.data.seq_len, s.data.num_samples, s.data.batch_size, s.pruning.ratio) == (32, 8, 4, 0.3)
+        assert s.data.generated_samples == 2
 
         await pilot.press("ctrl+r")
         assert app.state.run_state.status != "idle"  # started (a fast machine may already be done)
@@ -88,7 +91,7 @@ async def test_keyboard_walk_run_fix_whatif_save_reopen(tmp_path: Path, monkeypa
         await settle(app, pilot, cap_s=300)
         assert app.state.run_state.status == "done", app.state.run_state.error
         assert app.state.run_state.batches_received >= 1 and app.state.run_state.batch is not None
-        assert app.state.run_state.batch.total == 2
+        assert app.state.run_state.batch.total == 3  # 8 dataset + 2 generated windows in batches of 4
         assert run_chart.received >= 1 and run_chart.redraws > 0
         assert {"model", "calibration", "importance", "allocation", "diagnosis", "save"} <= set(app.state.run_state.stages)
         results_dir = out / "walk"
