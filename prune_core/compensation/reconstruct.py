@@ -41,7 +41,8 @@ stream is carried on. With α > 0 the unpruned layer l also runs on the *dense* 
 refit's target gains α × (dense stream − pruned stream) at the point where the block adds its output:
 after the attention for o_proj, after the layer for down_proj (the error left once the attention was
 refit). The cross term Σ X̃_K′ᵀ E enters the same closed form (`ridge_refit(cross=...)`). Cost: one
-more forward of each layer and the dense stream in memory. Families that normalise block outputs
+more forward of each layer from the first pruned one on (before it both streams are the same), and
+the dense stream in memory. Families that normalise block outputs
 before the residual add (Gemma 2/3) get α = 0 and a notice. Measured on smollm2-135m (BENCHMARKS.md):
 α = 0.5 lowers held-out perplexity on both domains, most at 40 %.
 
@@ -185,6 +186,16 @@ def _solve_spd(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 # Activation capture
 # ---------------------------------------------------------------------------------------------
 
+def _rows(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """`x` as rows [tokens, features] in the dtype one batch's products are computed in: float32 (or
+    the activations' wider dtype), at most the accumulator's. A float64 product costs ~2x and the
+    batch sums (a few thousand rows) lose nothing that matters next to the ridge term."""
+    work = x.detach().reshape(-1, x.shape[-1])
+    if work.dtype not in (torch.float32, torch.float64):
+        work = work.float()
+    return work.to(acc) if work.dtype.itemsize > acc.itemsize else work
+
+
 class _Gram:
     """Σ X̃ᵀX̃ over tokens with X̃ = [X, 1], kept in `gram_dtype`: only the columns of the kept inputs
     `keep` (all the refit reads: C[:, K] and C[K, K]) plus Σ X and the count; `keep` empty: the sums only.
@@ -198,17 +209,11 @@ class _Gram:
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
-        # One batch's product in float32 (or the activations' wider dtype), accumulated in the Gram's
-        # dtype: a float64 product costs ~2x and the batch sums (a few thousand rows) lose nothing
-        # that matters next to the ridge term.
-        x = x.detach().reshape(-1, self.n)
-        work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        if work.dtype.itemsize > self.sum.dtype.itemsize:
-            work = work.to(self.sum.dtype)
+        work = _rows(x, self.sum.dtype)  # the product per batch, accumulated in the Gram's dtype
         if self.xx is not None:
             self.xx += (work.T @ work.index_select(1, self.keep)).to(self.xx.dtype)
         self.sum += work.sum(0, dtype=self.sum.dtype)
-        self.count += x.shape[0]
+        self.count += work.shape[0]
 
     def all_reduce(self, world: distributed.World) -> None:
         """Sum every rank's partial sums into each rank's (a collective call; nothing in a world of one)."""
@@ -240,10 +245,8 @@ class _Cross:
         self.xe = torch.zeros(self.keep.numel() + int(const), out, dtype=dtype, device=device)
 
     def add(self, x: torch.Tensor, err: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])
-        err = err.detach().reshape(-1, err.shape[-1]).to(x.dtype if x.dtype in (torch.float32, torch.float64)
-                                                           else torch.float32)
-        xk = x.index_select(1, self.keep).to(err.dtype)
+        xk = _rows(x, self.xe.dtype).index_select(1, self.keep)
+        err = _rows(err, self.xe.dtype).to(xk.dtype)
         if self.keep.numel():
             self.xe[: self.keep.numel()] += (xk.T @ err).to(self.xe.dtype)
         if self.const:
@@ -452,8 +455,9 @@ def prune_and_reconstruct(model: nn.Module, adapter: Any, pruned: Mapping[int, M
     try:
         with torch.no_grad():
             stream, calls = _record_layer_calls(model, layers, tokens, batch_size, world)
-            # error feedback: the dense model's stream, advanced by each layer before it is pruned
-            dense: list[torch.Tensor] | None = [h.clone() for h in stream] if feedback > 0 else None
+            # error feedback: the dense model's stream, advanced by each layer before it is pruned; it
+            # is the pruned stream itself until the first pruned layer, so it starts there
+            dense: list[torch.Tensor] | None = None
             for li in range(num_layers):
                 stop = should_stop is not None and bool(should_stop())
                 if world.active:  # asked on any rank, it stops them all
@@ -466,6 +470,8 @@ def prune_and_reconstruct(model: nn.Module, adapter: Any, pruned: Mapping[int, M
                 prefix = f"{adapter.layers_path}.{li}"
                 dense_mid: list[torch.Tensor] = []  # dense stream after this layer's attention
                 dense_next: list[torch.Tensor] = []  # dense stream after this layer
+                if feedback > 0 and dense is None and (att_rm or mlp_rm):
+                    dense = [h.clone() for h in stream]
                 if dense is not None:
                     dense_mid, dense_next = _dense_layer(layer, getattr(layer, adapter.attn_name), dense, calls, li)
                 batch_at = [0]
