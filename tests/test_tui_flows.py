@@ -7,12 +7,18 @@ import threading
 from pathlib import Path
 
 import pytest
-from textual.command import CommandList, CommandPalette
 from textual.widgets import Input, TabbedContent
 
 import sessions
 from prune_core.events import BatchDone
-from tests.test_tui_support import FakePipeline, fake_pipeline, fixed_lists, settle, wait_for  # noqa: F401
+from tests.test_tui_support import (  # noqa: F401
+    FakePipeline,
+    fake_pipeline,
+    fixed_lists,
+    run_from_palette,
+    settle,
+    wait_for,
+)
 from tui import keys
 from tui.app import PruneApp
 from tui.messages import EngineEvent
@@ -186,16 +192,7 @@ async def test_help_screen_and_command_palette(tmp_path: Path) -> None:
         assert "PgDn" in app.screen.markdown and "Apply fix" in app.screen.markdown
         await pilot.press("escape")
         assert isinstance(app.screen, SetupScreen)
-        await pilot.press("ctrl+p")
-        await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette), what="palette")
-        await pilot.press(*"review")
-        commands = app.screen.query_one(CommandList)
-        await wait_for(pilot, lambda: any("Review" in str(commands.get_option_at_index(i).prompt)
-                                          for i in range(commands.option_count)), what="palette hits")
-        if commands.highlighted is None:
-            await pilot.press("down")
-        assert "Review" in str(commands.get_option_at_index(commands.highlighted or 0).prompt)
-        await pilot.press("enter")
+        await run_from_palette(app, pilot, "review", "Review")
         await wait_for(pilot, lambda: isinstance(app.screen, SetupScreen) and app.screen.step == "review",
                        what="palette jumped to the review step")
 

@@ -12,7 +12,7 @@ from textual.widgets import Input
 import sessions
 from prune_core.events import BatchDone, Event
 from sessions import Session
-from tests.test_tui_support import settle, shown, wait_for
+from tests.test_tui_support import run_from_palette, settle, shown, wait_for
 from tui import engine
 from tui.app import PruneApp
 from tui.screens.dialogs import ConfirmScreen
@@ -239,8 +239,6 @@ async def test_tui_run_writes_what_prune_run_writes(tmp_path: Path) -> None:
 async def test_tune_from_the_palette_applies_the_best_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """After a run, the palette's "Tune the knobs" runs `prune tune` on the app's memo (no new
     importance pass), then shows the best session's allocation and proxy, unsaved until ctrl+s."""
-    from textual.command import CommandList, CommandPalette
-
     from prune_core.tune import TuneResult
     from tests.helpers import tiny_session
     from tui import jobs
@@ -272,15 +270,7 @@ async def test_tune_from_the_palette_applies_the_best_session(tmp_path: Path, mo
         await pilot.press("ctrl+r")
         await settle(app, pilot, cap_s=300)
         assert app.state.run_state.status == "done", app.state.run_state.error
-        await pilot.press("ctrl+p")
-        await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette), what="palette")
-        await pilot.press(*"tune the knobs")
-        commands = app.screen.query_one(CommandList)
-        await wait_for(pilot, lambda: any("Tune" in str(commands.get_option_at_index(i).prompt)
-                                          for i in range(commands.option_count)), what="palette hits")
-        if commands.highlighted is None:
-            await pilot.press("down")
-        await pilot.press("enter")
+        await run_from_palette(app, pilot, "tune the knobs", "Tune")
         await wait_for(pilot, lambda: bool(results), what="tune finished", cap_s=300)
         await settle(app, pilot, cap_s=300)
         result = results[0]

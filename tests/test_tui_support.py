@@ -270,3 +270,20 @@ async def wait_for(pilot: Any, condition: Callable[[], bool], cap_s: float = 120
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or condition}")
         await pilot.pause(0.05)
+
+
+async def run_from_palette(app: Any, pilot: Any, query: str, label: str) -> None:
+    """Open the command palette (ctrl+p), type `query`, wait for a hit whose prompt holds `label`,
+    check that it is the highlighted one and run it (enter)."""
+    from textual.command import CommandList, CommandPalette
+
+    await pilot.press("ctrl+p")
+    await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette), what="palette")
+    await pilot.press(*query)
+    commands = app.screen.query_one(CommandList)
+    await wait_for(pilot, lambda: any(label in str(commands.get_option_at_index(i).prompt)
+                                      for i in range(commands.option_count)), what="palette hits")
+    if commands.highlighted is None:
+        await pilot.press("down")
+    assert label in str(commands.get_option_at_index(commands.highlighted or 0).prompt)
+    await pilot.press("enter")
