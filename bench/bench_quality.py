@@ -52,8 +52,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "baseline: random groups": {"importance.method": "magnitude", "random": True},
     "recommended (quick start)": dict(RECOMMENDED),
     "recommended with Shakespeare windows only": {**RECOMMENDED, "data.generated_samples": 0},
-    "previous recommended (no generated windows or error feedback; ridge 1)": {
-        **RECOMMENDED, "data.generated_samples": 0, "pruning.error_feedback": 0.0, "pruning.ridge": 1.0},
+    "recommended without distillation": {**RECOMMENDED, "distill.steps": 0},
+    "previous recommended (no generated windows or error feedback or distillation; ridge 1)": {
+        **RECOMMENDED, "data.generated_samples": 0, "pruning.error_feedback": 0.0, "pruning.ridge": 1.0,
+        "distill.steps": 0},
+    "baseline: LLM-Pruner-like + the same distillation": {
+        **LLM_PRUNER, **{k: v for k, v in RECOMMENDED.items() if k.startswith(("distill.", "data."))}},
     "recommended + bias": {**RECOMMENDED, "pruning.compensate": "bias"},
     "recommended + tune": {**RECOMMENDED, "tune": True},
 }

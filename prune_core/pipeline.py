@@ -117,10 +117,13 @@ STAGES: tuple[Stage, ...] = (
           deps=("model", "calibration", "importance", "allocation"), keys=("pruning.compensate", "pruning.ridge",
                                                                            "pruning.error_feedback"),
           enabled=_needs_surgery, keep=1),
-    Stage("eval_after", "perplexity after pruning", steps.eval_after, deps=("surgery", "eval_data"),
+    Stage("distill", "distil the dense model's predictions into the pruned one", steps.compute_distill,
+          deps=("model", "calibration", "surgery"), keys=("distill", "session.seed"),
+          enabled=lambda s, w: _needs_surgery(s, w) and s.distill.steps > 0, expensive=True, keep=1),
+    Stage("eval_after", "perplexity after pruning", steps.eval_after, deps=("surgery", "distill", "eval_data"),
           keys=("evaluation.seq_len",), enabled=lambda s, w: s.evaluation.after,
           save=steps.save_json_value, load=steps.load_json_value, expensive=True),
-    Stage("save_model", "save the pruned model", steps.save_model, deps=("surgery",),
+    Stage("save_model", "save the pruned model", steps.save_model, deps=("surgery", "distill"),
           enabled=lambda s, write: write and s.output.save_model, keep=1),
     Stage("save", "write the results folder", lambda ctx: None, deps=("allocation", "diagnosis"),
           enabled=lambda s, write: write),
@@ -475,7 +478,7 @@ def run(
         seconds = time.perf_counter() - t0
         record.seconds[stage.name] = seconds
         (record.cached if cached else record.computed).append(stage.name)
-        if stage.name == "surgery" and own:
+        if stage.name == "surgery" and value.in_place:
             memo.drop("model")  # the run pruned the model in place: it is no longer the original
         on_event(StageDone(stage=stage.name, seconds=seconds, cached=cached, summary=summary,
                            result=dict(ctx.result) if not cached else {}))
@@ -553,6 +556,9 @@ def build_report(session: Session, record: _Record, results_dir: Path | None, st
                                    "error_feedback": session.pruning.error_feedback,
                                    "modules": len(pruned.report.compensated),
                                    "added_bias_parameters": int(pruned.report.added_bias_parameters)}
+    distilled = v.get("distill")
+    if distilled is not None and distilled.distill:
+        metrics["distill"] = dict(distilled.distill)
     metrics["stage_seconds"] = {k: round(s, 4) for k, s in record.seconds.items()}
     metrics["stages_cached"] = sorted(record.cached)
     metrics["findings"] = {sev: sum(1 for f in findings if f.severity == sev)

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -123,7 +123,16 @@ class RecoverySettings:
         return {k: v for k, v in self.to_dict().items() if k != "checkpoint_seconds"}
 
 
-def lr_at(step: int, settings: RecoverySettings) -> float:
+class Schedule(Protocol):
+    """What the learning-rate schedule reads off a training's settings (recovery's and distill's)."""
+
+    @property
+    def steps(self) -> int: ...
+    @property
+    def lr(self) -> float: ...
+
+
+def lr_at(step: int, settings: Schedule) -> float:
     """The learning rate of 0-based `step`: linear warm-up over 5 % of the steps, then cosine to lr/10."""
     warmup = max(1, round(settings.steps * WARMUP_FRACTION)) if settings.steps >= 20 else 0
     if step < warmup:
@@ -132,6 +141,18 @@ def lr_at(step: int, settings: RecoverySettings) -> float:
     progress = (step - warmup) / span
     floor = settings.lr * FINAL_LR_FRACTION
     return floor + (settings.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, what: str, fix: str) -> float:
+    """Backward, step and clear the gradients; the loss as a float. A non-finite loss raises RunFailed
+    ("`what` is nan", `fix`) before anything changes."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise RunFailed(f"{what} is {value}", fix)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,13 +452,8 @@ def train(model: nn.Module, tokens: torch.Tensor, settings: RecoverySettings, *,
                 group["lr"] = lr
             ids = tokens[step * settings.batch_size:(step + 1) * settings.batch_size].to(device=device, dtype=torch.long)
             loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise RunFailed(f"the fine-tuning loss is {value} at step {step + 1}/{settings.steps}",
-                                "lower --lr (e.g. by 10x), or load the model in float32")
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            value = optimizer_step(opt, loss, f"the fine-tuning loss at step {step + 1}/{settings.steps}",
+                                   "lower --lr (e.g. by 10x), or load the model in float32")
             losses.append(value)
             done = step + 1
             elapsed = time.perf_counter() - started

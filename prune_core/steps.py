@@ -89,6 +89,7 @@ class Pruned:
     report: Any  # surgery.SurgeryReport
     in_place: bool
     compensate: str
+    distill: dict[str, Any] | None = None  # the distill stage's figures (steps, losses, seconds) when it ran
 
 
 @dataclass
@@ -333,8 +334,13 @@ def eval_before(ctx: Ctx) -> dict[str, Any]:
     return _perplexity(ctx, ctx.values["model"].model)
 
 
+def final_model(ctx: Ctx) -> Pruned:
+    """The pruned model the run hands on: the distilled one when the distill stage ran, else the surgery's."""
+    return ctx.values.get("distill") or ctx.values["surgery"]
+
+
 def eval_after(ctx: Ctx) -> dict[str, Any]:
-    return _perplexity(ctx, ctx.values["surgery"].model)
+    return _perplexity(ctx, final_model(ctx).model)
 
 
 # ---------------------------------------------------------------------------------------------- surgery
@@ -350,7 +356,8 @@ def compute_surgery(ctx: Ctx) -> Pruned:
     s = ctx.session
     mv: ModelValue = ctx.values["model"]
     alloc = ctx.values.get("allocation")
-    model = mv.model if ctx.in_place else copy.deepcopy(mv.model)
+    in_place = ctx.in_place and not s.distill.steps  # distillation needs the dense model as its teacher
+    model = mv.model if in_place else copy.deepcopy(mv.model)
     pruned = alloc.pruned_indices() if alloc is not None else None
     world = distributed.world()
     if world.active:  # collective only when reconstructing (otherwise rank 0 runs it alone, released)
@@ -377,7 +384,33 @@ def compute_surgery(ctx: Ctx) -> Pruned:
         report = apply_pruning(model, mv.adapter, pruned, input_means=means)
     ctx.summary = f"{report.params_before:,} → {report.params_after:,} parameters ({mode})"
     ctx.result = {"params_before": report.params_before, "params_after": report.params_after, "compensate": mode}
-    return Pruned(model=model, report=report, in_place=ctx.in_place, compensate=mode)
+    return Pruned(model=model, report=report, in_place=in_place, compensate=mode)
+
+
+def compute_distill(ctx: Ctx) -> Pruned:
+    """Train the surgery's model toward the dense model's next-token distributions (compensation/distill.py).
+
+    A run that owns the model trains the surgery's copy in place; a what-if (memo) trains a copy, so the
+    memo's surgery stays as it was.
+    """
+    from prune_core.compensation.distill import DistillSettings, distill
+
+    s = ctx.session
+    mv: ModelValue = ctx.values["model"]
+    pruned: Pruned = ctx.values["surgery"]
+    model = pruned.model if ctx.in_place else copy.deepcopy(pruned.model)
+    d = s.distill
+    report = distill(model, mv.model, mv.adapter, ctx.values["calibration"].tokens,
+                     DistillSettings(steps=d.steps, lr=d.lr, batch_size=d.batch_size, train=d.train,
+                                     ce_weight=d.ce_weight),
+                     seed=s.session.seed, on_event=ctx.on_event, should_stop=ctx.should_stop, stage=ctx.stage)
+    first, last = report.losses[0], sum(report.losses[-8:]) / len(report.losses[-8:])
+    ctx.summary = (f"{d.steps} steps on {report.trainable_parameters:,} parameters ({d.train}): "
+                   f"loss {first:.4f} → {last:.4f}")
+    ctx.result = {"steps": d.steps, "train": d.train, "trainable_parameters": report.trainable_parameters,
+                  "loss_first": first, "loss_last": last, "seconds": report.seconds}
+    return Pruned(model=model, report=pruned.report, in_place=ctx.in_place, compensate=pruned.compensate,
+                  distill=dict(ctx.result))
 
 
 def save_model(ctx: Ctx) -> str:
@@ -387,7 +420,7 @@ def save_model(ctx: Ctx) -> str:
         raise BadInput("saving the model needs a results folder", "run with an output folder")
     s = ctx.session
     mv: ModelValue = ctx.values["model"]
-    pruned: Pruned = ctx.values["surgery"]
+    pruned = final_model(ctx)
     from prune_core.report import staging_dir
 
     target = staging_dir(ctx.results_dir) / "model"  # swapped in with the rest of the results (report.py)

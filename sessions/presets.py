@@ -22,6 +22,9 @@ RECOMMENDED: dict[str, Any] = {
     "pruning.compensate": "reconstruct",  # ridge refit of down_proj on calibration activations
     "pruning.ridge": 0.5,
     "pruning.error_feedback": 0.5,  # each refit also corrects half the error earlier layers left
+    "distill.steps": 24,  # then 24 steps toward the dense model's predictions on the calibration windows
+    "distill.lr": 1e-4,
+    "distill.ce_weight": 1.0,  # + the windows' own next-token loss (helps in-domain)
 }
 
 

@@ -196,6 +196,19 @@ class RecoverySection(_Section):
                                       description="checkpoint the fine-tuning at most this often (0 = every step)")
 
 
+class DistillSection(_Section):
+    """The `distill` stage (prune_core/compensation/distill.py): after surgery, the pruned model learns
+    the dense model's next-token distribution on the calibration windows."""
+
+    steps: int = Field(0, ge=0, le=1_000_000, description="optimizer steps (0 = off)")
+    lr: float = Field(5e-5, gt=0.0, le=1.0, description="AdamW learning rate (5 % warm-up, then cosine to 10 %)")
+    batch_size: int = Field(4, ge=1, le=4096, description="calibration windows per step")
+    train: Literal["layers", "mlp"] = Field("layers", description="layers: every decoder-layer parameter; mlp: "
+                                                                  "only the MLP projections")
+    ce_weight: float = Field(0.0, ge=0.0, le=100.0, description="weight of the windows' own next-token "
+                                                                "cross-entropy added to the KL to the dense model")
+
+
 class Session(_Section):
     """A whole session file."""
 
@@ -210,6 +223,7 @@ class Session(_Section):
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     diagnosis: DiagnosisSection = Field(default_factory=DiagnosisSection)
     output: OutputSection = Field(default_factory=OutputSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
     recovery: RecoverySection = Field(default_factory=RecoverySection)
 
     @property

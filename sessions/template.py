@@ -31,6 +31,8 @@ SECTION_NOTES = {
     "evaluation": "Perplexity on the held-out split before and after pruning.",
     "diagnosis": "Thresholds of the extreme-pruning diagnosis.",
     "output": "What the results folder holds.",
+    "distill": "After surgery, train the pruned model toward the dense model's predictions on the calibration "
+               "windows (0 steps = off).",
     "recovery": "LoRA fine-tuning of the pruned model by `prune recover RESULTS` (its command-line options override these).",
 }
 

@@ -59,3 +59,21 @@ def test_generated_windows_and_error_feedback_help_on_another_domain(smol) -> No
                           memo=memo, write=False)
     assert better.metrics["compensation"]["error_feedback"] == 0.5
     assert better.perplexity["after"]["ppl"] < 0.95 * plain.perplexity["after"]["ppl"]
+
+
+def test_distillation_after_surgery_helps_on_both_domains(smol) -> None:
+    """The recommended distill stage (BENCHMARKS.md "Quality"): a few steps toward the dense model's
+    predictions lower held-out perplexity in-domain and on another domain; only distill and eval rerun."""
+    session, memo, _ = smol
+    base = session.with_updates({"pruning.compensate": "reconstruct", "pruning.ratio": 0.4,
+                                 "data.generated_samples": 16, "pruning.error_feedback": 0.5})
+    distilled = base.with_updates({"distill.steps": 8, "distill.lr": 1e-4, "distill.ce_weight": 1.0})
+    for dataset in ("wikipedia", "shakespeare"):
+        plain = pipeline.run(base.with_updates({"evaluation.dataset": dataset}), memo=memo, write=False)
+        events: list = []
+        better = pipeline.run(distilled.with_updates({"evaluation.dataset": dataset}), memo=memo, write=False,
+                              on_event=events.append)
+        computed = [e.stage for e in events if isinstance(e, StageDone) and not e.cached]
+        assert computed[-1] == "eval_after" and "importance" not in computed and "surgery" not in computed
+        assert better.metrics["distill"]["steps"] == 8
+        assert better.perplexity["after"]["ppl"] < 0.97 * plain.perplexity["after"]["ppl"], dataset

@@ -196,9 +196,13 @@ class FakePipeline:
         if until in (None, "eval_after") and ev.before:
             self._stage(sink, "eval_before", 0.2)
             ppl["before"] = {"ppl": 1000.5}
-        if until in ("surgery", "eval_after", "save_model") or (until is None and (ev.after or session.output.save_model)):
+        if until in ("surgery", "distill", "eval_after", "save_model") or (
+                until is None and (ev.after or session.output.save_model)):
             self._stage(sink, "surgery", 0.05)
             memo.values["surgery"] = FakeModel("pruned")
+            if session.distill.steps and until != "surgery":
+                self._stage(sink, "distill", 0.05)
+                memo.values["distill"] = FakeModel("pruned")
         if until in (None, "eval_after") and ev.after:
             self._stage(sink, "eval_after", 0.2)
             ppl["after"] = {"ppl": 1200.25}

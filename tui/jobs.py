@@ -81,10 +81,12 @@ def recover(ctx: JobContext, session: Session, *, fresh: bool = False) -> Any:
 
 
 def sample(ctx: JobContext, session: Session, prompt: str) -> tuple[str, str]:
-    """A short text from the original and the pruned model (both from the memo after the surgery stage)."""
-    ctx.run(session, until="surgery", write=False)
+    """A short text from the original and the pruned model (both from the memo after the surgery stage,
+    or the distill stage when the session distils)."""
+    final = "distill" if session.distill.steps else "surgery"
+    ctx.run(session, until=final, write=False)
     original = ctx.pipeline.loaded(ctx.memo, "model")
-    pruned = ctx.pipeline.loaded(ctx.memo, "surgery")
+    pruned = ctx.pipeline.loaded(ctx.memo, final)
     tokenizer = original.tokenizer
     return (printable(ctx.pipeline.generate(original.model, tokenizer, prompt)),
             printable(ctx.pipeline.generate(pruned.model, tokenizer, prompt)))

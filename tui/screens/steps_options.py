@@ -64,6 +64,9 @@ PRUNING_ADVANCED = (
     FieldSpec("pruning.error_feedback", "error feedback", "float",
               "reconstruct: share of earlier layers' error each refit corrects (0–1)"),
     FieldSpec("pruning.attention_weight", "attention weight", "float", ">1 prunes attention less"),
+    FieldSpec("distill.steps", "distill steps", "int", "then train toward the dense model (0 = off)"),
+    FieldSpec("distill.lr", "distill lr", "float", "learning rate of those steps"),
+    FieldSpec("distill.ce_weight", "distill CE weight", "float", "+ this × the text's own next-token loss"),
 )
 
 
