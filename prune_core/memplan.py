@@ -263,6 +263,26 @@ def gram_bytes(g: Geometry, ratio: float) -> dict[str, int]:
             "total": acc + augmented + system}
 
 
+def distill_bytes(g: Geometry, *, dtype: str, batch_size: int, seq_len: int, ratio: float) -> dict[str, int]:
+    """The distill stage ([distill], compensation/distill.py): the dense teacher at its dtype beside the
+    pruned student in float32, AdamW state and gradients of the trained decoder-layer parameters (float32:
+    gradient + two moments), the two models' logits of one batch (teacher at its dtype; student logits,
+    both log-softmaxes and the gradient in float32) and the student's saved activations (float32, the
+    unpruned layers' figure: an upper bound)."""
+    e = _DTYPE_BYTES[dtype]
+    tokens = batch_size * seq_len
+    p = g.parameters
+    kept_blocks = round((p["attention"] + p["mlp"]) * (1.0 - ratio))
+    trained = kept_blocks + p["norms"]
+    teacher = p["total"] * e
+    student = (p["total"] - (p["attention"] + p["mlp"] - kept_blocks)) * FP32
+    optimizer = 3 * trained * FP32
+    logits = tokens * g.vocab * (e + 4 * FP32)
+    acts = activations(g, tokens, FP32, False)
+    return {"trained_parameters": trained, "teacher": teacher, "student": student, "optimizer": optimizer,
+            "logits": logits, "activations": acts, "total": teacher + student + optimizer + logits + acts}
+
+
 @dataclass
 class MethodPlan:
     """One method's figures (bytes), each at its real dtype."""
@@ -391,6 +411,8 @@ def build_plan(
     ratio: float,
     compensate: str,
     devices: list[dict[str, Any]] | None = None,
+    distill_steps: int = 0,
+    distill_batch_size: int = 4,
 ) -> dict[str, Any]:
     """One plan object (JSON-ready): model, settings, per-method figures, reconstruction, devices, advice."""
     from prune_core.importance.registry import method_keys
@@ -438,6 +460,9 @@ def build_plan(
         "reconstruct": {"gram": gram, "stream": stream, "used": compensate == "reconstruct",
                         "fits": None if ram["free"] is None and target["free"] is None
                         else (gram["total"] + stream) <= (target["free"] or 0)},
+        "distill": {**distill_bytes(geometry, dtype=dtype, batch_size=distill_batch_size, seq_len=seq_len,
+                                    ratio=ratio),
+                    "used": distill_steps > 0, "batch_size": distill_batch_size},
         "devices": devices,
         "target": target["device"],
         "assumptions": ASSUMPTIONS,
@@ -549,7 +574,12 @@ def render_text(plan: dict[str, Any]) -> str:
     gram = r["gram"]
     lines += ["", f"reconstruct{' (used by this session)' if r['used'] else ''}: one float64 Gram at a time, "
               f"{gram['inputs']} inputs ({gram['kept']} kept): {_fmt(gram['total'])}; calibration stream "
-              f"{_fmt(r['stream'])}", "", "devices:"]
+              f"{_fmt(r['stream'])}"]
+    d = plan["distill"]
+    lines += [f"distill{' (used by this session)' if d['used'] else ''}: {_fmt(d['total'])} (dense teacher "
+              f"{_fmt(d['teacher'])}, float32 student {_fmt(d['student'])}, AdamW + gradients "
+              f"{_fmt(d['optimizer'])}, logits {_fmt(d['logits'])}, activations {_fmt(d['activations'])}; "
+              f"batch {d['batch_size']})", "", "devices:"]
     for d in plan["devices"]:
         lines.append(f"  {d['device']} ({d['name']}): {_fmt(d['free'])} free of {_fmt(d['total'])}")
     if plan["suggestions"]:
@@ -573,7 +603,7 @@ def plan_for_session(session: Any, *, model: str | None = None, seq_len: int | N
         num_samples=session.data.num_samples, gradient_checkpointing=session.importance.gradient_checkpointing,
         hessian_device=session.importance.hessian_device, device=session.model.device,
         method=session.importance.method, ratio=session.pruning.ratio, compensate=session.pruning.compensate,
-        devices=devices,
+        devices=devices, distill_steps=session.distill.steps, distill_batch_size=session.distill.batch_size,
     )
 
 
@@ -582,5 +612,5 @@ def to_json(plan: dict[str, Any]) -> str:
 
 
 __all__ = ["Geometry", "MethodPlan", "activation_per_layer", "activations", "build_plan", "devices_present",
-           "geometry_from_config", "layer_backward", "load_config", "loss_head", "method_plan", "plan_for_session", "render_text",
+           "distill_bytes", "geometry_from_config", "layer_backward", "load_config", "loss_head", "method_plan", "plan_for_session", "render_text",
            "to_json"]

@@ -135,6 +135,21 @@ def test_reconstruct_gram(tmp_path: Path) -> None:
     assert gram["total"] == 8 * (n * kept + (n + 1) ** 2 + (kept + 1) ** 2)
 
 
+def test_distill_is_priced_from_the_parameter_counts(tmp_path: Path) -> None:
+    plan = _plan_json(str(_session(tmp_path, pruning__ratio=0.25, distill__steps=24)), "--model",
+                      str(CONFIGS / "llama-3-8b"))
+    d, p = plan["distill"], plan["model"]["parameters"]
+    e, tokens = plan["settings"]["bytes_per_element"], 4 * plan["settings"]["seq_len"]
+    blocks = p["attention"] + p["mlp"]
+    kept = round(blocks * 0.75)
+    assert d["used"] is True and d["batch_size"] == 4
+    assert d["teacher"] == p["total"] * e
+    assert d["student"] == (p["total"] - blocks + kept) * 4
+    assert d["trained_parameters"] == kept + p["norms"] and d["optimizer"] == 12 * d["trained_parameters"]
+    assert d["logits"] == tokens * 128256 * (e + 16)
+    assert d["total"] == d["teacher"] + d["student"] + d["optimizer"] + d["logits"] + d["activations"]
+
+
 # ----------------------------------------------------------------------------------------------
 # the activation formula against what autograd saves
 
