@@ -172,7 +172,7 @@ def plan(
     """Memory each importance method needs for the session's model (read from its config only, no weights):
     weights, gradients, Σg / Fisher buffers, activations with and without checkpointing, and what fits here."""
     import sessions
-    from prune_core import memplan
+    from prune_core import memplan, memplan_text
 
     with _guard():
         session = sessions.load(session_file)
@@ -181,9 +181,9 @@ def plan(
                 raise BadInput(f"{flag} {value} is too small", f"pass {flag} {2 if flag == '--seq-len' else 1} or more")
         result = memplan.plan_for_session(session, model=model, seq_len=seq_len, batch_size=batch_size)
     if json_mode:
-        typer.echo(memplan.to_json(result))
+        typer.echo(memplan_text.to_json(result))
     else:
-        out.print(memplan.render_text(result), markup=False, highlight=False, soft_wrap=True)
+        out.print(memplan_text.render_text(result), markup=False, highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------- run

@@ -63,7 +63,6 @@ projections) are planned with the same per-layer formula: their figures are appr
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -483,7 +482,7 @@ ASSUMPTIONS = (
 )
 
 
-def _fmt(n: int | float | None) -> str:
+def fmt_bytes(n: int | float | None) -> str:
     if n is None:
         return "unknown"
     if n >= GIB:
@@ -499,7 +498,7 @@ def suggestions(g: Geometry, chosen: MethodPlan, target: dict[str, Any], ram: di
     if free is None or need <= free:
         return []
     where = target["device"]
-    out: list[str] = [f"{chosen.method} needs about {_fmt(need)} on {where} but {_fmt(free)} is free"]
+    out: list[str] = [f"{chosen.method} needs about {fmt_bytes(need)} on {where} but {fmt_bytes(free)} is free"]
 
     def peak(**changes: Any) -> int:
         kw: dict[str, Any] = {"dtype": dtype, "batch_size": batch_size, "seq_len": seq_len,
@@ -509,86 +508,29 @@ def suggestions(g: Geometry, chosen: MethodPlan, target: dict[str, Any], ram: di
         return method_plan(g, chosen.method, **kw).peak[ck]
 
     if dtype == "float32":
-        out.append(f'dtype = "bfloat16": weights and gradients in bf16, the sums stay float32 → {_fmt(peak(dtype="bfloat16"))}')
+        out.append(f'dtype = "bfloat16": weights and gradients in bf16, the sums stay float32 → {fmt_bytes(peak(dtype="bfloat16"))}')
     if chosen.buffers["fisher"] and not chosen.fisher_on_cpu and where != "cpu":
         ok = ram["free"] is None or chosen.buffers["fisher"] <= ram["free"]
-        out.append(f'hessian_device = "cpu": the Fisher buffer ({_fmt(chosen.buffers["fisher"])}) in system RAM'
-                   f' → {_fmt(peak(fisher_on_cpu=True))} on {where}' + ("" if ok else " (RAM is short for it too)"))
+        out.append(f'hessian_device = "cpu": the Fisher buffer ({fmt_bytes(chosen.buffers["fisher"])}) in system RAM'
+                   f' → {fmt_bytes(peak(fisher_on_cpu=True))} on {where}' + ("" if ok else " (RAM is short for it too)"))
     if chosen.needs_gradients and checkpointing == "without_checkpointing":
-        out.append(f"gradient_checkpointing = true → {_fmt(peak(checkpointing='with_checkpointing'))}")
+        out.append(f"gradient_checkpointing = true → {fmt_bytes(peak(checkpointing='with_checkpointing'))}")
     for s in (seq_len // 2, seq_len // 4):
         if s >= 2 and s != seq_len:
-            out.append(f"seq_len = {s} → {_fmt(peak(seq_len=s))}")
+            out.append(f"seq_len = {s} → {fmt_bytes(peak(seq_len=s))}")
             break
     if batch_size > 1:
-        out.append(f"batch_size = 1 → {_fmt(peak(batch_size=1))}")
+        out.append(f"batch_size = 1 → {fmt_bytes(peak(batch_size=1))}")
     floor = method_plan(g, chosen.method, dtype="bfloat16" if dtype == "float32" else dtype, batch_size=1,
                         seq_len=min(seq_len, 128), fisher_on_cpu=chosen.needs_gradients and where != "cpu"
                         ).peak["with_checkpointing"]
-    out.append(f"all of these (bf16, Fisher on CPU, checkpointing, batch 1, seq_len ≤ 128) → {_fmt(floor)}")
+    out.append(f"all of these (bf16, Fisher on CPU, checkpointing, batch 1, seq_len ≤ 128) → {fmt_bytes(floor)}")
     out.append("more ranks: data-parallel ranks (torchrun) split the batches, so each rank's activations shrink "
                "with its share of the batch; each rank still holds the weights and the buffers above")
     if floor > free:
         out.append("it does not fit even so: the weights and buffers alone are too large for this device; use a "
                    "larger device, or run on the CPU with enough RAM (slow but it works)")
     return out
-
-
-def render_text(plan: dict[str, Any]) -> str:
-    """The plan as plain text (never markup)."""
-    m, s = plan["model"], plan["settings"]
-    p = m["parameters"]
-    lines = [
-        f"memory plan for {m['spec']} ({m['model_type']}, {p['total']:,} parameters; source {m['source']})",
-        f"  {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_heads']} heads / {m['num_kv_heads']} KV heads "
-        f"× {m['head_dim']}, MLP {m['intermediate_size']}, vocab {m['vocab_size']}"
-        f"{', tied embeddings' if m['tied_embeddings'] else ''}",
-        f"  parameters: embeddings {p['embeddings']:,}, attention {p['attention']:,}, MLP {p['mlp']:,}, "
-        f"norms {p['norms']:,}, lm_head {p['lm_head']:,}" + (f", other {p['other']:,}" if p["other"] else ""),
-        f"  scored by the gradient methods: {m['scored_parameters']:,}",
-        f"settings: {s['dtype']}, seq_len {s['seq_len']}, batch_size {s['batch_size']} ({s['tokens_per_batch']:,} "
-        f"tokens per batch), gradient_checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, "
-        f"hessian_device {s['hessian_device']}, device {s['device']} (plans against {plan['target']})",
-        "",
-    ]
-    header = ("method", "weights", "gradients", "Σg", "Σn·g²", "other", "act.", "act. ckpt", "peak", "peak ckpt", "fits")
-    rows = [header]
-    for mp in plan["methods"]:
-        b = mp["buffers"]
-        fits = mp["fits"]
-        key = "with_checkpointing" if s["gradient_checkpointing"] else "without_checkpointing"
-        verdict = {True: "yes", False: "no", None: "?"}[fits.get(key)]
-        if mp["fisher_on_cpu"]:
-            verdict += " (Σn·g² in RAM)"
-        rows.append((mp["method"], _fmt(mp["weights"]), _fmt(mp["gradients"]), _fmt(b["grad_sum"]), _fmt(b["fisher"]),
-                     _fmt(b["scratch"] + b["input_stats"]), _fmt(mp["activations"]["without_checkpointing"]),
-                     _fmt(mp["activations"]["with_checkpointing"]), _fmt(mp["peak"]["without_checkpointing"]),
-                     _fmt(mp["peak"]["with_checkpointing"]), verdict))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for r in rows:
-        lines.append("  " + "  ".join(c.ljust(w) if i in (0, len(r) - 1) else c.rjust(w)
-                                      for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
-    lines.append("  (act. = activations of one batch incl. the loss head; peak = weights + buffers + the larger of "
-                 "activations and gradients; Σn·g² is taylor_2nd's Fisher buffer)")
-    r = plan["reconstruct"]
-    gram = r["gram"]
-    lines += ["", f"reconstruct{' (used by this session)' if r['used'] else ''}: one float64 Gram at a time, "
-              f"{gram['inputs']} inputs ({gram['kept']} kept): {_fmt(gram['total'])}; calibration stream "
-              f"{_fmt(r['stream'])}"]
-    d = plan["distill"]
-    lines += [f"distill{' (used by this session)' if d['used'] else ''}: {_fmt(d['total'])} (dense teacher "
-              f"{_fmt(d['teacher'])}, float32 student {_fmt(d['student'])}, AdamW + gradients "
-              f"{_fmt(d['optimizer'])}, logits {_fmt(d['logits'])}, activations {_fmt(d['activations'])}; "
-              f"batch {d['batch_size']})", "", "devices:"]
-    for d in plan["devices"]:
-        lines.append(f"  {d['device']} ({d['name']}): {_fmt(d['free'])} free of {_fmt(d['total'])}")
-    if plan["suggestions"]:
-        lines += ["", "short of memory — " + plan["suggestions"][0] + "; try:"]
-        lines += [f"  - {t}" for t in plan["suggestions"][1:]]
-    else:
-        lines += ["", f"{s['method']} fits on {plan['target']} with these settings"]
-    lines += ["", "assumptions:"] + [f"  - {a}" for a in plan["assumptions"]]
-    return "\n".join(lines)
 
 
 def plan_for_session(session: Any, *, model: str | None = None, seq_len: int | None = None,
@@ -607,10 +549,19 @@ def plan_for_session(session: Any, *, model: str | None = None, seq_len: int | N
     )
 
 
-def to_json(plan: dict[str, Any]) -> str:
-    return json.dumps(plan, indent=2, ensure_ascii=False)
-
-
-__all__ = ["Geometry", "MethodPlan", "activation_per_layer", "activations", "build_plan", "devices_present",
-           "distill_bytes", "geometry_from_config", "layer_backward", "load_config", "loss_head", "method_plan", "plan_for_session", "render_text",
-           "to_json"]
+__all__ = [
+    "Geometry",
+    "MethodPlan",
+    "activation_per_layer",
+    "activations",
+    "build_plan",
+    "devices_present",
+    "distill_bytes",
+    "fmt_bytes",
+    "geometry_from_config",
+    "layer_backward",
+    "load_config",
+    "loss_head",
+    "method_plan",
+    "plan_for_session",
+]

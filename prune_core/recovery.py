@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -51,6 +51,7 @@ from prune_core import atomic
 from prune_core.digest import file_sha256
 from prune_core.errors import BadInput, Interrupted, RunFailed
 from prune_core.events import Checkpointed, EventSink, Notice, Progress, StageDone, StageStarted, null_sink
+from prune_core.training import lr_at, optimizer_step
 
 STAGE = "recovery"
 RECOVERED = "recovered"
@@ -59,8 +60,6 @@ CHECKPOINT_DIR = Path("state") / "recovery"
 FORMAT = "prune-recovery-checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
-WARMUP_FRACTION = 0.05
-FINAL_LR_FRACTION = 0.1
 SETTING_KEYS = ("steps", "lr", "rank", "alpha", "batch_size", "seq_len", "dataset", "checkpoint_seconds")
 
 
@@ -121,38 +120,6 @@ class RecoverySettings:
     def identity(self) -> dict[str, Any]:
         """What decides the result (checkpoint_seconds does not)."""
         return {k: v for k, v in self.to_dict().items() if k != "checkpoint_seconds"}
-
-
-class Schedule(Protocol):
-    """What the learning-rate schedule reads off a training's settings (recovery's and distill's)."""
-
-    @property
-    def steps(self) -> int: ...
-    @property
-    def lr(self) -> float: ...
-
-
-def lr_at(step: int, settings: Schedule) -> float:
-    """The learning rate of 0-based `step`: linear warm-up over 5 % of the steps, then cosine to lr/10."""
-    warmup = max(1, round(settings.steps * WARMUP_FRACTION)) if settings.steps >= 20 else 0
-    if step < warmup:
-        return settings.lr * (step + 1) / warmup
-    span = max(1, settings.steps - warmup)
-    progress = (step - warmup) / span
-    floor = settings.lr * FINAL_LR_FRACTION
-    return floor + (settings.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, what: str, fix: str) -> float:
-    """Backward, step and clear the gradients; the loss as a float. A non-finite loss raises RunFailed
-    ("`what` is nan", `fix`) before anything changes."""
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise RunFailed(f"{what} is {value}", fix)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 import sessions
 from cli.main import app
-from prune_core import memplan, tiny, zoo
+from prune_core import memplan, memplan_text, tiny, zoo
 from prune_core.errors import BadInput
 from prune_core.importance.groups import prunable_targets
 from prune_core.importance.prepare import prepared
@@ -252,7 +252,7 @@ def test_fisher_moves_to_cpu_and_suggestions(tmp_path: Path) -> None:
     assert second["fisher_on_cpu"] and second["fits"]["fisher_in_ram"]
     assert second["peak"]["without_checkpointing"] == _by_method(plan)["taylor"]["peak"]["without_checkpointing"]
     assert plan["target"] == "cuda:0"
-    text = memplan.render_text(plan)
+    text = memplan_text.render_text(plan)
     assert "Σn·g² in RAM" in text
     short = memplan.build_plan(g, dtype="float32", method="taylor", **common)
     assert short["suggestions"] and "bfloat16" in short["suggestions"][1]

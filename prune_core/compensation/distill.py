@@ -17,7 +17,7 @@ THE CONTRACT (`[distill]`, the `distill` stage of prune_core/pipeline.py):
   `ce_weight` × the windows' own next-token cross-entropy (0 = pure distillation).
 - Trained: `train = "layers"` every parameter of the decoder layers (embeddings, final norm and
   output head stay as they are, so tied embeddings stay tied); `"mlp"` only the MLP projections.
-- AdamW (betas 0.9/0.999, no weight decay), learning rate with recovery.py's schedule (5 % warm-up,
+- AdamW (betas 0.9/0.999, no weight decay), learning rate with training.py's schedule (5 % warm-up,
   cosine to lr/10). The student trains in float32 and is cast back to its own dtype.
 - Nothing is checkpointed inside the stage: a stop between two steps raises Interrupted and a run
   starts the distillation over (its inputs, the surgery's, are cheap next to it only on small models;
@@ -37,7 +37,7 @@ from torch import nn
 
 from prune_core.errors import BadInput, Interrupted
 from prune_core.events import EventSink, Progress, null_sink
-from prune_core.recovery import lr_at, optimizer_step
+from prune_core.training import lr_at, optimizer_step
 
 
 @dataclass(frozen=True)
