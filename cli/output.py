@@ -64,6 +64,9 @@ def print_summary(console: Console, obj: dict[str, Any]) -> None:
     if proxy.get("loss") is not None:
         say(f"proxy loss: {proxy['loss']:.4f} (dense {proxy.get('dense', float('nan')):.4f}, "
                       f"{proxy.get('windows', 0)} held-out windows)")
+        if proxy.get("final") is not None:
+            say(f"proxy loss of the saved model: {proxy['final']:.4f} (after compensation and distillation; "
+                "the line above masks the removed groups without either)")
     ppl = obj.get("perplexity", {})
     settings = obj.get("perplexity_settings", {})
     if ppl:

@@ -2,7 +2,8 @@
 
     model ─▶ calibration ─▶ importance ─▶ block_losses (T or tau ≠ 0) ─▶ allocation ─▶ proxy_base ─▶ proxy
           ─▶ diagnosis (fixes scored by the proxy) ─▶ eval_data ─▶ eval_before ─▶ surgery (+ bias | reconstruct)
-          ─▶ eval_after ─▶ save_model ─▶ save (the results folder, `RunReport.write`)
+          ─▶ distill ─▶ proxy_final (the proxy of the model handed on) ─▶ eval_after ─▶ save_model
+          ─▶ save (the results folder, `RunReport.write`)
 
 A stage is data (`Stage`): its name, the upstream stages it reads, the session keys that enter its
 cache key, the function that computes it (`steps.py`) and, for expensive ones, how its value is saved
@@ -120,6 +121,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("distill", "distil the dense model's predictions into the pruned one", steps.compute_distill,
           deps=("model", "calibration", "surgery"), keys=("distill", "session.seed"),
           enabled=lambda s, w: _needs_surgery(s, w) and s.distill.steps > 0, expensive=True, keep=1),
+    Stage("proxy_final", "proxy loss of the final model (after compensation and distillation)",
+          steps.compute_proxy_final, deps=("model", "calibration", "surgery", "distill"),
+          enabled=lambda s, w: _proxy_on(s, w) and _needs_surgery(s, w), keep=4),
     Stage("eval_after", "perplexity after pruning", steps.eval_after, deps=("surgery", "distill", "eval_data"),
           keys=("evaluation.seq_len",), enabled=lambda s, w: s.evaluation.after,
           save=steps.save_json_value, load=steps.load_json_value, expensive=True),
@@ -544,6 +548,8 @@ def build_report(session: Session, record: _Record, results_dir: Path | None, st
         metrics["mask_sha256"] = alloc.mask_sha256
     if "proxy" in v:
         metrics["proxy"] = dict(v["proxy"])
+    if "proxy_final" in v:  # the model the run hands on: compensated and distilled
+        metrics.setdefault("proxy", {})["final"] = float(v["proxy_final"]["loss"])
     ppl = {which: v[f"eval_{which}"] for which in ("before", "after") if f"eval_{which}" in v}
     metrics["perplexity"] = ppl
     if imp is not None:

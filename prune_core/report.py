@@ -317,7 +317,7 @@ def _check_metrics(m: dict[str, Any], path: Path) -> None:
     for k in ("target", "achieved"):
         if k in ratio and not _is_num(ratio[k]):
             raise bad(f"ratio.{k}", "a finite number")
-    for k in ("loss", "dense"):
+    for k in ("loss", "dense", "final"):
         v = (m.get("proxy") or {}).get(k)
         if v is not None and not isinstance(v, int | float):
             raise bad(f"proxy.{k}", "a number")

@@ -277,6 +277,24 @@ def compute_proxy(ctx: Ctx) -> dict[str, float]:
     return value
 
 
+def compute_proxy_final(ctx: Ctx) -> dict[str, float]:
+    """The same held-out windows through the model the run hands on (after compensation and distillation).
+
+    The allocation's proxy masks the removed groups of the dense model, which is what a what-if can
+    afford; this one sees what the surgery's compensation and the distillation won back (or lost).
+    """
+    from prune_core.proxy import proxy_loss
+
+    mv: ModelValue = ctx.values["model"]
+    proxy = ctx.values["calibration"].proxy
+    loss = proxy_loss(final_model(ctx).model, mv.adapter, proxy, None, batch_size=ctx.session.data.batch_size)
+    masked_loss = (ctx.values.get("proxy") or {}).get("loss")
+    ctx.summary = (f"proxy loss of the final model {loss:.4f}"
+                   + (f" (masked, uncompensated {float(masked_loss):.4f})" if masked_loss is not None else ""))
+    ctx.result = {"loss": loss}
+    return {"loss": loss}
+
+
 # ---------------------------------------------------------------------------------------------- diagnosis
 def compute_diagnosis(ctx: Ctx) -> Diagnosis:
     """Findings; each fix is tried in a what-if and scored by the proxy before it is recommended."""

@@ -141,7 +141,10 @@ def test_the_distill_stage_runs_after_surgery_against_the_dense_model(tmp_path: 
     plain, done = _distilled(base.with_updates({"distill.steps": 0}), memo)
     assert "distill" not in done
     whatif, done = _distilled(base, memo)
-    assert [s for s in done if not done[s].cached] == ["distill", "eval_after"], "surgery comes from the memo"
+    assert [s for s in done if not done[s].cached] == ["distill", "proxy_final", "eval_after"], \
+        "surgery comes from the memo"
+    assert whatif.proxy["final"] != plain.proxy["final"], "the final proxy sees the distillation"
+    assert whatif.proxy["loss"] == plain.proxy["loss"], "the allocation's (masked) proxy does not"
     assert done["distill"].result["steps"] == 4
     ppl_plain, ppl_whatif = plain.perplexity["after"]["ppl"], whatif.perplexity["after"]["ppl"]
     assert ppl_whatif != ppl_plain

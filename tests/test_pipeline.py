@@ -128,3 +128,20 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, content: str | Non
     assert err.strip().startswith("error:")
     assert "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_final_proxy_sees_the_saved_model_and_equals_the_masked_proxy_without_compensation(tmp_path: Path) -> None:
+    """The masked proxy equals removal without compensation, so with compensate = "none" and no
+    distillation the final model's proxy is the same number; reconstruction changes it."""
+    from prune_core import pipeline
+
+    base = tiny_session(tmp_path, **{"data.proxy_samples": 2, "evaluation.before": False,
+                                     "output.save_model": False, "pruning.compensate": "none"})
+    memo = pipeline.Memo()
+    plain = pipeline.run(base, memo=memo, write=False)
+    assert plain.proxy["final"] == pytest.approx(plain.proxy["loss"], rel=1e-5)
+    rebuilt = pipeline.run(base.with_updates({"pruning.compensate": "reconstruct"}), memo=memo, write=False)
+    assert rebuilt.proxy["loss"] == plain.proxy["loss"], "the allocation's proxy does not see compensation"
+    assert rebuilt.proxy["final"] != pytest.approx(plain.proxy["final"], rel=1e-6)
+    off = pipeline.run(base.with_updates({"evaluation.after": False}), memo=memo, write=False)
+    assert "final" not in off.proxy, "no surgery, no final proxy"

@@ -87,3 +87,18 @@ def test_evaluate_forces_both_perplexities_on() -> None:
     assert jobs.evaluate(ctx, off) == "report"
     assert seen["session"].evaluation.before and seen["session"].evaluation.after
     assert seen["until"] == "eval_after" and seen["write"] is False
+
+
+def test_the_what_if_panel_shows_the_saved_models_proxy_beside_the_masked_one() -> None:
+    from tui.results_model import from_report
+    from tui.screens.whatif import compare_text
+
+    summary: list[dict[str, Any]] = []  # no per-layer rows: the totals come from metrics.json
+    metrics = {"ratio": {"target": 0.2, "achieved": 0.2}, "parameters": {"prunable_before": 100, "removed": 20},
+               "proxy": {"loss": 4.8363, "dense": 4.1, "final": 4.6512}}
+    data = from_report({"metrics": metrics, "summary": summary, "findings": []})
+    text = compare_text(data.allocation, None).plain
+    assert "proxy loss 4.8363 (dense 4.1000) · saved model 4.6512" in text
+    del metrics["proxy"]["final"]
+    assert "saved model" not in compare_text(from_report({"metrics": metrics, "summary": summary}).allocation,
+                                             None).plain

@@ -108,6 +108,7 @@ class AllocationView:
     message: str = ""
     proxy: float | None = None  # the proxy loss of this allocation (held-out calibration windows)
     dense_proxy: float | None = None
+    final_proxy: float | None = None  # the same windows through the saved model (compensated, distilled)
 
     @property
     def params_before(self) -> int:
@@ -192,7 +193,8 @@ def from_report(report: Any, *, from_folder: bool = False, previous: AllocationV
     proxy = metrics.get("proxy") or {}
     if allocation is not None and isinstance(proxy, dict) and proxy.get("loss") is not None:
         allocation = replace(allocation, proxy=_num(proxy.get("loss")),
-                             dense_proxy=_num(proxy.get("dense")) if proxy.get("dense") is not None else None)
+                             dense_proxy=_num(proxy.get("dense")) if proxy.get("dense") is not None else None,
+                             final_proxy=_num(proxy.get("final")) if proxy.get("final") is not None else None)
     return ResultsData(
         session=_get(report, "session"),
         allocation=allocation,

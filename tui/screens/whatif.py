@@ -44,6 +44,8 @@ def compare_text(cur: AllocationView | None, prev: AllocationView | None) -> Tex
     if cur.proxy is not None:
         dense = f" (dense {cur.dense_proxy:.4f})" if cur.dense_proxy is not None else ""
         text.append(f" · proxy loss {cur.proxy:.4f}{dense}")
+        if cur.final_proxy is not None:
+            text.append(f" · saved model {cur.final_proxy:.4f}")
     text.append("\n")
     if prev is not None:
         text.append(f"previous: target {prev.target_ratio:.1%} · achieved {prev.achieved_ratio:.1%} · "
