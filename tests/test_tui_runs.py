@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from prune_core.events import BatchDone, Notice, StageDone, StageStarted
 from sessions import Session
 from tui import jobs
@@ -64,6 +66,23 @@ def test_the_estimate_is_calibrated_by_a_measured_pass() -> None:
     measured = estimate(geo, method="taylor", seq_len=128, num_samples=16, batch_size=4, cpu_flops=1e9,
                         measured=(100.0, 128))
     assert abs(measured.seconds - 16 * 128 / 100.0) < 1e-6 and guess.seconds != measured.seconds
+
+
+def test_generation_and_distillation_are_priced_at_the_passs_own_speed() -> None:
+    """The quick start on smollm2-135m: a taylor pass over 96 windows of 128 at 256 tokens/s takes 48 s;
+    generating 64 windows and 24 distillation steps of 4 took about a minute each on the same machine."""
+    from tui.estimate import GENERATION_SLOWDOWN, around_pass
+
+    geo = Geometry(parameters=135_000_000, prunable=100_000_000, layers=30, hidden=576, heads=9)
+    chosen = estimate(geo, method="taylor", seq_len=128, num_samples=96, batch_size=4, measured=(256.0, 128))
+    assert chosen.seconds == pytest.approx(48.0)
+    around = around_pass(geo, chosen, generated_samples=64, distill_steps=24, distill_batch_size=4)
+    # per token: the pass costs 3 forwards; distillation 4 (student forward + backward, teacher forward)
+    assert around.distill_seconds == pytest.approx(24 * 4 * 128 * 4 / (256.0 * 3))
+    assert around.generation_seconds == pytest.approx(64 * 128 * GENERATION_SLOWDOWN / (256.0 * 3))
+    assert 50 < around.generation_seconds < 70 and 50 < around.distill_seconds < 70
+    none = around_pass(geo, chosen, generated_samples=0, distill_steps=0, distill_batch_size=4)
+    assert (none.generation_seconds, none.distill_seconds) == (0.0, 0.0)
 
 
 def test_checkbox_and_radio_state_shows_without_colour() -> None:

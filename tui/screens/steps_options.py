@@ -10,7 +10,7 @@ from textual.app import ComposeResult
 from textual.widgets import Collapsible, RadioSet, Static
 
 from prune_core.importance.registry import METHODS as IMPORTANCE_METHODS
-from tui.estimate import Estimate, Geometry, estimate, human_bytes, human_count, human_seconds
+from tui.estimate import Estimate, Geometry, around_pass, estimate, human_bytes, human_count, human_seconds
 from tui.screens.steps_base import Step, value_at
 from tui.state import WorkbenchState
 from tui.widgets.fields import FieldSpec, MarkedRadioButton, control_id
@@ -103,6 +103,11 @@ def geometry_for(state: WorkbenchState) -> Geometry | None:
     return None
 
 
+def _about(seconds: float) -> str:
+    when = human_seconds(seconds)
+    return when if when.startswith("<") else "~" + when
+
+
 class LengthStep(Step):
     key = "length"
     title = "4 Length"
@@ -158,7 +163,20 @@ class LengthStep(Step):
              "dim"))
         from rich.console import Group
 
-        return Group(note, table)
+        chosen = next(e for e in rows if e.seq_len == seq)
+        try:
+            gen = int(value_at(data, "data.generated_samples") or 0)
+            steps = int(value_at(data, "distill.steps") or 0)
+            dbatch = int(value_at(data, "distill.batch_size") or b)
+        except (TypeError, ValueError):
+            gen = steps = dbatch = 0
+        around = around_pass(geo, chosen, generated_samples=gen, distill_steps=steps, distill_batch_size=dbatch)
+        extra = [f"generating {gen} windows {_about(around.generation_seconds)} before the pass"] if gen else []
+        if steps:
+            extra.append(f"{steps} distillation steps {_about(around.distill_seconds)} after the surgery")
+        if not extra:
+            return Group(note, table)
+        return Group(note, table, Text("Also: " + "; ".join(extra) + ".", style="dim"))
 
 
 class PruningStep(Step):
