@@ -491,6 +491,12 @@ def run(
                 on_event(finding.to_event())
 
     report = record.values.get("save") or build_report(session, record, results_dir if write else None, started)
+    if write and results_dir is not None and "save_model" in record.computed:
+        from prune_core.recovery import stale_recovery
+
+        stale = stale_recovery(results_dir)
+        if stale:
+            on_event(Notice(stale, level="warning", stage="save_model"))
     on_event(RunDone(results_dir=str(results_dir), metrics=report.metrics, report=report))
     return report
 

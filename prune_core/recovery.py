@@ -470,6 +470,7 @@ class RecoveryResult:
     trainable_parameters: int
     targets: int
     versions: dict[str, str]
+    model_sha256: str = ""  # the pruned model it was fine-tuned from (a later run may replace that model)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -572,7 +573,38 @@ def recover(path: str | os.PathLike[str], *, session: Any = None, out: str | os.
             settings=settings.to_dict(), seed=seed, eval_dataset=eval_ds, before=before, after=after,
             losses=outcome.losses, resumed_from=outcome.resumed_from, seconds=outcome.seconds,
             parameters=sum(p.numel() for p in merged.parameters()),
-            trainable_parameters=outcome.trainable_parameters, targets=len(outcome.targets), versions=versions)
+            trainable_parameters=outcome.trainable_parameters, targets=len(outcome.targets), versions=versions,
+            model_sha256=identity["model_sha256"])
         atomic.write_json(loc.report_path, result.to_dict())
         store.clear()
     return result
+
+
+def stale_recovery(results_dir: Path) -> str | None:
+    """A warning when RESULTS/recovered was fine-tuned from another model than the one RESULTS/model holds.
+
+    A run that saves a new pruned model into a results folder leaves an earlier `prune recover`'s output
+    alone (it is the user's), so the workbench says it no longer matches. Reads the sha256 the results
+    manifest already holds (no rehash); silent when either record is missing or unreadable.
+    """
+    from prune_core.export import WEIGHTS
+    from prune_core.report import MANIFEST
+
+    folder = Path(results_dir)
+    try:
+        recovered = json.loads((folder / REPORT).read_text(encoding="utf-8"))
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(recovered, dict) or not isinstance(manifest, dict):
+        return None
+    was = recovered.get("model_sha256")
+    files = manifest.get("files")
+    entry = files.get(f"model/{WEIGHTS}") if isinstance(files, dict) else None
+    now = entry.get("sha256") if isinstance(entry, dict) else None
+    source = Path(str(recovered.get("model_dir", "")))
+    if not was or not now or was == now or source.resolve() != (folder / "model").resolve():
+        return None
+    return (f"{folder / RECOVERED} was fine-tuned from the previous pruned model, not the one this run saved; "
+            f"run `prune recover {folder}` again to recover the new one")
+

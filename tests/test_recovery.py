@@ -202,3 +202,25 @@ def test_workbench_recover_action_runs_the_job(tmp_path: Path) -> None:
     result = recover_job(ctx, session.with_updates({"recovery.steps": 2, "recovery.checkpoint_seconds": 0.0}))
     assert len(result.losses) == 2 and (folder / "recovered" / "pruning.json").is_file()
     assert any(isinstance(e, Progress) and e.stage == recovery.STAGE for e in events)
+
+
+def test_a_new_run_into_the_folder_says_the_recovered_model_is_stale(tmp_path: Path) -> None:
+    from prune_core import pipeline
+    from prune_core.events import Notice
+
+    session = tiny_session(tmp_path, recovery__steps=6, recovery__batch_size=2, recovery__seq_len=32,
+                           evaluation__max_tokens=512, evaluation__before=False, output__save_model=True)
+    folder = tmp_path / "results"
+
+    def warnings(s: object) -> list[str]:
+        events: list[object] = []
+        pipeline.run(s, out_dir=folder, on_event=events.append)
+        return [e.message for e in events if isinstance(e, Notice) and e.level == "warning"]
+
+    assert not any("recover" in w for w in warnings(session))
+    result = recovery.recover(folder, session=session, **FAST)
+    assert json.loads((folder / recovery.REPORT).read_text())["model_sha256"] == result.model_sha256 != ""
+    assert recovery.stale_recovery(folder) is None
+    stale = [w for w in warnings(session.with_updates({"pruning.ratio": 0.4})) if "recover" in w]
+    assert len(stale) == 1 and f"prune recover {folder}" in stale[0]
+    assert (folder / recovery.RECOVERED / "model.safetensors").is_file(), "the user's recovered model is kept"
