@@ -58,7 +58,7 @@ def print_findings(console: Console, findings: list[dict[str, Any]], results: Pa
 def run_fix(results: Path, apply: int | None, json_mode: bool, console: Console, force: bool = False) -> int:
     from cli.compare_view import print_comparison
     from cli.output import print_summary, run_summary
-    from prune_core import pipeline
+    from prune_core import lock, pipeline
     from prune_core.cache import StageCache, state_dir
     from prune_core.compare import compare_results
     from prune_core.fixes import apply_fix
@@ -88,6 +88,9 @@ def run_fix(results: Path, apply: int | None, json_mode: bool, console: Console,
     new_name = f"{report.session.session.name}-fix{apply}"
     session_path = results.parent / f"{new_name}.toml"
     new_dir = results.parent / new_name
+    busy = lock.holder(new_dir)
+    if busy is not None:  # before writing its session file or copying stage results into it
+        raise lock.locked_message(new_dir, busy)
     new_session = apply_fix(results, fix, session_path, name=new_name)
     StageCache(state_dir(new_dir)).copy_reusable(StageCache(state_dir(results)))
     if not json_mode:

@@ -69,3 +69,25 @@ def test_a_writing_run_on_a_locked_folder_is_refused_before_anything_is_written(
     with lock.hold(folder, command="prune tui locked.toml"), pytest.raises(lock.FolderLocked, match="prune tui"):
         pipeline.run(session)
     assert sorted(p.name for p in folder.iterdir()) == []
+
+
+def test_prune_fix_into_a_folder_in_use_exits_3_before_writing_its_session(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from prune_core import pipeline
+    from prune_core.report import RunReport
+    from tests.helpers import tiny_session
+
+    session = tiny_session(tmp_path, name="r", **{"evaluation.before": False, "evaluation.after": False})
+    results = tmp_path / "runs" / "r"
+    pipeline.run(session, out_dir=results)
+    findings = RunReport.read(results).findings
+    n = next(i for i, f in enumerate(findings, 1) if f.get("fix") and f.get("recommended"))
+    fix_dir = tmp_path / "runs" / f"r-fix{n}"
+    with lock.hold(fix_dir, command="prune run r-fix.toml"):
+        result = CliRunner().invoke(app, ["fix", str(results), "--apply", str(n)])
+    assert result.exit_code == 3, result.output
+    assert "in use by another run" in result.output and "prune run r-fix.toml" in result.output
+    assert not (tmp_path / "runs" / f"r-fix{n}.toml").exists(), "the other run's session file is left alone"
+    assert sorted(p.name for p in fix_dir.iterdir()) == [], "nothing copied into the folder in use"
