@@ -51,7 +51,10 @@ W + 2 · max(scored tensor) · 4.
 Reconstruction (pruning.compensate = "reconstruct") keeps one Gram matrix at a time, in float64,
 for the wider of o_proj (n = q inputs) and down_proj (n = I): the accumulator n·k·8 for the k kept
 inputs, the augmented (n+1)²·8 matrix and the (k+1)²·8 system it solves; plus the calibration stream
-num_samples × seq_len × h × e of hidden states.
+(num_samples + generated_samples) × seq_len × h × e of hidden states, four of them with error feedback
+(the dense stream, after the layer's attention and after the layer), one more for a layer's new
+outputs, and the down_proj inputs and outputs when they fit under reconstruct.py's 1 GiB limit
+(`stream_bytes`). Generating windows holds one batch's key/value cache and logits (`generation_bytes`).
 
 Validated (tests/test_plan.py, README "Memory"): the parameter and buffer counts exactly against the
 Llama-3-8B / 70B configs; the saved-activation formula exactly, byte for byte, against the tensors
@@ -262,6 +265,34 @@ def gram_bytes(g: Geometry, ratio: float) -> dict[str, int]:
             "total": acc + augmented + system}
 
 
+def stream_bytes(g: Geometry, *, dtype: str, windows: int, seq_len: int, error_feedback: float) -> dict[str, int]:
+    """Reconstruction's activations (compensation/reconstruct.py): the calibration stream of hidden states of
+    every window (dataset and generated), kept between layers; with error feedback also the dense stream and
+    the dense stream after the current layer's attention and after the layer (3 more); while a layer runs,
+    its new outputs (one more stream); and, when they fit under its 1 GiB limit, the down_proj inputs and
+    outputs of all tokens (saves a forward per layer)."""
+    from prune_core.compensation.reconstruct import STORE_LIMIT_BYTES
+
+    e = _DTYPE_BYTES[dtype]
+    tokens = windows * seq_len
+    one = tokens * g.hidden * e
+    streams = 4 if error_feedback > 0 else 1
+    stored_in = tokens * g.intermediate * e
+    stored = stored_in + one if stored_in <= STORE_LIMIT_BYTES else 0
+    return {"windows": windows, "stream": one, "streams": streams, "layer_outputs": one, "stored": stored,
+            "total": streams * one + one + stored}
+
+
+def generation_bytes(g: Geometry, *, dtype: str, seq_len: int, batch_size: int) -> dict[str, int]:
+    """Generating calibration windows (selfgen.py, `[data] generated_samples`): the key/value cache of one
+    batch of `batch_size` sequences of seq_len + 1 tokens in every layer, and the float32 logits of the
+    step (HF's sampling keeps the processed scores and the probabilities beside them: three copies)."""
+    e = _DTYPE_BYTES[dtype]
+    cache = 2 * g.layers * batch_size * (seq_len + 1) * g.kv * e
+    logits = 3 * batch_size * g.vocab * FP32
+    return {"batch_size": batch_size, "kv_cache": cache, "logits": logits, "total": cache + logits}
+
+
 def distill_bytes(g: Geometry, *, dtype: str, batch_size: int, seq_len: int, ratio: float) -> dict[str, int]:
     """The distill stage ([distill], compensation/distill.py): the dense teacher at its dtype beside the
     pruned student in float32, AdamW state and gradients of the trained decoder-layer parameters (float32:
@@ -412,6 +443,8 @@ def build_plan(
     devices: list[dict[str, Any]] | None = None,
     distill_steps: int = 0,
     distill_batch_size: int = 4,
+    generated_samples: int = 0,
+    error_feedback: float = 0.0,
 ) -> dict[str, Any]:
     """One plan object (JSON-ready): model, settings, per-method figures, reconstruction, devices, advice."""
     from prune_core.importance.registry import method_keys
@@ -441,8 +474,11 @@ def build_plan(
             plan.fits["fisher_in_ram"] = fisher <= ram["free"]
         methods.append(plan)
     chosen = next(m for m in methods if m.method == method)
+    from prune_core.selfgen import BATCH_SIZE as GENERATION_BATCH
+
     gram = gram_bytes(geometry, ratio)
-    stream = num_samples * seq_len * geometry.hidden * _DTYPE_BYTES[dtype]
+    streams = stream_bytes(geometry, dtype=dtype, windows=num_samples + generated_samples, seq_len=seq_len,
+                           error_feedback=error_feedback)
     plan_obj: dict[str, Any] = {
         "kind": "memory_plan",
         "model": {"spec": model, "source": source, "model_type": geometry.model_type, "hidden_size": geometry.hidden,
@@ -456,9 +492,12 @@ def build_plan(
                      "gradient_checkpointing": gradient_checkpointing, "hessian_device": hessian_device,
                      "device": device, "method": method, "ratio": ratio, "compensate": compensate},
         "methods": [m.to_dict() for m in methods],
-        "reconstruct": {"gram": gram, "stream": stream, "used": compensate == "reconstruct",
+        "reconstruct": {"gram": gram, "activations": streams, "error_feedback": error_feedback,
+                        "total": gram["total"] + streams["total"], "used": compensate == "reconstruct",
                         "fits": None if ram["free"] is None and target["free"] is None
-                        else (gram["total"] + stream) <= (target["free"] or 0)},
+                        else (gram["total"] + streams["total"]) <= (target["free"] or 0)},
+        "generation": {**generation_bytes(geometry, dtype=dtype, seq_len=seq_len, batch_size=GENERATION_BATCH),
+                       "used": generated_samples > 0, "windows": generated_samples},
         "distill": {**distill_bytes(geometry, dtype=dtype, batch_size=distill_batch_size, seq_len=seq_len,
                                     ratio=ratio),
                     "used": distill_steps > 0, "batch_size": distill_batch_size},
@@ -546,6 +585,7 @@ def plan_for_session(session: Any, *, model: str | None = None, seq_len: int | N
         hessian_device=session.importance.hessian_device, device=session.model.device,
         method=session.importance.method, ratio=session.pruning.ratio, compensate=session.pruning.compensate,
         devices=devices, distill_steps=session.distill.steps, distill_batch_size=session.distill.batch_size,
+        generated_samples=session.data.generated_samples, error_feedback=session.pruning.error_feedback,
     )
 
 
@@ -558,10 +598,12 @@ __all__ = [
     "devices_present",
     "distill_bytes",
     "fmt_bytes",
+    "generation_bytes",
     "geometry_from_config",
     "layer_backward",
     "load_config",
     "loss_head",
     "method_plan",
     "plan_for_session",
+    "stream_bytes",
 ]

@@ -50,9 +50,17 @@ def render_text(plan: dict[str, Any]) -> str:
                  "activations and gradients; Σn·g² is taylor_2nd's Fisher buffer)")
     r = plan["reconstruct"]
     gram = r["gram"]
-    lines += ["", f"reconstruct{' (used by this session)' if r['used'] else ''}: one float64 Gram at a time, "
-              f"{gram['inputs']} inputs ({gram['kept']} kept): {fmt_bytes(gram['total'])}; calibration stream "
-              f"{fmt_bytes(r['stream'])}"]
+    a = r["activations"]
+    ef = f", × {a['streams']} with error feedback" if a["streams"] > 1 else ""
+    stored = f", stored down_proj inputs/outputs {fmt_bytes(a['stored'])}" if a["stored"] else ""
+    lines += ["", f"reconstruct{' (used by this session)' if r['used'] else ''}: {fmt_bytes(r['total'])} (one float64 "
+              f"Gram at a time, {gram['inputs']} inputs ({gram['kept']} kept): {fmt_bytes(gram['total'])}; hidden "
+              f"states of {a['windows']} windows: {fmt_bytes(a['stream'])} per stream{ef}, + one layer's outputs"
+              f"{stored})"]
+    gen = plan["generation"]
+    if gen["used"]:
+        lines.append(f"generation of {gen['windows']} windows: {fmt_bytes(gen['total'])} (key/value cache of a batch "
+                     f"of {gen['batch_size']} {fmt_bytes(gen['kv_cache'])}, logits {fmt_bytes(gen['logits'])})")
     d = plan["distill"]
     lines += [f"distill{' (used by this session)' if d['used'] else ''}: {fmt_bytes(d['total'])} (dense teacher "
               f"{fmt_bytes(d['teacher'])}, float32 student {fmt_bytes(d['student'])}, AdamW + gradients "

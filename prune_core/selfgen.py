@@ -26,8 +26,9 @@ from prune_core.events import EventSink, Progress
 
 TOP_P = 0.95
 TEMPERATURE = 1.0
+BATCH_SIZE = 16  # sequences sampled together (memplan.generation_bytes prices one batch)
 
-__all__ = ["TEMPERATURE", "TOP_P", "generated_windows"]
+__all__ = ["BATCH_SIZE", "TEMPERATURE", "TOP_P", "generated_windows"]
 
 
 def _start_token(tokenizer: Any) -> int:
@@ -40,7 +41,7 @@ def _start_token(tokenizer: Any) -> int:
 
 
 def generated_windows(model: nn.Module, tokenizer: Any, num: int, seq_len: int, seed: int, *,
-                      batch_size: int = 16, on_event: EventSink | None = None,
+                      batch_size: int = BATCH_SIZE, on_event: EventSink | None = None,
                       should_stop: Callable[[], bool] | None = None, stage: str = "calibration") -> torch.Tensor:
     """[num, seq_len] int64 token ids sampled from `model` (see the module docstring); on the CPU."""
     if num < 1 or seq_len < 1 or batch_size < 1:

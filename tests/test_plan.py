@@ -135,6 +135,32 @@ def test_reconstruct_gram(tmp_path: Path) -> None:
     assert gram["total"] == 8 * (n * kept + (n + 1) ** 2 + (kept + 1) ** 2)
 
 
+def test_reconstruct_streams_and_generation_by_hand(tmp_path: Path) -> None:
+    """Llama-3-8B in bf16, 32 dataset + 64 generated windows of 128 tokens, error feedback on."""
+    plan = _plan_json(str(_session(tmp_path, model__dtype="bfloat16", data__num_samples=32,
+                                   data__generated_samples=64, pruning__compensate="reconstruct",
+                                   pruning__error_feedback=0.5)), "--model", str(CONFIGS / "llama-3-8b"))
+    h, inter, n_layers, kv, vocab, e = 4096, 14336, 32, 8 * 128, 128256, 2
+    tokens = 96 * 128
+    a = plan["reconstruct"]["activations"]
+    one = tokens * h * e
+    assert (a["windows"], a["stream"], a["streams"]) == (96, one, 4)
+    assert a["stored"] == tokens * inter * e + one  # 352 MiB of down_proj inputs: under the 1 GiB limit
+    assert a["total"] == 4 * one + one + a["stored"]
+    assert plan["reconstruct"]["total"] == plan["reconstruct"]["gram"]["total"] + a["total"]
+    g = plan["generation"]
+    assert g["used"] is True and g["windows"] == 64 and g["batch_size"] == 16
+    assert g["kv_cache"] == 2 * n_layers * 16 * 129 * kv * e and g["logits"] == 3 * 16 * vocab * 4
+    text = runner.invoke(app, ["plan", str(tmp_path / "session.toml"), "--model", str(CONFIGS / "llama-3-8b")]).output
+    assert "× 4 with error feedback" in text and "generation of 64 windows" in text
+    # without error feedback one stream; past the 1 GiB limit nothing is stored
+    plain = _plan_json(str(_session(tmp_path, model__dtype="bfloat16", data__num_samples=512)), "--model",
+                       str(CONFIGS / "llama-3-8b"))
+    a = plain["reconstruct"]["activations"]
+    assert a["streams"] == 1 and a["stored"] == 0 and a["total"] == 2 * 512 * 128 * h * e
+    assert plain["generation"]["used"] is False
+
+
 def test_distill_is_priced_from_the_parameter_counts(tmp_path: Path) -> None:
     plan = _plan_json(str(_session(tmp_path, pruning__ratio=0.25, distill__steps=24)), "--model",
                       str(CONFIGS / "llama-3-8b"))
