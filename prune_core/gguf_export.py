@@ -213,6 +213,12 @@ def llama3_rope_factors(config: Any) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
+# Llama 3's split (its tokenizer.json: a Split of this regex, Isolated, then a ByteLevel without its own
+# regex); llama.cpp's "llama-bpe" pre-tokenizer splits with the same expression.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 def _pre_tokenizer_name(pre: dict[str, Any] | None, merges: int) -> str | None:
     """llama.cpp's pre-tokenizer name whose split regex equals this byte-level tokenizer's."""
     def byte_level(p: dict[str, Any]) -> bool:
@@ -227,6 +233,12 @@ def _pre_tokenizer_name(pre: dict[str, Any] | None, merges: int) -> str | None:
         if (len(parts) == 2 and parts[0].get("type") == "Digits" and parts[0].get("individual_digits")
                 and byte_level(parts[1])):
             return "smollm"  # each digit split off, then GPT-2's regex
+        if (len(parts) == 2 and parts[0].get("type") == "Split"
+                and (parts[0].get("pattern") or {}).get("Regex") == LLAMA3_SPLIT
+                and parts[0].get("behavior") == "Isolated" and not parts[0].get("invert")
+                and parts[1].get("type") == "ByteLevel" and not parts[1].get("use_regex", True)
+                and not parts[1].get("add_prefix_space")):
+            return "llama-bpe"  # Llama 3 / 3.1 / 3.2
     if merges == 0 and pre.get("type") == "ByteLevel":
         return "gpt-2"  # no merges: every byte is its own token however the text is split
     return None
@@ -236,8 +248,9 @@ def tokenizer_metadata(tokenizer: Any, n_vocab: int) -> dict[str, Any]:
     """The `tokenizer.ggml.*` values of a byte-level BPE fast tokenizer (refuses any other)."""
     import json
 
-    fix = ("--format gguf writes byte-level BPE tokenizers with GPT-2's or SmolLM's split (e.g. SmolLM2); for "
-           "others convert a --format hf export with llama.cpp's convert_hf_to_gguf.py (uniform widths only)")
+    fix = ("--format gguf writes byte-level BPE tokenizers with GPT-2's, SmolLM's or Llama 3's split (e.g. SmolLM2, "
+           "Llama 3); for others (Llama 2 and Mistral's SentencePiece) convert a --format hf export with llama.cpp's "
+           "convert_hf_to_gguf.py (uniform widths only)")
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise BadInput("the pruned model has no fast (tokenizer.json) tokenizer", fix)

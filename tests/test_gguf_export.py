@@ -192,8 +192,22 @@ def test_pre_tokenizer_names_are_the_ones_whose_regex_matches() -> None:
     no_regex = {**byte_level, "use_regex": False}
     assert _pre_tokenizer_name(no_regex, 0) == "gpt-2"  # no merges: the split cannot matter
     assert _pre_tokenizer_name(no_regex, 100) is None
-    llama3 = {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "..."}}, no_regex]}
-    assert _pre_tokenizer_name(llama3, 100) is None  # refused rather than tokenized differently
+    other = {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "..."},
+                                                    "behavior": "Isolated", "invert": False}, no_regex]}
+    assert _pre_tokenizer_name(other, 100) is None  # refused rather than tokenized differently
+    # Meta-Llama-3-8B's pre-tokenizer, built with the tokenizers library and read back from its JSON
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    regex = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+             r"\s*[\r\n]+|\s+(?!\S)|\s+")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+    llama3 = json.loads(tok.to_str())["pre_tokenizer"]
+    assert _pre_tokenizer_name(llama3, 100) == "llama-bpe"
+    qwen2 = json.loads(json.dumps(llama3).replace("{1,3}", ""))  # one digit at a time: another tokenizer
+    assert _pre_tokenizer_name(qwen2, 100) is None
 
 
 def test_uniform_pruning_is_the_llama_architecture(tmp_path: Path) -> None:
