@@ -3,6 +3,7 @@ quit confirmation, help, command palette, throttled charts. Waits are condition-
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -346,3 +347,30 @@ async def test_tui_on_a_running_folder_follows_its_event_log(tmp_path: Path) -> 
             log.close()
             await wait_for(pilot, lambda: app.state.busy is None, what="the end of the followed run")
             assert app.state.run_state.status == "interrupted"
+
+
+@pytest.mark.anyio
+async def test_a_window_length_below_two_shows_a_hint_not_a_crash(tmp_path: Path) -> None:
+    """The estimate of the Length step takes the session's own ranges: seq_len 1 (a file or a keystroke on
+    the way to 128) leaves the app running with a hint, and a valid length brings the estimate back."""
+    from rich.console import Console
+
+    def shown() -> str:
+        console = Console(width=100, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+        console.print(screen.query_one("#pane-length").render_estimate())
+        return console.export_text()
+
+    path = tmp_path / "short.toml"
+    path.write_text('[model]\nid = "tiny-llama"\ndevice = "cpu"\n[data]\nseq_len = 1\n', encoding="utf-8")
+    app = make_app(path)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        screen = await goto_step(app, pilot, "length")
+        assert "the session accepts" in shown()
+        assert isinstance(app.focused, Input) and app.focused.id == "f-data--seq_len"
+        await pilot.press("backspace", *"64")
+        await pilot.pause()
+        assert app.is_running and "◀ chosen" in shown()
+        await pilot.press("backspace", "backspace", "0")
+        await pilot.pause()
+        assert app.is_running and "the session accepts" in shown()

@@ -9,7 +9,9 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.widgets import Collapsible, RadioSet, Static
 
+from prune_core.errors import BadInput
 from prune_core.importance.registry import METHODS as IMPORTANCE_METHODS
+from sessions import Session
 from tui.estimate import Estimate, Geometry, around_pass, estimate, human_bytes, human_count, human_seconds
 from tui.screens.steps_base import Step, value_at
 from tui.state import WorkbenchState
@@ -130,12 +132,18 @@ class LengthStep(Step):
         geo = geometry_for(state)
         if geo is None:
             return Text("Estimate: inspect the model in step 1 to see time and memory.", style="dim")
+        keys = ("data.seq_len", "data.num_samples", "data.generated_samples", "data.batch_size", "distill.steps",
+                "distill.batch_size")
         try:
-            seq = int(value_at(data, "data.seq_len"))
-            n = int(value_at(data, "data.num_samples")) + int(value_at(data, "data.generated_samples") or 0)
-            b = int(value_at(data, "data.batch_size"))
-        except (TypeError, ValueError):
-            return Text("Estimate: enter whole numbers above.", style="dim")
+            given = {k: int(v) for k in keys if (v := value_at(data, k)) is not None}
+            checked = Session().with_updates(given)  # the session's own ranges (seq_len >= 2, one window, …)
+            values = {k: int(getattr(getattr(checked, k.split(".")[0]), k.split(".")[1])) for k in keys}
+        except (TypeError, ValueError, BadInput):
+            return Text("Estimate: enter whole numbers the session accepts above (see the field errors).",
+                        style="dim")
+        seq, b = values["data.seq_len"], values["data.batch_size"]
+        gen, steps, dbatch = values["data.generated_samples"], values["distill.steps"], values["distill.batch_size"]
+        n = values["data.num_samples"] + gen
         kw = {"method": str(value_at(data, "importance.method") or "taylor"), "num_samples": n,
               "batch_size": max(1, b), "dtype": str(value_at(data, "model.dtype") or "float32"),
               "gpu": state.gpu_for(str(value_at(data, "model.device") or "auto")), "cpu_flops": state.cpu_flops,
@@ -143,7 +151,7 @@ class LengthStep(Step):
         speed = state.speeds.get(state.speed_key(str(value_at(data, "model.id") or ""), str(kw["method"]),
                                                  str(value_at(data, "model.device") or "auto")))
         kw["measured"] = speed
-        lengths = sorted({128, 256, 512, max(2, seq)})
+        lengths = sorted({128, 256, 512, seq})
         rows: list[Estimate] = [estimate(geo, seq_len=s, **kw) for s in lengths]  # type: ignore[arg-type]
         table = Table(title=None, box=None, padding=(0, 2), show_edge=False)
         for col in ("seq_len", "tokens", "time", "memory", ""):
@@ -164,12 +172,6 @@ class LengthStep(Step):
         from rich.console import Group
 
         chosen = next(e for e in rows if e.seq_len == seq)
-        try:
-            gen = int(value_at(data, "data.generated_samples") or 0)
-            steps = int(value_at(data, "distill.steps") or 0)
-            dbatch = int(value_at(data, "distill.batch_size") or b)
-        except (TypeError, ValueError):
-            gen = steps = dbatch = 0
         around = around_pass(geo, chosen, generated_samples=gen, distill_steps=steps, distill_batch_size=dbatch)
         extra = [f"generating {gen} windows {_about(around.generation_seconds)} before the pass"] if gen else []
         if steps:
