@@ -20,6 +20,7 @@ from rich.text import Text
 from cli.render import JsonRenderer, make_renderer
 from cli.signals import StopFlag, stop_on_signals
 from prune_core.errors import BadInput, Interrupted
+from prune_core.verify import NOT_RECOMMENDED
 
 MARKERS = {"critical": "[CRIT]", "high": "[HIGH]", "warning": "[WARN]", "info": "[INFO]"}
 STYLES = {"critical": "bold red", "high": "red", "warning": "yellow", "info": "cyan"}
@@ -29,7 +30,8 @@ def _proxy_line(f: dict[str, Any]) -> str:
     before, after = f.get("proxy_before"), f.get("proxy_after")
     if before is None or after is None:
         return "fix not verified (it needs a new importance pass)"
-    word = {"better": "better", "worse": "WORSE: not recommended", "same": "no change"}.get(f.get("verdict", ""), "")
+    word = {"better": "better", "worse": "WORSE: not recommended", "same": "no change",
+            "smaller": "removes less than the session asks: not comparable, not recommended"}.get(f.get("verdict", ""), "")
     return f"proxy loss {before:.4f} → {after:.4f} with this fix ({word})"
 
 
@@ -51,7 +53,7 @@ def print_findings(console: Console, findings: list[dict[str, Any]], results: Pa
         if fix:
             keys = ", ".join(f"{k} = {v!r}" for k, v in fix.items())
             console.print(f"   fix: {keys}   ({_proxy_line(f)})", markup=False, highlight=False)
-            if f.get("verdict") != "worse":
+            if f.get("verdict") not in NOT_RECOMMENDED:
                 console.print(f"   apply: prune fix {results} --apply {i}", markup=False, highlight=False)
 
 
@@ -81,8 +83,9 @@ def run_fix(results: Path, apply: int | None, json_mode: bool, console: Console,
     if not fix:
         raise BadInput(f"finding {apply} ({finding.get('issue')}) has no automatic fix",
                        "follow its recommendation by hand")
-    if finding.get("verdict") == "worse" and not force:
-        raise BadInput(f"finding {apply}'s fix made the proxy loss worse ({_proxy_line(finding)})",
+    if finding.get("verdict") in NOT_RECOMMENDED and not force:
+        why = "made the proxy loss worse" if finding.get("verdict") == "worse" else "removes less than the session asks"
+        raise BadInput(f"finding {apply}'s fix {why} ({_proxy_line(finding)})",
                        "keep the current settings, or pass --force to apply it anyway")
     results = Path(results)
     new_name = f"{report.session.session.name}-fix{apply}"

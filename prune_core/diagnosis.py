@@ -39,6 +39,7 @@ import pandas as pd
 from prune_core.atomic import write_json
 from prune_core.events import FindingEvent, Severity
 from prune_core.importance.registry import METHODS, get_method, stats_noun
+from prune_core.verify import NOT_RECOMMENDED
 from sessions.schema import Session
 
 BLOCKS: tuple[str, ...] = ("attention", "mlp", "layer")
@@ -64,12 +65,12 @@ class Finding:
     # the fix tried in a what-if (prune_core/verify.py): proxy loss without and with it, and the verdict
     proxy_before: float | None = None
     proxy_after: float | None = None
-    verdict: str = "untested"  # better | same | worse | untested
+    verdict: str = "untested"  # better | same | worse | smaller (removes less) | untested
 
     @property
     def recommended(self) -> bool:
         """A fix is recommended unless the proxy showed it makes the model worse."""
-        return bool(self.fix) and self.verdict != "worse"
+        return bool(self.fix) and self.verdict not in NOT_RECOMMENDED
 
     def to_dict(self) -> dict[str, Any]:
         return _clean({**asdict(self), "recommended": self.recommended})

@@ -45,6 +45,7 @@ from prune_core.events import Event, EventSink, Notice, RunDone, StageDone, Stag
 from prune_core.provenance import base_provenance, device_name, now_iso
 from prune_core.report import RunReport, commit_model, prepare_folder
 from prune_core.steps import Ctx
+from prune_core.verify import Trial
 from sessions import Session
 
 
@@ -424,15 +425,17 @@ def run(
         parts = [f"{n} (~{_fmt_seconds(estimates[n])})" if n in estimates else n for n in announced]
         on_event(Notice(f"will compute: {', '.join(parts)}", level="info", stage=announced[0]))
 
-    def try_fix(fixed: Session) -> float | None:
-        """The proxy loss of `fixed` in a what-if, or None when it would need a new importance pass."""
+    def try_fix(fixed: Session) -> Trial | None:
+        """The proxy loss and achieved ratio of `fixed` in a what-if, or None when it would need a new
+        importance pass."""
         todo, _ = plan(fixed, memo, until="proxy", write=False, results_dir=results_dir)
         if "importance" in todo or "model" in todo or "calibration" in todo:
             return None
         sub = run(fixed, out_dir=results_dir, until="proxy", memo=memo, write=False,
                   on_event=_quiet(on_event), should_stop=stop)
         loss = sub.metrics.get("proxy", {}).get("loss")
-        return None if loss is None else float(loss)
+        achieved = sub.metrics.get("ratio", {}).get("achieved")
+        return None if loss is None else Trial(float(loss), None if achieved is None else float(achieved))
 
     for stage in selected:
         if stop():

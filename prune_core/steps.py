@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,6 +25,9 @@ from prune_core.errors import BadInput
 from prune_core.events import EventSink, Notice
 from sessions import Session, check_against_model
 from sessions.errors import SessionError
+
+if TYPE_CHECKING:
+    from prune_core.verify import Trial
 
 
 # ---------------------------------------------------------------------------------------------- context
@@ -41,7 +44,7 @@ class Ctx:
     on_event: EventSink
     should_stop: Callable[[], bool]
     in_place: bool
-    try_fix: Callable[[Session], float | None] | None = None
+    try_fix: Callable[[Session], Trial | None] | None = None
     summary: str = ""
     result: dict[str, Any] = field(default_factory=dict)
 
@@ -308,7 +311,8 @@ def compute_diagnosis(ctx: Ctx) -> Diagnosis:
                         second_order_share=second_order_share(imp))
     proxy = ctx.values.get("proxy")
     if proxy is not None and ctx.try_fix is not None:
-        findings = verify_findings(findings, base_loss=float(proxy["loss"]), session=s, score=ctx.try_fix)
+        findings = verify_findings(findings, base_loss=float(proxy["loss"]), session=s, score=ctx.try_fix,
+                                   base_achieved=float(alloc.achieved_ratio))
     worst = findings[0].severity if findings else "none"
     ctx.summary = f"{len(findings)} findings (worst: {worst})"
     ctx.result = {"findings": len(findings), "worst": worst}

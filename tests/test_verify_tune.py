@@ -13,7 +13,7 @@ from cli.main import app
 from prune_core import pipeline
 from prune_core.diagnosis import Finding
 from prune_core.tune import search_space, tune, write_tune
-from prune_core.verify import verify_findings
+from prune_core.verify import Trial, verify_findings
 from tests.helpers import tiny_session, write_session
 
 runner = CliRunner()
@@ -29,13 +29,37 @@ def test_verify_marks_worse_fixes_and_keeps_better_ones() -> None:
           Finding("b", "high", "d", "do B", {"pruning.max_rate": 0.6}),
           Finding("c", "info", "d", "nothing", {})]
     scores = {0.5: 3.0, 0.6: 2.5}
-    out = verify_findings(fs, base_loss=2.8, session=session, score=lambda s: scores[s.pruning.max_rate])
+    out = verify_findings(fs, base_loss=2.8, session=session,
+                          score=lambda s: Trial(scores[s.pruning.max_rate], 0.2), base_achieved=0.2)
     assert (out[0].verdict, out[0].recommended) == ("worse", False)
     assert out[0].recommendation.startswith("tried and worse")
     assert (out[1].verdict, out[1].recommended, out[1].proxy_after) == ("better", True, 2.5)
     assert out[2] == fs[2]
     untested = verify_findings(fs[:1], base_loss=2.8, session=session, score=lambda s: None)
     assert untested[0].verdict == "untested" and untested[0].recommended
+
+
+def test_a_fix_that_removes_less_is_not_recommended_for_its_lower_loss() -> None:
+    """An early-layer cap that leaves a 60 % target at 15 % lowers the proxy by cutting less: not comparable."""
+    session = sessions.Session()
+    capped = Finding("early_layers_over_pruned", "critical", "d", "cap the early layers",
+                     {"pruning.early_layers": 4, "pruning.early_max_rate": 0.3})
+    trials = {(4, 0.3): Trial(2.0, 0.148), (3, 0.5): Trial(2.9, 0.6)}
+
+    def score(s: sessions.Session) -> Trial | None:
+        if s.pruning.protect_layers == [0]:
+            return Trial(2.7, 0.595)  # within the slack of 1 point, and better: the alternative chosen
+        return trials[(s.pruning.early_layers, s.pruning.early_max_rate)]
+
+    (out,) = verify_findings([capped], base_loss=2.8, session=session, score=score, base_achieved=0.6)
+    assert (out.verdict, out.fix, out.proxy_after, out.recommended) == ("better", {"pruning.protect_layers": [0]},
+                                                                        2.7, True)
+    assert "was tried and is worse" in out.recommendation
+    trials[(4, 0.3)] = Trial(2.0, 0.148)
+    (out,) = verify_findings([capped], base_loss=2.8, session=session, score=lambda s: trials.get(
+        (s.pruning.early_layers, s.pruning.early_max_rate)), base_achieved=0.6)
+    assert (out.verdict, out.recommended) == ("smaller", False)
+    assert "removes only 14.8% instead of 60.0%" in out.recommendation
 
 
 @pytest.fixture(scope="module")

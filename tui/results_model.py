@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from prune_core.verify import NOT_RECOMMENDED
+
 SEVERITY_ORDER = {"critical": 0, "high": 1, "warning": 2, "info": 3}
 MARKERS = {"critical": "[CRIT]", "high": "[HIGH]", "warning": "[WARN]", "info": "[INFO]"}
 
@@ -49,7 +51,7 @@ class FindingView:
     description: str
     recommendation: str
     fix: dict[str, Any] = field(default_factory=dict)
-    verdict: str = "untested"  # the fix tried in a what-if: better | same | worse | untested
+    verdict: str = "untested"  # the fix tried in a what-if: better | same | worse | smaller | untested
 
     @property
     def marker(self) -> str:
@@ -58,7 +60,7 @@ class FindingView:
     @property
     def recommended(self) -> bool:
         """A fix the proxy found worse is shown as tried, never offered."""
-        return bool(self.fix) and self.verdict != "worse"
+        return bool(self.fix) and self.verdict not in NOT_RECOMMENDED
 
     @classmethod
     def from_any(cls, obj: Any) -> FindingView:

@@ -189,8 +189,10 @@ class ResultsScreen(Screen):
             self.notify("This finding has no automatic fix.", severity="warning")
             return
         if not finding.recommended:
-            self.notify("This fix was tried in a what-if and made the proxy loss worse; it is not applied.",
-                        severity="warning", markup=False)
+            why = ("removes less than the session asks (its lower loss is not like for like)"
+                   if finding.verdict == "smaller" else "made the proxy loss worse")
+            self.notify(f"This fix was tried in a what-if and {why}; it is not applied.", severity="warning",
+                        markup=False)
             return
         self.post_message(FixRequested(finding.issue, finding.fix))
 

@@ -63,7 +63,8 @@ class FindingDetail(Static):
         text.append(f"{f.recommendation}\n")
         if f.fix:
             fix = ", ".join(f"{k} = {v!r}" for k, v in f.fix.items())
-            text.append("Fix (press f): " if f.recommended else "Tried, made the proxy worse: ", style="bold")
+            tried = "Tried, removes less than asked: " if f.verdict == "smaller" else "Tried, made the proxy worse: "
+            text.append("Fix (press f): " if f.recommended else tried, style="bold")
             text.append(fix)
         else:
             text.append("No automatic fix.", style="dim")
