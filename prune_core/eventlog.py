@@ -3,7 +3,8 @@
 A writing `pipeline.run` tees every event it emits into the log (`tee`), so another process can
 replay and follow the run (`prune attach`, `prune tui RESULTS`, `prune ps`). Each event is one
 line-buffered append (microseconds; a batch of the importance pass takes far longer). The log is
-started afresh by each writing run, and closed with an end record when the run does not finish:
+started afresh by each writing run that rewrites the results (a partial one, such as saving the model
+alone, appends to it), and closed with an end record when the run does not finish:
 `{"kind": "run_interrupted", ...}` or `{"kind": "run_failed", ...}` (a finished run ends with
 `run_done`). `read_events` turns the lines back into the typed events of `prune_core.events`.
 """
@@ -49,9 +50,10 @@ def log_path(folder: Path) -> Path:
 class EventLog:
     """An open event log: call it with events (an EventSink); `end()` writes the closing record."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, append: bool = False) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] | None = open(log_path(folder), "w", encoding="utf-8", buffering=1)  # noqa: SIM115
+        self._file: IO[str] | None = open(log_path(folder), "a" if append else "w", encoding="utf-8",  # noqa: SIM115
+                                          buffering=1)
 
     def write(self, obj: dict[str, Any]) -> None:
         if self._file is None:
@@ -73,9 +75,9 @@ class EventLog:
 
 
 @contextlib.contextmanager
-def tee(folder: Path, sink: EventSink) -> Iterator[EventSink]:
+def tee(folder: Path, sink: EventSink, *, append: bool = False) -> Iterator[EventSink]:
     """An EventSink that logs every event to `<folder>/events.ndjson` and passes it on to `sink`."""
-    log = EventLog(folder)
+    log = EventLog(folder, append=append)
 
     def both(event: Event) -> None:
         log(event)

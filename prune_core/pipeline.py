@@ -371,7 +371,8 @@ def _guarded(fn: Callable[..., RunReport]) -> Callable[..., RunReport]:
                 return fn(session, out_dir=out_dir, write=write, on_event=on_event, **kw)
             folder = results_dir_for(session, out_dir)
             ensure_writable(folder)
-            with lock.hold(folder, on_event=on_event), eventlog.tee(folder, on_event) as logged:
+            partial = kw.get("until") not in (None, "save")  # e.g. the model alone: the run's log stays
+            with lock.hold(folder, on_event=on_event), eventlog.tee(folder, on_event, append=partial) as logged:
                 return fn(session, out_dir=out_dir, write=write, on_event=logged, **kw)
         except BaseException as exc:
             _LEAD.abort(exc)

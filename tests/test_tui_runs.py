@@ -3,6 +3,7 @@ state shown without colour, and Evaluate forcing both perplexities on. Pure Pyth
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -121,3 +122,37 @@ def test_the_what_if_panel_shows_the_saved_models_proxy_beside_the_masked_one() 
     del metrics["proxy"]["final"]
     assert "saved model" not in compare_text(from_report({"metrics": metrics, "summary": summary}).allocation,
                                              None).plain
+
+
+def test_saving_the_model_of_a_what_if_writes_its_own_results_folder(tmp_path: Path) -> None:
+    """Save model (m) on the session the folder holds: model/ alone, the run's log kept (appended). On a
+    what-if: a new `<name>-whatif1` folder whose metrics describe that model; the original is untouched."""
+    import json
+
+    from tests.helpers import tiny_session
+    from tui.engine import Pipeline
+
+    session = tiny_session(tmp_path, "saved", **{"evaluation.before": False, "evaluation.after": False,
+                                                 "output.save_model": False})
+    engine = Pipeline()
+    memo = engine.new_memo()
+    first = jobs.run_session(jobs.JobContext(engine, memo, lambda e: None, lambda: False), session)
+    folder = first.results_dir
+    log = (folder / "events.ndjson").read_text()
+    metrics = (folder / "metrics.json").read_text()
+    ctx = jobs.JobContext(engine, memo, lambda e: None, lambda: False, out_dir=folder)
+
+    _, where, new = jobs.save_model(ctx, session)
+    assert (where, new) == (folder, False) and (folder / "model" / "model.safetensors").is_file()
+    assert (folder / "events.ndjson").read_text().startswith(log), "the run's own log is kept"
+    assert (folder / "metrics.json").read_text() == metrics
+
+    whatif = session.with_updates({"pruning.ratio": 0.5})
+    report, where, new = jobs.save_model(ctx, whatif)
+    assert (where, new) == (folder.parent / "saved-whatif1", True)
+    saved = json.loads((where / "metrics.json").read_text())
+    assert saved["ratio"]["target"] == 0.5 and saved["mask_sha256"] == report.metrics["mask_sha256"]
+    assert (where / "model" / "model.safetensors").is_file()
+    assert (folder / "metrics.json").read_text() == metrics, "the folder shown before keeps its results"
+    assert jobs.save_model(ctx, whatif)[1:] == (where, True), "the same what-if again: its folder, not a new one"
+    assert jobs.save_model(ctx, session.with_updates({"pruning.ratio": 0.4}))[1] == folder.parent / "saved-whatif2"

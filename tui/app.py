@@ -633,9 +633,17 @@ class PruneApp(App[int]):
             if old is not None:
                 state.results = replace(old, metrics={**old.metrics, "perplexity": result.perplexity})
         elif name == "save_model":
+            report, folder, new_folder = result
             state.engine_ready = True
-            state.saved_model_path = result.model_dir or (state.results_path or Path()) / "model"
-            self.notify(f"Saved the pruned model to {state.saved_model_path}", markup=False)
+            state.saved_model_path = report.model_dir or folder / "model"
+            if new_folder:  # a what-if: its own results folder, the one shown before stays as it was
+                previous = state.results_path
+                state.results = from_report(report, previous=old.allocation if old else None)
+                state.results_path = state.results.results_dir or folder
+                self.notify(f"Saved this what-if as a new results folder {folder} (model, metrics, session); "
+                            f"{previous} is unchanged", timeout=10, markup=False)
+            else:
+                self.notify(f"Saved the pruned model to {state.saved_model_path}", markup=False)
         elif name == "recover":
             self.notify(f"Recovery: {result.summary()}; merged model in {result.out_dir}", timeout=12, markup=False)
         elif name == "generate":

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prune_core.errors import BadInput, PruneError
 from prune_core.events import EventSink
 from sessions import Session
 from tui.engine import ModelInfo, Pipeline, model_info
@@ -66,9 +67,39 @@ def evaluate(ctx: JobContext, session: Session) -> Any:
     return ctx.run(both, until="eval_after", write=False)
 
 
-def save_model(ctx: JobContext, session: Session) -> Any:
-    """The pruned model saved in the results folder (`model/`)."""
-    return ctx.run(session.with_updates({"output.save_model": True}), until="save_model", write=True)
+def save_model(ctx: JobContext, session: Session) -> tuple[Any, Path, bool]:
+    """The pruned model of `session` saved with results that describe it: (report, folder, new folder?).
+
+    The session the results folder holds: its model alone is saved into `model/` (the run's metrics and
+    log stay). A what-if (another session): a whole new results folder beside it, `<name>-whatif<k>`
+    (model, metrics, session.toml), so the folder's own results are never paired with another model.
+    """
+    wanted = session.with_updates({"output.save_model": True})
+    folder = Path(ctx.out_dir or ctx.pipeline.results_dir_for(session))
+    candidates = [folder] + [folder.parent / f"{folder.name}-whatif{k}" for k in range(1, 10_000)]
+    for target in candidates:
+        written = _written_session(ctx, target)
+        if written is None and target.exists() and target != folder:
+            continue  # something else is there: leave it alone
+        if written is None:  # a new folder (or the run's own, not written yet): the whole results
+            return ctx.run(wanted, out_dir=target, write=True), target, target != folder
+        if _same_run(written, wanted):  # the folder holds this session: its model alone
+            return ctx.run(wanted, out_dir=target, until="save_model", write=True), target, target != folder
+    raise BadInput(f"no free what-if folder next to {folder}", "remove old <name>-whatif<k> folders")
+
+
+def _written_session(ctx: JobContext, folder: Path) -> Session | None:
+    try:
+        return ctx.pipeline.read(folder).session
+    except (PruneError, OSError):  # no results there (or unreadable)
+        return None
+
+
+def _same_run(a: Session, b: Session) -> bool:
+    """Both sessions prune, compensate and distil the same way (their resolved settings agree)."""
+    da = a.with_updates({"output.save_model": True}).resolved().to_dict()
+    db = b.with_updates({"output.save_model": True}).resolved().to_dict()
+    return da == db
 
 
 def recover(ctx: JobContext, session: Session, *, fresh: bool = False) -> Any:
