@@ -374,3 +374,20 @@ async def test_a_window_length_below_two_shows_a_hint_not_a_crash(tmp_path: Path
         await pilot.press("backspace", "backspace", "0")
         await pilot.pause()
         assert app.is_running and "the session accepts" in shown()
+
+
+@pytest.mark.anyio
+async def test_resume_with_nothing_interrupted_says_so_and_runs_nothing(tmp_path: Path) -> None:
+    from tests.test_tui_support import run_from_palette
+
+    path = tmp_path / "s.toml"
+    sessions.save(sessions.Session().with_updates({"model.id": "tiny-llama", "session.output_dir": str(tmp_path)}),
+                  path)
+    app = make_app(path)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        pipeline = app.pipeline
+        await run_from_palette(app, pilot, "resume interrupted", "Resume interrupted run")
+        await pilot.pause()
+        assert ("run", None) not in pipeline.calls and app.state.busy is None
+        assert any("Nothing to resume" in str(n.message) for n in app._notifications)

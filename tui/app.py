@@ -419,6 +419,10 @@ class PruneApp(App[int]):
         if self.state.busy is not None:
             self.notify(f"Wait for {job_label(self.state.busy)} to finish.", severity="warning", markup=False)
             return
+        if resume and not self.pipeline.has_checkpoint(self.state.session):
+            self.notify("Nothing to resume: this session has no interrupted importance pass (ctrl+r runs it).",
+                        severity="warning", markup=False)
+            return
         self.state.run_state.reset()
         if self.job_run(fresh=fresh):
             if self.screen.id != "run" and not self.screen.is_modal:
