@@ -391,3 +391,24 @@ async def test_resume_with_nothing_interrupted_says_so_and_runs_nothing(tmp_path
         await pilot.pause()
         assert ("run", None) not in pipeline.calls and app.state.busy is None
         assert any("Nothing to resume" in str(n.message) for n in app._notifications)
+
+
+@pytest.mark.anyio
+async def test_a_dataset_path_that_does_not_exist_is_a_problem_of_the_form(tmp_path: Path) -> None:
+    """As `prune validate` says: the Dataset step is not valid while its file does not exist."""
+    path = tmp_path / "s.toml"
+    missing = tmp_path / "nowhere" / "file.txt"
+    path.write_text(f'[model]\nid = "tiny-llama"\n[data]\ndataset = "{missing}"\n', encoding="utf-8")
+    app = make_app(path)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        assert [k for k, _ in app.state.problems] == ["data.dataset"]
+        assert "no such file or folder" in app.state.problems[0][1]
+        screen = await goto_step(app, pilot, "dataset")
+        assert "1 problem" in str(screen.query_one("#nav-hint").render())
+        missing.parent.mkdir()
+        missing.write_text("To be, or not to be, that is the question. " * 400, encoding="utf-8")
+        screen.query_one("#f-data--dataset", Input).value = str(missing) + " "
+        screen.query_one("#f-data--dataset", Input).value = str(missing)
+        await pilot.pause()
+        assert app.state.problems == []

@@ -120,6 +120,10 @@ class WorkbenchState:
         info = self.model_info
         if session is not None and info is not None and info.spec == session.model.id and info.layers:
             problems += check_against_model(session, info.layers)
+        if session is not None:  # a dataset path that does not exist, a text too short for the windows
+            from prune_core.preflight import data_problems
+
+            problems += data_problems(session)
         self.problems = problems
         if session is not None:
             self.session = session
