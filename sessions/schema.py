@@ -274,6 +274,10 @@ def check_against_model(session: Session, num_layers: int) -> list[tuple[str, st
         problems.append(("pruning.protect_layers",
                          f"layers {bad} do not exist: the model has {num_layers} layers (0..{num_layers - 1}, or -{num_layers}..-1 "
                          "from the end)"))
+    elif num_layers > 0 and len({i % num_layers for i in session.pruning.protect_layers}) >= num_layers:
+        problems.append(("pruning.protect_layers",
+                         f"every one of the model's {num_layers} layers is protected: nothing can be pruned "
+                         "(leave at least one layer out of protect_layers)"))
     if session.pruning.early_layers > num_layers:
         problems.append(("pruning.early_layers",
                          f"{session.pruning.early_layers} exceeds the model's {num_layers} layers"))

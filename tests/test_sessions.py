@@ -133,6 +133,10 @@ def test_protect_layers_checked_against_the_model() -> None:
     assert "layers [30] do not exist" in problems["pruning.protect_layers"]
     assert "pruning.early_layers" in problems
     assert check_against_model(Session(), 30) == []
+    everything = Session().with_updates({"pruning.protect_layers": [-1, 0, 1, 2]})  # -1 is layer 3
+    assert "every one of the model's 4 layers is protected" in dict(check_against_model(everything, 4))[
+        "pruning.protect_layers"]
+    assert check_against_model(everything, 5) == []
 
 
 def test_template_has_every_key_and_validates() -> None:
