@@ -40,6 +40,7 @@ app = typer.Typer(
     no_args_is_help=False,
     add_completion=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help text is plain: "[data] seq_len" is a session key, not Rich markup
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 # messages hold user text (paths, dataset names, folder contents): never read as Rich markup

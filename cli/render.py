@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -209,7 +210,7 @@ class RichRenderer(_Guarded):
     def _task(self, stage: str, total: float | None, description: str = "") -> TaskID:
         if stage not in self.tasks:
             name = (description or stage)[:self._stage_w]
-            self.tasks[stage] = self.progress.add_task(f"{name:<{self._stage_w}}", total=total, info="")
+            self.tasks[stage] = self.progress.add_task(escape(f"{name:<{self._stage_w}}"), total=total, info="")
         return self.tasks[stage]
 
     def _say(self, text: str) -> None:

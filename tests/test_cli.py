@@ -139,3 +139,15 @@ def test_fix_lists_and_applies(tmp_path: Path) -> None:
     assert "importance" in metrics["stages_cached"]
     assert "jaccard" in out.lower() or "overlap" in out.lower()
     assert invoke("fix", str(res), "--apply", "99")[0] == 2
+
+
+def test_help_text_is_plain_so_session_keys_in_brackets_survive() -> None:
+    """`[data] seq_len` in a help string is a session key, never Rich markup to be eaten."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    out = CliRunner().invoke(app, ["plan", "--help"]).output
+    assert "(default [data] seq_len)" in " ".join(out.split())
+    out = CliRunner().invoke(app, ["recover", "--help"]).output
+    assert "Take [recovery], seed and [evaluation] from" in " ".join(out.split())
