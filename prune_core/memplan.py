@@ -496,7 +496,8 @@ def build_plan(
                         "total": gram["total"] + streams["total"], "used": compensate == "reconstruct",
                         "fits": None if ram["free"] is None and target["free"] is None
                         else (gram["total"] + streams["total"]) <= (target["free"] or 0)},
-        "generation": {**generation_bytes(geometry, dtype=dtype, seq_len=seq_len, batch_size=GENERATION_BATCH),
+        "generation": {**generation_bytes(geometry, dtype=dtype, seq_len=seq_len,
+                                          batch_size=min(GENERATION_BATCH, max(generated_samples, 1))),
                        "used": generated_samples > 0, "windows": generated_samples},
         "distill": {**distill_bytes(geometry, dtype=dtype, batch_size=distill_batch_size, seq_len=seq_len,
                                     ratio=ratio),

@@ -159,6 +159,8 @@ def test_reconstruct_streams_and_generation_by_hand(tmp_path: Path) -> None:
     a = plain["reconstruct"]["activations"]
     assert a["streams"] == 1 and a["stored"] == 0 and a["total"] == 2 * 512 * 128 * h * e
     assert plain["generation"]["used"] is False
+    few = _plan_json(str(_session(tmp_path, data__generated_samples=4)), "--model", str(CONFIGS / "llama-3-8b"))
+    assert few["generation"]["batch_size"] == 4  # the generator samples min(16, n) sequences at once
 
 
 def test_distill_is_priced_from_the_parameter_counts(tmp_path: Path) -> None:
