@@ -412,3 +412,24 @@ async def test_a_dataset_path_that_does_not_exist_is_a_problem_of_the_form(tmp_p
         screen.query_one("#f-data--dataset", Input).value = str(missing)
         await pilot.pause()
         assert app.state.problems == []
+
+
+@pytest.mark.anyio
+async def test_a_what_if_keeps_the_dense_perplexity_and_evaluate_gives_both(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    sessions.save(sessions.Session().with_updates({"model.id": "tiny-llama", "session.output_dir": str(tmp_path)}),
+                  path)
+    app = make_app(path)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("ctrl+r")
+        await settle(app, pilot)
+        assert app.state.results.metrics["perplexity"] == {"before": {"ppl": 1000.5}, "after": {"ppl": 1200.25}}
+        app.job_allocate(app.state.session.with_updates({"pruning.ratio": 0.3}), "what-if")
+        await settle(app, pilot)
+        # the pruned model's perplexity belongs to the old allocation; the dense model's still holds
+        assert app.state.results.metrics["perplexity"] == {"before": {"ppl": 1000.5}}
+        app.action_evaluate()
+        await settle(app, pilot)
+        assert app.state.results.metrics["perplexity"] == {"before": {"ppl": 1000.5}, "after": {"ppl": 1200.25}}
+        assert app.pipeline.calls[-1] == ("run", None)  # every stage, so eval_before comes too
