@@ -182,6 +182,10 @@ class RunReport:
         values of the wrong type, files that do not match the folder's manifest.
         """
         p = Path(folder)
+        if p.is_file():
+            hint = (f"to run the session, use `prune run {p}`" if p.suffix == ".toml"
+                    else "pass the folder `prune run` printed at the end")
+            raise BadInput(f"{str(p)!r} is a file, not a results folder", hint)
         if not p.is_dir():
             raise BadInput(f"results folder {str(p)!r} does not exist",
                            "pass the folder `prune run` printed at the end")

@@ -151,3 +151,16 @@ def test_help_text_is_plain_so_session_keys_in_brackets_survive() -> None:
     assert "(default [data] seq_len)" in " ".join(out.split())
     out = CliRunner().invoke(app, ["recover", "--help"]).output
     assert "Take [recovery], seed and [evaluation] from" in " ".join(out.split())
+
+
+def test_a_session_file_given_where_a_results_folder_belongs_says_so(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    session = tmp_path / "s.toml"
+    session.write_text('[model]\nid = "tiny-llama"\n', encoding="utf-8")
+    for args in (["fix", str(session)], ["show", str(session)]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert "is a file, not a results folder" in result.output and f"prune run {session}" in result.output
