@@ -16,7 +16,8 @@ def finding_label(f: FindingView) -> Text:
     text.append(f.marker, style=STYLES.get(f.severity, ""))
     text.append(f" {f.issue}")
     if f.fix:
-        text.append("  (fix)" if f.recommended else "  (fix tried: worse)", style="dim")
+        tried = "  (fix tried: removes less)" if f.verdict == "smaller" else "  (fix tried: worse)"
+        text.append("  (fix)" if f.recommended else tried, style="dim")
     return text
 
 
