@@ -156,3 +156,13 @@ def test_saving_the_model_of_a_what_if_writes_its_own_results_folder(tmp_path: P
     assert (folder / "metrics.json").read_text() == metrics, "the folder shown before keeps its results"
     assert jobs.save_model(ctx, whatif)[1:] == (where, True), "the same what-if again: its folder, not a new one"
     assert jobs.save_model(ctx, session.with_updates({"pruning.ratio": 0.4}))[1] == folder.parent / "saved-whatif2"
+
+
+def test_a_run_that_fails_before_any_stage_says_so() -> None:
+    from tui.screens.run import stage_lines
+
+    rs = RunState()
+    rs.reset()
+    assert "No run yet" in stage_lines(rs).plain
+    rs.finish("failed", "data.dataset: no such file or folder")
+    assert stage_lines(rs).plain == "The run failed before its first stage: data.dataset: no such file or folder"

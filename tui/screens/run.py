@@ -30,7 +30,11 @@ def stage_lines(state: RunState, *, timings: bool = True, limit: int = STAGE_LIN
     """One line per stage in the order the pipeline reported them; the earliest fold when there are many."""
     text = Text()
     if not state.stages:
-        text.append("No run yet: set up a session and press ctrl+r.", style="dim")
+        if state.status == "failed":  # before any stage started (a bad session, a locked folder)
+            text.append(f"The run failed before its first stage: {state.error or 'see the message above'}",
+                        style="red")
+        else:
+            text.append("No run yet: set up a session and press ctrl+r.", style="dim")
         return text
     infos = list(state.stages.values())
     if limit and len(infos) > limit:
