@@ -15,15 +15,15 @@ from sessions.schema import Session
 RECOMMENDED: dict[str, Any] = {
     "importance.method": "taylor_2nd",  # element-wise second-order Taylor (+ Fisher)
     "data.num_samples": 32,
-    "data.generated_samples": 64,  # + 64 windows the model writes itself: the pruned model stays general
+    "data.generated_samples": 128,  # + 128 windows the model writes itself: the pruned model stays general
     "pruning.blocks": "mlp",  # attention heads are kept: pruning them costs more than it saves
     "pruning.allocation": "uniform",  # the same MLP rate in every unprotected layer
     "pruning.protect_layers": [0, 1, 2, -1],  # the first three and the last layer
     "pruning.compensate": "reconstruct",  # ridge refit of down_proj on calibration activations
     "pruning.ridge": 0.5,
     "pruning.error_feedback": 0.5,  # each refit also corrects half the error earlier layers left
-    "distill.steps": 24,  # then 24 steps toward the dense model's predictions on the calibration windows
-    "distill.lr": 1e-4,
+    "distill.steps": 48,  # then 48 steps toward the dense model's predictions on the calibration windows
+    "distill.lr": 2e-4,
     "distill.ce_weight": 1.0,  # + the windows' own next-token loss (helps in-domain)
 }
 
