@@ -32,6 +32,14 @@ pytestmark = [pytest.mark.usefixtures("fixed_lists")]
 SIZE = (80, 24)
 
 
+def tiny_session_file(tmp_path: Path) -> Path:
+    """A session file on tiny-llama whose results go under tmp_path."""
+    path = tmp_path / "s.toml"
+    sessions.save(sessions.Session().with_updates({"model.id": "tiny-llama", "session.output_dir": str(tmp_path)}),
+                  path)
+    return path
+
+
 def make_app(path: Path | None = None, **fake: object) -> PruneApp:
     return PruneApp(path, cpu_flops=50e9, pipeline=fake_pipeline(**fake))
 
@@ -380,10 +388,7 @@ async def test_a_window_length_below_two_shows_a_hint_not_a_crash(tmp_path: Path
 async def test_resume_with_nothing_interrupted_says_so_and_runs_nothing(tmp_path: Path) -> None:
     from tests.test_tui_support import run_from_palette
 
-    path = tmp_path / "s.toml"
-    sessions.save(sessions.Session().with_updates({"model.id": "tiny-llama", "session.output_dir": str(tmp_path)}),
-                  path)
-    app = make_app(path)
+    app = make_app(tiny_session_file(tmp_path))
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
         pipeline = app.pipeline
@@ -416,10 +421,7 @@ async def test_a_dataset_path_that_does_not_exist_is_a_problem_of_the_form(tmp_p
 
 @pytest.mark.anyio
 async def test_a_what_if_keeps_the_dense_perplexity_and_evaluate_gives_both(tmp_path: Path) -> None:
-    path = tmp_path / "s.toml"
-    sessions.save(sessions.Session().with_updates({"model.id": "tiny-llama", "session.output_dir": str(tmp_path)}),
-                  path)
-    app = make_app(path)
+    app = make_app(tiny_session_file(tmp_path))
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
         await pilot.press("ctrl+r")
