@@ -93,8 +93,10 @@ def verify_findings(findings: Sequence[Any], *, base_loss: float, session: Any,
             if alt is not None:
                 fix, alt_loss = alt
                 keys = ", ".join(f"{k} = {val!r}" for k, val in fix.items())
+                why = (f"removes only {trial.achieved:.1%} instead of {base_achieved:.1%}" if v == "smaller"
+                       else "is worse")
                 rec = (f"set {keys} (proxy loss {base_loss:.4f} → {alt_loss:.4f}); the usual remedy "
-                       f"({', '.join(f'{k} = {val!r}' for k, val in f.fix.items())}) was tried and is worse "
+                       f"({', '.join(f'{k} = {val!r}' for k, val in f.fix.items())}) was tried and {why} "
                        f"({loss:.4f})")
                 out.append(replace(f, fix=fix, proxy_before=base_loss, proxy_after=alt_loss, verdict="better",
                                    recommendation=rec))
