@@ -34,7 +34,9 @@ def test_reconstruct_beats_plain_removal_and_recomputes_surgery_only(smol) -> No
     recon = pipeline.run(session.with_updates({"pruning.compensate": "reconstruct"}), memo=memo, write=False,
                          on_event=events.append)
     computed = [e.stage for e in events if isinstance(e, StageDone) and not e.cached]
-    assert computed == ["surgery", "eval_after"]
+    assert computed == ["surgery", "proxy_final", "eval_after"]
+    assert recon.proxy["loss"] == plain.proxy["loss"], "the allocation's (masked) proxy does not see compensation"
+    assert recon.proxy["final"] < plain.proxy["final"], "the saved model's proxy does"
     assert recon.mask_sha256 == plain.mask_sha256
     assert recon.perplexity["after"]["ppl"] < plain.perplexity["after"]["ppl"]
     assert recon.metrics["compensation"]["mode"] == "reconstruct"
