@@ -73,6 +73,7 @@ from typing import Any
 import torch
 
 from prune_core.errors import BadInput
+from prune_core.selfgen import BATCH_SIZE as GENERATION_BATCH
 
 GIB = 1024**3
 MIB = 1024**2
@@ -474,8 +475,6 @@ def build_plan(
             plan.fits["fisher_in_ram"] = fisher <= ram["free"]
         methods.append(plan)
     chosen = next(m for m in methods if m.method == method)
-    from prune_core.selfgen import BATCH_SIZE as GENERATION_BATCH
-
     gram = gram_bytes(geometry, ratio)
     streams = stream_bytes(geometry, dtype=dtype, windows=num_samples + generated_samples, seq_len=seq_len,
                            error_feedback=error_feedback)

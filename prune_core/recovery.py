@@ -588,23 +588,19 @@ def stale_recovery(results_dir: Path) -> str | None:
     manifest already holds (no rehash); silent when either record is missing or unreadable.
     """
     from prune_core.export import WEIGHTS
-    from prune_core.report import MANIFEST
+    from prune_core.report import recorded_sha256
 
     folder = Path(results_dir)
     try:
         recovered = json.loads((folder / REPORT).read_text(encoding="utf-8"))
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
         return None
-    if not isinstance(recovered, dict) or not isinstance(manifest, dict):
+    if not isinstance(recovered, dict):
         return None
     was = recovered.get("model_sha256")
-    files = manifest.get("files")
-    entry = files.get(f"model/{WEIGHTS}") if isinstance(files, dict) else None
-    now = entry.get("sha256") if isinstance(entry, dict) else None
+    now = recorded_sha256(folder, f"model/{WEIGHTS}")
     source = Path(str(recovered.get("model_dir", "")))
     if not was or not now or was == now or source.resolve() != (folder / "model").resolve():
         return None
     return (f"{folder / RECOVERED} was fine-tuned from the previous pruned model, not the one this run saved; "
             f"run `prune recover {folder}` again to recover the new one")
-

@@ -412,6 +412,18 @@ def _load_manifest(folder: Path) -> dict[str, Any] | None:
     return doc
 
 
+def recorded_sha256(folder: Path, name: str) -> str | None:
+    """The sha256 the folder's manifest records for the file `name` (e.g. "model/model.safetensors");
+    None when there is no manifest, it is damaged, or it does not list the file."""
+    try:
+        doc = _load_manifest(folder)
+    except BadInput:
+        return None
+    entry = doc["files"].get(name) if doc is not None else None
+    sha = entry.get("sha256") if entry is not None else None
+    return sha if isinstance(sha, str) else None
+
+
 def manifest_problems(folder: Path, *, full: bool = False) -> list[str]:
     """Files of `folder` that do not match its manifest (empty when it matches or there is none).
 

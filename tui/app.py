@@ -102,11 +102,8 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def _same_dense(a: Any, b: Any) -> bool:
     """The dense model's perplexity of `a` holds for `b` (same model, evaluation text and window length)."""
-    try:
-        return (a.model == b.model and a.eval_dataset == b.eval_dataset
-                and a.evaluation.seq_len == b.evaluation.seq_len and a.evaluation.max_tokens == b.evaluation.max_tokens)
-    except AttributeError:
-        return False
+    return (a is not None and a.model == b.model and a.eval_dataset == b.eval_dataset
+            and a.evaluation.seq_len == b.evaluation.seq_len and a.evaluation.max_tokens == b.evaluation.max_tokens)
 
 
 class PruneApp(App[int]):
@@ -635,7 +632,7 @@ class PruneApp(App[int]):
             state.results = from_report(report, previous=old.allocation if old else None,
                                         results_dir=state.results_path, from_folder=bool(old and old.from_folder))
             dense = (old.metrics.get("perplexity") or {}).get("before") if old else None
-            if dense and old is not None and _same_dense(old.session, session):  # the dense model's: still true
+            if dense and _same_dense(old.session, session):  # the dense model's: still true
                 state.results = replace(state.results, metrics={**state.results.metrics,
                                                                 "perplexity": {"before": dense}})
             state.engine_ready = True

@@ -7,6 +7,7 @@ business: a job only names where to stop (`until`) and whether the results folde
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,8 +77,8 @@ def save_model(ctx: JobContext, session: Session) -> tuple[Any, Path, bool]:
     """
     wanted = session.with_updates({"output.save_model": True})
     folder = Path(ctx.out_dir or ctx.pipeline.results_dir_for(session))
-    candidates = [folder] + [folder.parent / f"{folder.name}-whatif{k}" for k in range(1, 10_000)]
-    for target in candidates:
+    whatifs = (folder.parent / f"{folder.name}-whatif{k}" for k in range(1, 10_000))
+    for target in itertools.chain([folder], whatifs):
         written = _written_session(ctx, target)
         if written is None and target.exists() and target != folder:
             continue  # something else is there: leave it alone

@@ -137,15 +137,13 @@ class LengthStep(Step):
         try:
             given = {k: int(v) for k in keys if (v := value_at(data, k)) is not None}
             checked = Session().with_updates(given)  # the session's own ranges (seq_len >= 2, one window, …)
-            values = {k: int(getattr(getattr(checked, k.split(".")[0]), k.split(".")[1])) for k in keys}
         except (TypeError, ValueError, BadInput):
             return Text("Estimate: enter whole numbers the session accepts above (see the field errors).",
                         style="dim")
-        seq, b = values["data.seq_len"], values["data.batch_size"]
-        gen, steps, dbatch = values["data.generated_samples"], values["distill.steps"], values["distill.batch_size"]
-        n = values["data.num_samples"] + gen
-        kw = {"method": str(value_at(data, "importance.method") or "taylor"), "num_samples": n,
-              "batch_size": max(1, b), "dtype": str(value_at(data, "model.dtype") or "float32"),
+        seq, gen = checked.data.seq_len, checked.data.generated_samples
+        steps, dbatch = checked.distill.steps, checked.distill.batch_size
+        kw = {"method": str(value_at(data, "importance.method") or "taylor"),
+              "num_samples": checked.data.num_samples + gen, "batch_size": checked.data.batch_size, "dtype": str(value_at(data, "model.dtype") or "float32"),
               "gpu": state.gpu_for(str(value_at(data, "model.device") or "auto")), "cpu_flops": state.cpu_flops,
               "gradient_checkpointing": bool(value_at(data, "importance.gradient_checkpointing"))}
         speed = state.speeds.get(state.speed_key(str(value_at(data, "model.id") or ""), str(kw["method"]),
@@ -158,8 +156,7 @@ class LengthStep(Step):
             table.add_column(col, justify="right" if col else "left")
         for e in rows:
             mark = "◀ chosen" if e.seq_len == seq else ""
-            when = human_seconds(e.seconds)
-            table.add_row(str(e.seq_len), human_count(e.tokens), when if when.startswith("<") else "~" + when,
+            table.add_row(str(e.seq_len), human_count(e.tokens), _about(e.seconds),
                           "~" + human_bytes(e.memory_bytes), mark, style="bold" if mark else "")
         where = "GPU (assumed)" if kw["gpu"] else ("CPU (measured)" if state.cpu_flops else "CPU (assumed)")
         if speed is not None:
