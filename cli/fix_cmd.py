@@ -20,7 +20,7 @@ from rich.text import Text
 from cli.render import JsonRenderer, make_renderer
 from cli.signals import StopFlag, stop_on_signals
 from prune_core.errors import BadInput, Interrupted
-from prune_core.verify import NOT_RECOMMENDED
+from prune_core.verify import NOT_RECOMMENDED, WHY_NOT, why_not
 
 MARKERS = {"critical": "[CRIT]", "high": "[HIGH]", "warning": "[WARN]", "info": "[INFO]"}
 STYLES = {"critical": "bold red", "high": "red", "warning": "yellow", "info": "cyan"}
@@ -31,7 +31,7 @@ def _proxy_line(f: dict[str, Any]) -> str:
     if before is None or after is None:
         return "fix not verified (it needs a new importance pass)"
     word = {"better": "better", "worse": "WORSE: not recommended", "same": "no change",
-            "smaller": "removes less than the session asks: not comparable, not recommended"}.get(f.get("verdict", ""), "")
+            "smaller": f"{WHY_NOT['smaller']}: not comparable, not recommended"}.get(f.get("verdict", ""), "")
     return f"proxy loss {before:.4f} → {after:.4f} with this fix ({word})"
 
 
@@ -84,7 +84,7 @@ def run_fix(results: Path, apply: int | None, json_mode: bool, console: Console,
         raise BadInput(f"finding {apply} ({finding.get('issue')}) has no automatic fix",
                        "follow its recommendation by hand")
     if finding.get("verdict") in NOT_RECOMMENDED and not force:
-        why = "made the proxy loss worse" if finding.get("verdict") == "worse" else "removes less than the session asks"
+        why = why_not(finding.get("verdict"))
         raise BadInput(f"finding {apply}'s fix {why} ({_proxy_line(finding)})",
                        "keep the current settings, or pass --force to apply it anyway")
     results = Path(results)

@@ -24,6 +24,13 @@ from prune_core.errors import PruneError
 SAME = 1e-4  # proxy losses closer than this (nats) count as the same
 RATIO_SLACK = 0.01  # a fix may remove up to 1 point less than the current allocation and still compare
 NOT_RECOMMENDED = ("worse", "smaller")  # verdicts whose fix is shown as tried, never offered
+# why a fix with a NOT_RECOMMENDED verdict is not offered, in the words every front end uses
+WHY_NOT: dict[str, str] = {"worse": "made the proxy loss worse", "smaller": "removes less than the session asks"}
+
+
+def why_not(verdict: str | None) -> str:
+    """The reason a fix with this verdict is not recommended (WHY_NOT; "worse" for anything else)."""
+    return WHY_NOT.get(verdict or "", WHY_NOT["worse"])
 
 
 class Trial(NamedTuple):
