@@ -13,6 +13,7 @@ import contextlib
 import json
 import shlex
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,6 +81,8 @@ def _fix_for(exc: BaseException) -> str:
         return "check the path named above, that its folder is writable and that the disk has free space"
     if isinstance(exc, MemoryError):
         return "use a smaller model, seq_len or batch_size, or a machine with more memory"
+    if "No space left on device" in str(exc) or "os error 28" in str(exc):  # e.g. safetensors' own error type
+        return "free disk space where the results folder is (or point --out elsewhere) and run again"
     return "run again with --debug for the full traceback, and report it if the input looks right"
 
 
@@ -263,31 +266,35 @@ def _print_report(report: Any, json_mode: bool) -> None:
 
 @contextlib.contextmanager
 def _run_errors(renderer: Any, flag: StopFlag, cmd: str) -> Iterator[None]:
-    """Map what a pipeline run raises to the documented exit codes (the renderer is always closed)."""
+    """Map what a pipeline run raises to the documented exit codes (the renderer is always closed); with
+    --json the last line on stdout is the end event, as in events.ndjson (run_interrupted / run_failed)."""
     try:
         yield
     except Interrupted as exc:
+        _end_event(renderer, "run_interrupted", exc.message)
         renderer.close()
         why = f" ({flag.signal_name})" if flag.signal_name else ""
-        raise fail(Interrupted(f"{exc.message}{why}; state was checkpointed",
-                               f"run `{cmd}` again to resume"), EXIT_INTERRUPTED) from None
+        raise fail(Interrupted(f"{exc.message}{why}; finished stages and checkpointed passes are kept",
+                               f"run `{cmd}` again to resume from them"), EXIT_INTERRUPTED) from None
     except KeyboardInterrupt:
+        _end_event(renderer, "run_interrupted", "stopped at once; the last periodic checkpoint is kept")
         renderer.close()
         raise fail(Interrupted("stopped at once (Ctrl-C pressed again); the last periodic checkpoint is kept",
                                f"run `{cmd}` again to resume"), EXIT_INTERRUPTED) from None
-    except FolderLocked as exc:
-        renderer.close()
-        raise fail(exc, EXIT_LOCKED) from None
-    except BadInput as exc:
-        renderer.close()
-        raise fail(exc, EXIT_BAD_INPUT) from None
     except typer.Exit:
         renderer.close()
         raise
     except Exception as exc:
+        _end_event(renderer, "run_failed", getattr(exc, "message", None) or str(exc) or type(exc).__name__)
         renderer.close()
-        raise fail(exc, EXIT_FAILED) from None
+        code = EXIT_LOCKED if isinstance(exc, FolderLocked) else EXIT_BAD_INPUT if isinstance(exc, BadInput) else EXIT_FAILED
+        raise fail(exc, code) from None
     renderer.close()
+
+
+def _end_event(renderer: Any, kind: str, message: str) -> None:
+    if isinstance(renderer, JsonRenderer):
+        renderer.emit({"kind": kind, "message": message, "t": round(time.time(), 3)})
 
 
 @app.command()
@@ -421,7 +428,7 @@ def eval_cmd(
     import tempfile
 
     from prune_core import pipeline
-    from prune_core.report import is_results_folder
+    from prune_core.report import is_results_folder, verify_manifest
     from sessions import Session
 
     if tasks is not None:
@@ -448,6 +455,8 @@ def eval_cmd(
         if not isinstance(info, dict):
             raise BadInput(f"{model_dir / 'pruning.json'} is not a pruning recipe (a JSON object)",
                            "save the model again with `prune run`")
+        if is_results_folder(model_dir.resolve().parent):  # a damaged results folder is refused, as by `show`
+            verify_manifest(model_dir.resolve().parent)
         ds = dataset or (recorded if isinstance(recorded, str) else None) or "shakespeare"
         session = Session().with_updates({
             "session.name": "eval", "model.id": str(model_dir), "model.device": device,

@@ -371,6 +371,10 @@ def _raise_load_error(exc: BaseException, spec: str, source: _Source) -> None:
     if "does not recognize this architecture" in text or "Unrecognized model" in text:
         match = re.search(r"model type [`']?([\w-]+)", text)
         raise _unsupported(match.group(1) if match else "", spec) from exc
+    if "ValidationError" in type(exc).__name__:  # transformers' config checks (huggingface_hub dataclasses)
+        reason = " ".join(line.strip() for line in text.splitlines() if line.strip())
+        raise BadInput(f"the config of {spec} is invalid: {reason[-400:] or type(exc).__name__}",
+                       "fix its config.json (e.g. hidden_size must be a multiple of num_attention_heads)") from exc
     if isinstance(exc, OSError | ValueError | KeyError):
         raise BadInput(
             f"could not load {spec}: {text.splitlines()[0] if text else type(exc).__name__}",

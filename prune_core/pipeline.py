@@ -34,7 +34,7 @@ import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,9 @@ from prune_core import distributed, eventlog, lock, preflight, steps
 from prune_core.cache import StageCache, stage_key, state_dir
 from prune_core.errors import BadInput, Interrupted
 from prune_core.events import Event, EventSink, Notice, RunDone, StageDone, StagePlan, StageStarted, null_sink
-from prune_core.provenance import base_provenance, device_name, now_iso
+from prune_core.provenance import now_iso
 from prune_core.report import RunReport, commit_model, prepare_folder
+from prune_core.run_record import RunRecord, build_report
 from prune_core.steps import Ctx
 from prune_core.verify import Trial
 from sessions import Session
@@ -84,7 +85,7 @@ def _needs_surgery(s: Session, write: bool) -> bool:
 ALLOCATION_KEYS = ("normalization", "correction.temperature", "correction.tau", "pruning.ratio",
                    "pruning.min_rate", "pruning.max_rate", "pruning.protect_layers", "pruning.early_layers",
                    "pruning.early_max_rate", "pruning.depth_weight", "pruning.attention_weight",
-                   "pruning.blocks", "pruning.allocation")
+                   "pruning.blocks", "pruning.allocation", "pruning.depth_ramp")
 
 STAGES: tuple[Stage, ...] = (
     Stage("model", "load the model", steps.load_model,
@@ -341,19 +342,10 @@ def _follow(session: Session, world: distributed.World, *, write: bool, until: s
                 values[name] = _BY_NAME[name].compute(ctx(name))
     finally:
         distributed.release()
-    return build_report(session, _Record(), None, started)
+    return build_report(session, RunRecord(), None, started)
 
 
 # ---------------------------------------------------------------------------------------------- run
-@dataclass
-class _Record:
-    seconds: dict[str, float] = field(default_factory=dict)
-    cached: list[str] = field(default_factory=list)
-    computed: list[str] = field(default_factory=list)
-    values: dict[str, Any] = field(default_factory=dict)
-    keys: dict[str, str] = field(default_factory=dict)
-
-
 def _guarded(fn: Callable[..., RunReport]) -> Callable[..., RunReport]:
     """A writing run holds its results folder's lock (`lock.py`) and logs every event (`eventlog.py`)."""
 
@@ -411,7 +403,7 @@ def run(
     stop = should_stop or (lambda: False)
     started = now_iso()
     cache = StageCache(state_dir(results_dir))
-    record = _Record()
+    record = RunRecord()
     idents: dict[str, str] = {}
     selected = [s for s in _selected(until) if s.enabled(session, write)]
 
@@ -527,86 +519,16 @@ def _inner(sink: EventSink, stage: str) -> EventSink:
 
 
 def _quiet(sink: EventSink) -> EventSink:
-    """A nested what-if (scoring a fix) reports only its notices."""
+    """A nested what-if (scoring a fix) reports only its notices, marked as the fix's (not the run's own)."""
 
     def forward(event: Event) -> None:
         if isinstance(event, Notice):
-            sink(event)
+            sink(Notice(f"scoring a fix: {event.message}", level="info", stage="diagnosis"))
 
     return forward
 
 
-# ---------------------------------------------------------------------------------------------- report
-def build_report(session: Session, record: _Record, results_dir: Path | None, started: str) -> RunReport:
-    """The typed report of what this run's stages produced."""
-    v = record.values
-    mv = v.get("model")
-    alloc = v.get("allocation")
-    imp = v.get("importance")
-    diag = v.get("diagnosis")
-    findings = list(diag.findings) if diag is not None else []
-    metrics: dict[str, Any] = {"session": session.session.name}
-    if alloc is not None and mv is not None:
-        removed = int(alloc.removed_parameters)
-        metrics["parameters"] = {
-            "total_before": mv.total_parameters, "total_after": mv.total_parameters - removed,
-            "prunable_before": int(alloc.prunable_parameters),
-            "prunable_after": int(alloc.prunable_parameters) - removed, "removed": removed,
-        }
-        metrics["ratio"] = {"target": alloc.target_ratio, "achieved": alloc.achieved_ratio,
-                            "reachable": bool(alloc.reachable), "message": alloc.message}
-        metrics["mask_sha256"] = alloc.mask_sha256
-    if "proxy" in v:
-        metrics["proxy"] = dict(v["proxy"])
-    if "proxy_final" in v:  # the model the run hands on: compensated and distilled
-        metrics.setdefault("proxy", {})["final"] = float(v["proxy_final"]["loss"])
-    ppl = {which: v[f"eval_{which}"] for which in ("before", "after") if f"eval_{which}" in v}
-    metrics["perplexity"] = ppl
-    if imp is not None:
-        metrics["importance"] = {"method": imp.method, "batches": imp.batches, "tokens": imp.tokens,
-                                 "stats_label": imp.stats_label, "cache_key": record.keys.get("importance", "")}
-    pruned = v.get("surgery")
-    if pruned is not None:
-        metrics.setdefault("parameters", {})["total_after_surgery"] = int(pruned.report.params_after)
-        metrics["compensation"] = {"mode": pruned.compensate, "ridge": session.pruning.ridge,
-                                   "error_feedback": session.pruning.error_feedback,
-                                   "modules": len(pruned.report.compensated),
-                                   "added_bias_parameters": int(pruned.report.added_bias_parameters)}
-    distilled = v.get("distill")
-    if distilled is not None and distilled.distill:
-        metrics["distill"] = dict(distilled.distill)
-    metrics["stage_seconds"] = {k: round(s, 4) for k, s in record.seconds.items()}
-    metrics["stages_cached"] = sorted(record.cached)
-    metrics["findings"] = {sev: sum(1 for f in findings if f.severity == sev)
-                           for sev in ("critical", "high", "warning", "info")}
-    provenance = _provenance(session, v, started) if mv is not None else {}
-    return RunReport(
-        session=session.resolved(), metrics=metrics,
-        summary=alloc.summary if alloc is not None else None, table=alloc.table if alloc is not None else None,
-        findings=tuple(f.to_dict() for f in findings), stats=dict(imp.stats) if imp is not None else {},
-        stats_label=imp.stats_label if imp is not None else "gradient", provenance=provenance,
-        results_dir=results_dir,
-    )
-
-
-def _provenance(session: Session, v: dict[str, Any], started: str) -> dict[str, Any]:
-    mv = v["model"]
-    prov = base_provenance()
-    prov.update({
-        "device": device_name(next(mv.model.parameters()).device),
-        "dtype": session.model.dtype,
-        "model_id": session.model.id,
-        "model_revision": mv.loaded.revision or session.model.revision,
-        "model_source": str(mv.loaded.source),
-        "model_fingerprint": mv.loaded.fingerprint,
-        "data_fingerprint": v["calibration"].fingerprint if "calibration" in v else "",
-        "started": started,
-        "finished": now_iso(),
-    })
-    return prov
-
-
-def _write_results(session: Session, record: _Record, results_dir: Path, started: str,
+def _write_results(session: Session, record: RunRecord, results_dir: Path, started: str,
                    on_event: EventSink) -> RunReport:
     report = build_report(session, record, results_dir, started)
     return report.write(results_dir)

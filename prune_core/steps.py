@@ -247,6 +247,9 @@ def compute_allocation(ctx: Ctx) -> Any:
     alloc = allocate(ctx.values["importance"], mv.costs, ctx.session, block=ctx.values.get("block_losses"))
     if not alloc.reachable:
         ctx.on_event(Notice(alloc.message, stage=ctx.stage))
+    elif alloc.achieved_ratio > alloc.target_ratio + 0.01:  # min_rate's floors alone remove more than asked
+        ctx.on_event(Notice(f"{alloc.message}; lower [pruning] min_rate (or raise ratio) to prune what the "
+                            "ratio asks", level="warning", stage=ctx.stage))
     ctx.summary = f"{alloc.achieved_ratio:.1%} of prunable parameters removed"
     ctx.result = {"target_ratio": alloc.target_ratio, "achieved_ratio": alloc.achieved_ratio,
                   "removed_parameters": int(alloc.removed_parameters), "mask_sha256": alloc.mask_sha256,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prune_core import pipeline
+from prune_core import lock, pipeline
 from prune_core.errors import BadInput, Interrupted, PruneError
 from prune_core.events import EventSink, Notice, Progress, null_sink
 from sessions import Session
@@ -118,6 +118,14 @@ def tune(session: Session, *, budget_s: float = 60.0, out_dir: Path | None = Non
     memo = memo if memo is not None else pipeline.Memo()
     stop = should_stop or (lambda: False)
     results_dir = pipeline.results_dir_for(session, out_dir)
+    pipeline.ensure_writable(results_dir)
+    with lock.hold(results_dir, on_event=on_event):  # its stage cache is the folder's: one run at a time
+        return _search(session, results_dir, budget_s=budget_s, memo=memo, corrections=corrections,
+                       on_event=on_event, stop=stop)
+
+
+def _search(session: Session, results_dir: Path, *, budget_s: float, memo: pipeline.Memo, corrections: bool,
+            on_event: EventSink, stop: Callable[[], bool]) -> TuneResult:
     t0 = time.perf_counter()
     base = pipeline.run(session, out_dir=results_dir, until="proxy", memo=memo, write=False,
                         on_event=on_event, should_stop=stop)

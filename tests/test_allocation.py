@@ -530,14 +530,14 @@ def test_uniform_allocation_gives_every_unprotected_block_the_same_rate() -> Non
     costs = GroupCosts.from_lists([50] * 4, [3] * 4, [2] * 4, [n] * 4)
     res = make_result(att, mlp)
     total = costs.prunable_total
-    sel = select(build_table(res, costs), ratio=0.1, prunable_total=total, blocks="mlp", mode="uniform",
+    sel = select(build_table(res, costs), ratio=0.11, prunable_total=total, blocks="mlp", mode="uniform",
                  protect_layers=[0])
     table = build_table(res, costs).assign(pruned=sel.pruned)
     per_layer = table[table["group_type"] == "mlp"].groupby("layer_idx")["pruned"].sum().to_dict()
     assert per_layer[0] == 0  # protected
     counts = [per_layer[layer] for layer in (1, 2, 3)]
-    assert max(counts) - min(counts) <= 1  # the same rate, up to one group of rounding
-    assert sel.removed_parameters >= math.ceil(0.1 * total)
+    assert len(set(counts)) == 1  # one width: blocks of one size take the rounding's extra group together
+    assert math.ceil(0.11 * total) <= sel.removed_parameters < math.ceil(0.11 * total) + 3 * 7
     for layer in (1, 2, 3):  # within a layer, the lowest-ranked channels go
         rows = table[(table["layer_idx"] == layer) & (table["group_type"] == "mlp")]
         assert list(rows.sort_values("group_idx")["pruned"]) == sorted(rows["pruned"], reverse=True)
@@ -545,3 +545,33 @@ def test_uniform_allocation_gives_every_unprotected_block_the_same_rate() -> Non
     gtable = build_table(res, costs).assign(pruned=glob.pruned)
     gcounts = gtable[gtable["pruned"]].groupby("layer_idx").size().to_dict()
     assert gcounts[1] == n and max(gcounts.values()) - min(gcounts.values()) > 1  # global empties layer 1 first
+
+
+def test_depth_ramp_raises_the_uniform_rate_with_depth_and_still_meets_the_target() -> None:
+    from prune_core.allocation.select import depth_weights
+
+    n, layers = 40, 6
+    att = [[1.0] * 2 for _ in range(layers)]
+    mlp = [[float(j) for j in range(n)] for _ in range(layers)]
+    costs = GroupCosts.from_lists([50] * layers, [3] * layers, [2] * layers, [n] * layers)
+    res = make_result(att, mlp)
+    total = costs.prunable_total
+    sel = select(build_table(res, costs), ratio=0.2, prunable_total=total, blocks="mlp", mode="uniform",
+                 protect_layers=[0, 5], depth_ramp=0.5)
+    table = build_table(res, costs).assign(pruned=sel.pruned)
+    per_layer = table[table["group_type"] == "mlp"].groupby("layer_idx")["pruned"].sum().to_dict()
+    assert per_layer[0] == per_layer[5] == 0  # protected
+    counts = [per_layer[layer] for layer in (1, 2, 3, 4)]
+    assert counts == sorted(counts) and counts[-1] >= 2.5 * counts[0]  # 0.5× … 1.5× the mean rate
+    target = math.ceil(0.2 * total)
+    assert target <= sel.removed_parameters < target + 3  # met, overshooting by less than one channel
+    # the weights: 1 ∓ ramp at the first and last prunable layer, linear between, 1 in layers not pruned
+    cap = np.array([0, 0, 0, 5, 0, 5, 0, 5, 0, 0])
+    np.testing.assert_allclose(depth_weights(cap, 0.5), [1, 1, 0.5, 0.5, 1, 1, 1.5, 1.5, 1, 1])  # both blocks of a layer
+    flat = select(build_table(res, costs), ratio=0.2, prunable_total=total, blocks="mlp", mode="uniform",
+                  protect_layers=[0, 5])
+    assert flat.removed_parameters == select(build_table(res, costs), ratio=0.2, prunable_total=total,
+                                             blocks="mlp", mode="uniform", protect_layers=[0, 5],
+                                             depth_ramp=0.0).removed_parameters
+    with pytest.raises(BadInput, match="depth_ramp"):
+        select(build_table(res, costs), ratio=0.2, prunable_total=total, mode="uniform", depth_ramp=1.0)

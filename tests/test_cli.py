@@ -164,3 +164,44 @@ def test_a_session_file_given_where_a_results_folder_belongs_says_so(tmp_path: P
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2, result.output
         assert "is a file, not a results folder" in result.output and f"prune run {session}" in result.output
+
+
+def test_eval_refuses_a_results_folder_whose_model_was_changed(two_runs: tuple[Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    a, _ = two_runs
+    copy = tmp_path / "tampered"
+    shutil.copytree(a, copy)
+    weights = next((copy / "model").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    code, out, err = invoke("eval", str(copy / "model"), "--seq-len", "64", "--max-tokens", "256", "--device", "cpu")
+    assert code == 2 and out == ""
+    assert "sha256" in err and weights.name in err
+
+
+def test_run_json_ends_with_the_end_event_on_stdout_when_the_run_fails(tmp_path: Path) -> None:
+    bad = tmp_path / "bad-model"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "num_attention_heads": 5, "num_key_value_heads": 1,
+        "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100}))
+    path = write_session(tmp_path / "s.toml", tiny_session(tmp_path, name="bad", **{"model.id": str(bad)}))
+    code, out, err = invoke("run", str(path), "--json")
+    assert code == 2, err  # an invalid config is bad input, named with its reason
+    assert "not a multiple of the number of attention heads" in err
+    last = json.loads(out.strip().splitlines()[-1])
+    assert last["kind"] == "run_failed" and "attention heads" in last["message"]
+
+
+def test_tune_refuses_a_results_folder_another_run_holds(tmp_path: Path) -> None:
+    from prune_core import lock
+
+    path = write_session(tmp_path / "s.toml", tiny_session(tmp_path, name="held", **{"data.proxy_samples": 2}))
+    folder = tmp_path / "runs" / "held"
+    with lock.hold(folder, command="prune run s.toml"):
+        code, _, err = invoke("tune", str(path), "--budget", "1")
+    assert code == 3, err
+    assert "prune run s.toml" in err
+    assert not (folder / "state").exists() and not (folder / "tune").exists()

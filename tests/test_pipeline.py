@@ -145,3 +145,15 @@ def test_final_proxy_sees_the_saved_model_and_equals_the_masked_proxy_without_co
     assert rebuilt.proxy["final"] != pytest.approx(plain.proxy["final"], rel=1e-6)
     off = pipeline.run(base.with_updates({"evaluation.after": False}), memo=memo, write=False)
     assert "final" not in off.proxy, "no surgery, no final proxy"
+
+
+def test_min_rate_that_removes_more_than_the_ratio_is_announced(tmp_path: Path) -> None:
+    from prune_core import pipeline
+    from prune_core.events import Notice
+
+    events: list[object] = []
+    session = tiny_session(tmp_path, **{"pruning.ratio": 0.1, "pruning.min_rate": 0.6, "data.proxy_samples": 0})
+    report = pipeline.run(session, until="allocation", write=False, on_event=events.append)
+    assert report.achieved_ratio > 0.5
+    warnings = [e.message for e in events if isinstance(e, Notice) and e.level == "warning"]
+    assert any("min_rate 0.6 alone removes" in m and "lower [pruning] min_rate" in m for m in warnings), warnings

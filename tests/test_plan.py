@@ -149,8 +149,8 @@ def test_reconstruct_streams_and_generation_by_hand(tmp_path: Path) -> None:
     assert a["total"] == 4 * one + one + a["stored"]
     assert plan["reconstruct"]["total"] == plan["reconstruct"]["gram"]["total"] + a["total"]
     g = plan["generation"]
-    assert g["used"] is True and g["windows"] == 64 and g["batch_size"] == 16
-    assert g["kv_cache"] == 2 * n_layers * 16 * 129 * kv * e and g["logits"] == 3 * 16 * vocab * 4
+    assert g["used"] is True and g["windows"] == 64 and g["batch_size"] == 64
+    assert g["kv_cache"] == 2 * n_layers * 64 * 129 * kv * e and g["logits"] == 3 * 64 * vocab * 4
     text = runner.invoke(app, ["plan", str(tmp_path / "session.toml"), "--model", str(CONFIGS / "llama-3-8b")]).output
     assert "× 4 with error feedback" in text and "generation of 64 windows" in text
     # without error feedback one stream; past the 1 GiB limit nothing is stored
@@ -160,7 +160,7 @@ def test_reconstruct_streams_and_generation_by_hand(tmp_path: Path) -> None:
     assert a["streams"] == 1 and a["stored"] == 0 and a["total"] == 2 * 512 * 128 * h * e
     assert plain["generation"]["used"] is False
     few = _plan_json(str(_session(tmp_path, data__generated_samples=4)), "--model", str(CONFIGS / "llama-3-8b"))
-    assert few["generation"]["batch_size"] == 4  # the generator samples min(16, n) sequences at once
+    assert few["generation"]["batch_size"] == 4  # the generator samples min(64, n) sequences at once
 
 
 def test_distill_is_priced_from_the_parameter_counts(tmp_path: Path) -> None:

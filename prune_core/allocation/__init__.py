@@ -62,7 +62,8 @@ def allocate_table(table: pd.DataFrame, costs: GroupCosts, session: Any, block: 
                             min_rate=p.min_rate, max_rate=p.max_rate,
                             protect_layers=resolve_layers(p.protect_layers, num_layers),
                             early_layers=p.early_layers, early_max_rate=p.early_max_rate,
-                            blocks=getattr(p, "blocks", "both"), mode=getattr(p, "allocation", "global"))
+                            blocks=getattr(p, "blocks", "both"), mode=getattr(p, "allocation", "global"),
+                            depth_ramp=getattr(p, "depth_ramp", 0.0))
     normalized["pruned"] = sel.pruned
     return Allocation(
         table=normalized,

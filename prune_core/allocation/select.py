@@ -18,7 +18,12 @@ groups or its MLP channels, with n groups:
 `blocks = "mlp"` (or "attention") caps the other block type at 0, like a protected layer.
 `mode = "uniform"` (LLM-Pruner's budget) replaces the global ranking: every prunable block removes
 the same fraction of its groups (⌊r·n⌋, plus one for the largest remainders until the target is
-met), its lowest-ranked ones; floors and caps still bound each block.
+met; blocks of the same size take that one more together, so they keep one width — without protected
+layers the model then exports to a plain Hugging Face config), its lowest-ranked ones; floors and caps still bound each block. With `depth_ramp` = d > 0 the
+rate rises with depth instead (SlimGPT's increasing per-layer ratios: errors of early layers travel
+through all later ones): block b of the i-th of the m prunable layers gets r·w_b, with
+w_b = 1 + d·(2i/(m − 1) − 1) (from 1 − d to 1 + d, mean 1), r the largest common factor whose removed
+cost stays within the target (bisection), then the largest remainders as above.
 Both apply to the block's lowest-ranked groups first: the floor groups of every block are removed
 up front, then the remaining allowed groups (rank inside their block < cap) are taken in global
 order. The set removed from a block is therefore always a prefix of its own ranking.
@@ -104,39 +109,78 @@ def block_limits(table: pd.DataFrame, *, min_rate: float, max_rate: float, prote
     return block, np.maximum(floor, 0), np.maximum(cap, 0)
 
 
-def uniform_counts(n: np.ndarray, cost: np.ndarray, floor: np.ndarray, cap: np.ndarray, target: int) -> np.ndarray:
-    """Groups to remove per block for one common rate r over the prunable blocks (cap > 0): ⌊r·n⌋ each,
+def uniform_counts(n: np.ndarray, cost: np.ndarray, floor: np.ndarray, cap: np.ndarray, target: int,
+                   weight: np.ndarray | None = None) -> np.ndarray:
+    """Groups to remove per block for one common rate r over the prunable blocks (cap > 0): ⌊r·n⌋ each
+    (⌊r·w·n⌋ with per-block weights `weight`, r then the largest factor that stays within `target`),
     then one more group in the blocks with the largest remainders until the removed cost reaches
     `target`; never below a block's floor nor above its cap."""
     live = cap > 0
     total = float((n * cost)[live].sum())
     if total <= 0:
         return floor.copy()
-    rate = min(target / total, 1.0)
-    exact = rate * n
-    k = np.clip(np.floor(exact + _SLACK).astype(np.int64), floor, cap)
-    k[~live] = floor[~live]
+
+    def counts(exact: np.ndarray) -> np.ndarray:
+        k = np.clip(np.floor(exact + _SLACK).astype(np.int64), floor, cap)
+        k[~live] = floor[~live]
+        return k
+
+    if weight is None:
+        exact = min(target / total, 1.0) * n
+    else:
+        lo, hi = 0.0, 1.0 / max(float(weight[live].min()), 1e-6)
+        for _ in range(60):  # the removed cost grows with r: the largest r within the target
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if int((counts(mid * weight * n) * cost).sum()) <= target else (lo, mid)
+        exact = np.minimum(lo * weight * n, n)
+    k = counts(exact)
     short = target - int((k * cost).sum())
     if short > 0:
         remainder = np.where(live & (k < cap), exact - np.floor(exact + _SLACK), -1.0)
-        for b in np.argsort(-remainder, kind="stable"):
-            if short <= 0 or remainder[b] < 0:
-                break
-            k[b] += 1
-            short -= int(cost[b])
+        if weight is None:  # blocks of one size stay one width (an exportable model): they take the extra
+            for b in np.argsort(-remainder, kind="stable"):  # group together, overshooting by < a group each
+                if short <= 0 or remainder[b] < 0:
+                    break
+                same = (n == n[b]) & (cost == cost[b]) & (k == k[b]) & (remainder >= 0)
+                k[same] += 1
+                short -= int(cost[same].sum())
+                remainder[same] = -1.0
+        else:
+            for b in np.argsort(-remainder, kind="stable"):
+                if short <= 0 or remainder[b] < 0:
+                    break
+                k[b] += 1
+                short -= int(cost[b])
     return k
+
+
+def depth_weights(cap: np.ndarray, ramp: float) -> np.ndarray:
+    """Per block (id 2·layer + type): 1 + ramp·(2i/(m − 1) − 1) for the i-th of the m layers with a
+    prunable block (cap > 0), 1 elsewhere and when only one layer is prunable."""
+    layers = np.unique(np.flatnonzero(cap > 0) // 2)
+    weight = np.ones(len(cap), dtype=np.float64)
+    if len(layers) < 2:
+        return weight
+    position = np.full(len(cap) // 2 + 1, -1.0)
+    position[layers] = np.arange(len(layers)) / (len(layers) - 1)
+    block_pos = position[np.arange(len(cap)) // 2]
+    return np.where(block_pos >= 0, 1.0 + ramp * (2.0 * block_pos - 1.0), 1.0)
 
 
 def select(table: pd.DataFrame, *, ratio: float, prunable_total: int, min_rate: float = 0.0,
            max_rate: float = 1.0, protect_layers: Iterable[int] = (), early_layers: int = 0,
-           early_max_rate: float = 1.0, blocks: str = "both", mode: str = "global") -> Selection:
+           early_max_rate: float = 1.0, blocks: str = "both", mode: str = "global",
+           depth_ramp: float = 0.0) -> Selection:
     """Choose the groups to prune (see the module docstring); the table is not modified.
 
     `blocks` = "mlp" / "attention" prunes only that block type; `mode` = "uniform" gives every
-    prunable block the same rate (its lowest-ranked groups), instead of one global ranking.
+    prunable block the same rate (its lowest-ranked groups), instead of one global ranking; `depth_ramp`
+    makes that rate rise with depth (uniform only).
     """
     if mode not in ("global", "uniform"):
         raise BadInput(f"unknown allocation {mode!r}", "use global or uniform")
+    if not 0.0 <= depth_ramp < 1.0:
+        raise BadInput(f"depth_ramp {depth_ramp} is outside [0, 1)", "use e.g. 0.5: rates from 0.5× to 1.5× the mean")
     if not 0.0 <= ratio <= 1.0:
         raise BadInput(f"ratio {ratio} is outside [0, 1]", "use a fraction such as 0.2")
     if min_rate > max_rate:
@@ -162,7 +206,8 @@ def select(table: pd.DataFrame, *, ratio: float, prunable_total: int, min_rate: 
         n_block = counts.astype(np.int64)
         cost_block = np.zeros(len(cap), dtype=np.int64)
         cost_block[bs] = cost_pos  # a block's groups share one cost
-        floor = uniform_counts(n_block, cost_block, floor, cap, target)
+        floor = uniform_counts(n_block, cost_block, floor, cap, target,
+                               depth_weights(cap, depth_ramp) if depth_ramp > 0 else None)
     forced = rank < floor[bs]
     allowed = rank < cap[bs]
     eligible = allowed & ~forced

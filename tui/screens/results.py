@@ -13,9 +13,11 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, OptionList, Static, TabbedContent, TabPane
 
+from prune_core.verify import why_not
 from tui.estimate import human_count
 from tui.messages import (
     CancelRequested,
@@ -164,6 +166,7 @@ class ResultsScreen(Screen):
     @on(OptionList.OptionHighlighted, "#findings")
     def _highlight(self) -> None:
         self.query_one("#finding-detail", FindingDetail).show(self.query_one("#findings", FindingsList).selected)
+        self.refresh_bindings()
 
     @on(OptionList.OptionSelected, "#findings")
     def _selected(self) -> None:
@@ -189,8 +192,8 @@ class ResultsScreen(Screen):
             self.notify("This finding has no automatic fix.", severity="warning")
             return
         if not finding.recommended:
-            why = ("removes less than the session asks (its lower loss is not like for like)"
-                   if finding.verdict == "smaller" else "made the proxy loss worse")
+            why = why_not(finding.verdict) + (" (its lower loss is not like for like)"
+                                              if finding.verdict == "smaller" else "")
             self.notify(f"This fix was tried in a what-if and {why}; it is not applied.", severity="warning",
                         markup=False)
             return
@@ -219,8 +222,14 @@ class ResultsScreen(Screen):
         self.refresh_bindings()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action == "apply_fix":
-            return self.tab == "diagnosis"
+        if action == "apply_fix":  # on the diagnosis tab; dimmed for a finding without a fix (a tried-and-worse
+            if self.tab != "diagnosis":  # fix stays pressable: the action says why it is not applied)
+                return False
+            try:
+                finding = self.query_one("#findings", FindingsList).selected
+            except NoMatches:
+                return None
+            return True if finding is not None and finding.fix else None
         if action in ("cycle_stat", "toggle_block"):
             return self.tab == "importance"
         if action == "cancel":

@@ -62,6 +62,7 @@ PRUNING_ADVANCED = (
     FieldSpec("pruning.early_layers", "early layers", "int", "first N layers use early max rate"),
     FieldSpec("pruning.early_max_rate", "early max rate", "float", "max rate of those layers"),
     FieldSpec("pruning.depth_weight", "depth weight", "float", "favour early layers ×(1+(1-l/L)·w)"),
+    FieldSpec("pruning.depth_ramp", "depth ramp", "float", "uniform: rates from (1-d) to (1+d)× with depth"),
     FieldSpec("pruning.ridge", "ridge", "float", "reconstruct: pull toward the original weights"),
     FieldSpec("pruning.error_feedback", "error feedback", "float",
               "reconstruct: share of earlier layers' error each refit corrects (0–1)"),
