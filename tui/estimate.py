@@ -25,10 +25,10 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CPU_EFFICIENCY = 0.5          # share of the measured matmul throughput a real pass reaches
 GPU_FLOPS = 20e12             # assumed effective throughput on a GPU
 ASSUMED_CPU_FLOPS = 20e9      # when nothing was measured
-# Sampling from smollm2-135m on 2 CPU cores: 64 × 128 tokens in about a minute beside a ~48 s taylor pass
-# over 96 windows (5.6×), 128 × 128 in 144 s beside an 85 s pass over 160 windows (6.4×): about 6× the
-# FLOP cost of the same tokens' forward passes.
-GENERATION_SLOWDOWN = 6.0
+# Sampling from smollm2-135m on 2 CPU cores, 64 sequences at a time (selfgen.BATCH_SIZE): 128 × 128 tokens
+# in about 88 s beside an 85 s taylor pass over 160 windows: about 4× the FLOP cost of the same tokens'
+# forward passes (16 at a time it was 6.4×: 144 s).
+GENERATION_SLOWDOWN = 4.0
 DISTILL_PASSES = 4.0          # student forward + backward (3) + teacher forward (1), per token
 
 
