@@ -71,7 +71,8 @@ def test_the_estimate_is_calibrated_by_a_measured_pass() -> None:
 
 def test_generation_and_distillation_are_priced_at_the_passs_own_speed() -> None:
     """The quick start on smollm2-135m: a taylor pass over 96 windows of 128 at 256 tokens/s takes 48 s;
-    generating 64 windows and 24 distillation steps of 4 took about a minute each on the same machine."""
+    24 distillation steps of 4 took about a minute on the same machine, and generating 64 windows (64 at a
+    time) about 44 s."""
     from tui.estimate import GENERATION_SLOWDOWN, around_pass
 
     geo = Geometry(parameters=135_000_000, prunable=100_000_000, layers=30, hidden=576, heads=9)
@@ -81,7 +82,7 @@ def test_generation_and_distillation_are_priced_at_the_passs_own_speed() -> None
     # per token: the pass costs 3 forwards; distillation 4 (student forward + backward, teacher forward)
     assert around.distill_seconds == pytest.approx(24 * 4 * 128 * 4 / (256.0 * 3))
     assert around.generation_seconds == pytest.approx(64 * 128 * GENERATION_SLOWDOWN / (256.0 * 3))
-    assert 50 < around.generation_seconds < 70 and 50 < around.distill_seconds < 70
+    assert 35 < around.generation_seconds < 55 and 50 < around.distill_seconds < 70
     none = around_pass(geo, chosen, generated_samples=0, distill_steps=0, distill_batch_size=4)
     assert (none.generation_seconds, none.distill_seconds) == (0.0, 0.0)
 
