@@ -13,7 +13,6 @@ import contextlib
 import json
 import shlex
 import sys
-import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -293,8 +292,10 @@ def _run_errors(renderer: Any, flag: StopFlag, cmd: str) -> Iterator[None]:
 
 
 def _end_event(renderer: Any, kind: str, message: str) -> None:
+    from prune_core.eventlog import end_record
+
     if isinstance(renderer, JsonRenderer):
-        renderer.emit({"kind": kind, "message": message, "t": round(time.time(), 3)})
+        renderer.emit(end_record(kind, message))
 
 
 @app.command()
@@ -455,8 +456,9 @@ def eval_cmd(
         if not isinstance(info, dict):
             raise BadInput(f"{model_dir / 'pruning.json'} is not a pruning recipe (a JSON object)",
                            "save the model again with `prune run`")
-        if is_results_folder(model_dir.resolve().parent):  # a damaged results folder is refused, as by `show`
-            verify_manifest(model_dir.resolve().parent)
+        parent = model_dir.resolve().parent
+        if is_results_folder(parent):  # a damaged results folder is refused, as by `show`
+            verify_manifest(parent)
         ds = dataset or (recorded if isinstance(recorded, str) else None) or "shakespeare"
         session = Session().with_updates({
             "session.name": "eval", "model.id": str(model_dir), "model.device": device,
@@ -468,7 +470,6 @@ def eval_cmd(
     except OSError as exc:
         raise fail(BadInput(f"cannot read {model_dir / 'pruning.json'} ({exc.strerror})",
                             "check the path and its permissions"), EXIT_BAD_INPUT) from None
-    parent = model_dir.resolve().parent
     cmd = shlex.join(["prune", "eval", str(model_dir), *(["--dataset", dataset] if dataset else []),
                       *(["--seq-len", str(seq_len)] if seq_len != 512 else []),
                       *(["--max-tokens", str(max_tokens)] if max_tokens != 32768 else []),

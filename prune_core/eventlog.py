@@ -65,13 +65,18 @@ class EventLog:
         self.write({**event.to_dict(), "t": round(time.time(), 3)})
 
     def end(self, kind: str, message: str) -> None:
-        self.write({"kind": kind, "message": message, "t": round(time.time(), 3)})
+        self.write(end_record(kind, message))
 
     def close(self) -> None:
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()
             self._file = None
+
+
+def end_record(kind: str, message: str) -> dict[str, object]:
+    """The last line of a log (and of `prune run --json`): one of END_KINDS, its message and the time."""
+    return {"kind": kind, "message": message, "t": round(time.time(), 3)}
 
 
 @contextlib.contextmanager

@@ -137,20 +137,16 @@ def uniform_counts(n: np.ndarray, cost: np.ndarray, floor: np.ndarray, cap: np.n
     short = target - int((k * cost).sum())
     if short > 0:
         remainder = np.where(live & (k < cap), exact - np.floor(exact + _SLACK), -1.0)
-        if weight is None:  # blocks of one size stay one width (an exportable model): they take the extra
-            for b in np.argsort(-remainder, kind="stable"):  # group together, overshooting by < a group each
-                if short <= 0 or remainder[b] < 0:
-                    break
-                same = (n == n[b]) & (cost == cost[b]) & (k == k[b]) & (remainder >= 0)
-                k[same] += 1
-                short -= int(cost[same].sum())
-                remainder[same] = -1.0
-        else:
-            for b in np.argsort(-remainder, kind="stable"):
-                if short <= 0 or remainder[b] < 0:
-                    break
-                k[b] += 1
-                short -= int(cost[b])
+        for b in np.argsort(-remainder, kind="stable"):
+            if short <= 0 or remainder[b] < 0:
+                break
+            if weight is None:  # blocks of one size stay one width (an exportable model): they take the extra
+                take = (n == n[b]) & (cost == cost[b]) & (k == k[b]) & (remainder >= 0)  # group together
+            else:
+                take = np.arange(len(k)) == b
+            k[take] += 1
+            short -= int(cost[take].sum())
+            remainder[take] = -1.0
     return k
 
 
