@@ -4,8 +4,9 @@ Applying a fix is the same in the CLI and the TUI: the session with the fix's ke
 (`prune_core.fixes.apply_fix`, which refuses keys a fix may not touch) and a pipeline run. The new
 session is written next to the results folder as `<name>-fixN.toml` (comments kept), its results go
 to `<name>-fixN/`, and the original folder's stage cache is copied there first, so the importance
-pass is reused, not recomputed. A fix the proxy found worse is refused unless `--force`. An
-interrupted fix run says how to resume it: `prune run <name>-fixN.toml --out <name>-fixN`.
+pass is reused, not recomputed. A fix the proxy found worse is refused unless `--force`, and so is
+an existing `<name>-fixN.toml` (an earlier --apply N wrote it, perhaps edited since): `--force`
+overwrites it. An interrupted fix run says how to resume it: `prune run <name>-fixN.toml --out <name>-fixN`.
 """
 
 from __future__ import annotations
@@ -94,11 +95,16 @@ def run_fix(results: Path, apply: int | None, json_mode: bool, console: Console,
     busy = lock.holder(new_dir)
     if busy is not None:  # before writing its session file or copying stage results into it
         raise lock.locked_message(new_dir, busy)
+    replaced = session_path.exists()
+    if replaced and not force:  # an earlier --apply wrote it (maybe edited since): never overwritten silently
+        resume = shlex.join(["prune", "run", str(session_path), "--out", str(new_dir)])
+        raise BadInput(f"{session_path} already exists (written by an earlier `prune fix --apply {apply}`?)",
+                       f"run it as it is with `{resume}`, move it away, or pass --force to overwrite it")
     new_session = apply_fix(results, fix, session_path, name=new_name)
     StageCache(state_dir(new_dir)).copy_reusable(StageCache(state_dir(results)))
     if not json_mode:
-        console.print(f"wrote {session_path} with {', '.join(f'{k} = {v!r}' for k, v in fix.items())}",
-                      markup=False, highlight=False)
+        console.print(f"{'overwrote' if replaced else 'wrote'} {session_path} with "
+                      f"{', '.join(f'{k} = {v!r}' for k, v in fix.items())}", markup=False, highlight=False)
     renderer = make_renderer(Console(stderr=json_mode), json_mode)
     flag = StopFlag()
     try:

@@ -24,10 +24,11 @@ from rich.table import Table
 from rich.text import Text
 
 from cli import runs_cmd
+from cli.files import check_new_file
 from cli.fix_cmd import print_findings
 from cli.output import print_summary, run_summary
 from cli.render import JsonRenderer, make_renderer
-from cli.signals import StopFlag, stop_on_signals
+from cli.signals import StopFlag, stop_cause, stop_on_signals
 from prune_core.errors import BadInput, Interrupted, PruneError
 from prune_core.lock import FolderLocked
 
@@ -143,8 +144,7 @@ def new(
     from sessions import template_text
 
     with _guard():
-        if path.exists() and not force:
-            raise BadInput(f"{path} already exists", "choose another path or pass --force to overwrite it")
+        check_new_file(path, force=force)
         write_text(path, template_text())
     out.print(f"wrote {path}  (edit it, then `prune validate {path}` and `prune run {path}`)", highlight=False)
 
@@ -197,14 +197,15 @@ def run(
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore the stage cache and checkpoints.")] = False,
     json_mode: Annotated[bool, typer.Option("--json", help="Newline-delimited JSON events and a final summary.")] = False,
     detach: Annotated[bool, typer.Option("--detach", help="Run in the background, immune to the terminal going "
-                                                          "away; prints the results folder (see prune attach).")] = False,
+                                                          "away; prints the results folder (with --json one JSON "
+                                                          "object: results_dir, pid, log; see prune attach).")] = False,
 ) -> None:
     """Run a session headless: importance, allocation, surgery, evaluation, diagnosis, results folder."""
     import sessions
     from prune_core import pipeline
 
     if detach:
-        _detach(session_file, out_dir, fresh)
+        _detach(session_file, out_dir, fresh, json_mode)
     with _guard():
         session = sessions.load(session_file)
     if not _main_rank(session):
@@ -245,9 +246,9 @@ def _follow(session: Any, out_dir: Path | None, fresh: bool) -> None:
                    EXIT_BAD_INPUT if isinstance(exc, BadInput) else EXIT_FAILED) from None
 
 
-def _detach(session_file: Path, out_dir: Path | None, fresh: bool) -> None:
+def _detach(session_file: Path, out_dir: Path | None, fresh: bool, json_mode: bool) -> None:
     try:
-        code = runs_cmd.detach(session_file, out_dir, fresh, out)
+        code = runs_cmd.detach(session_file, out_dir, fresh, out, json_mode=json_mode)
     except FolderLocked as exc:
         raise fail(exc, EXIT_LOCKED) from None
     except BadInput as exc:
@@ -272,7 +273,7 @@ def _run_errors(renderer: Any, flag: StopFlag, cmd: str) -> Iterator[None]:
     except Interrupted as exc:
         _end_event(renderer, "run_interrupted", exc.message)
         renderer.close()
-        why = f" ({flag.signal_name})" if flag.signal_name else ""
+        why = f" ({stop_cause(flag.signal_name)})" if flag.signal_name else ""
         raise fail(Interrupted(f"{exc.message}{why}; finished stages and checkpointed passes are kept",
                                f"run `{cmd}` again to resume from them"), EXIT_INTERRUPTED) from None
     except KeyboardInterrupt:
@@ -308,7 +309,8 @@ def tune(
     json_mode: Annotated[bool, typer.Option("--json", help="Print the trials as JSON.")] = False,
 ) -> None:
     """Search the cheap knobs (normalization, T/tau, rate limits, protected layers, attention weight) by the
-    proxy loss; write the best session as SESSION-tuned.toml and the trials to <results>/tune/."""
+    proxy loss; write the best session as SESSION-tuned.toml (SESSION-tuned2.toml, … when that file exists:
+    an earlier one is never overwritten; the file written is named at the end) and the trials to <results>/tune/."""
     import sessions
     from prune_core.tune import tune as run_tune
     from prune_core.tune import write_tune
@@ -405,9 +407,11 @@ def show(
 def eval_cmd(
     ctx: typer.Context,
     model_dir: Annotated[Path, typer.Argument(help="A saved pruned model folder (results/model).")],
-    dataset: Annotated[str | None, typer.Option(help="Held-out text (default: the run's evaluation dataset).")] = None,
-    seq_len: Annotated[int, typer.Option(help="Window length.")] = 512,
-    max_tokens: Annotated[int, typer.Option(help="Tokens to evaluate.")] = 32768,
+    dataset: Annotated[str | None, typer.Option(help="Held-out text (default: the run's [evaluation] dataset).")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Window length (default: the run's [evaluation] seq_len, "
+                                                     "else 512).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Tokens to evaluate (default: the run's [evaluation] "
+                                                        "max_tokens, else 32768).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, mps or auto.")] = "auto",
     tasks: Annotated[str | None, typer.Option(
         "--tasks", help="Comma-separated lm-eval tasks (arc_easy,hellaswag,…): task accuracy through lm-eval "
@@ -424,10 +428,12 @@ def eval_cmd(
         "--out", "-o", help="Also write the result as JSON to this file.")] = None,
     json_mode: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Perplexity of a saved pruned model on a held-out split (the pipeline's evaluation stages), or with
-    --tasks its accuracy on lm-eval tasks (written to <results>/zeroshot.json inside a results folder)."""
+    """Perplexity of a saved pruned model on a held-out split (the pipeline's evaluation stages), with the
+    [evaluation] settings of the run it comes from unless given here; or with --tasks its accuracy on lm-eval
+    tasks (written to <results>/zeroshot.json inside a results folder)."""
     import tempfile
 
+    from cli import eval_cmd
     from prune_core import pipeline
     from prune_core.report import is_results_folder, verify_manifest
     from sessions import Session
@@ -450,20 +456,19 @@ def eval_cmd(
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise BadInput(f"{model_dir / 'pruning.json'} is not valid JSON ({exc})",
                            "save the model again with `prune run`") from None
-        saved = info.get("session") if isinstance(info, dict) else None
-        evaluation = saved.get("evaluation") if isinstance(saved, dict) else None
-        recorded = evaluation.get("dataset") if isinstance(evaluation, dict) else None
         if not isinstance(info, dict):
             raise BadInput(f"{model_dir / 'pruning.json'} is not a pruning recipe (a JSON object)",
                            "save the model again with `prune run`")
         parent = model_dir.resolve().parent
-        if is_results_folder(parent):  # a damaged results folder is refused, as by `show`
+        in_results = is_results_folder(parent)
+        if in_results:  # a damaged results folder is refused, as by `show`
             verify_manifest(parent)
-        ds = dataset or (recorded if isinstance(recorded, str) else None) or "shakespeare"
+        settings = eval_cmd.eval_settings(eval_cmd.recorded_evaluation(model_dir, info, in_results),
+                                          dataset=dataset, seq_len=seq_len, max_tokens=max_tokens)
         session = Session().with_updates({
             "session.name": "eval", "model.id": str(model_dir), "model.device": device,
-            "evaluation.dataset": ds, "evaluation.seq_len": seq_len, "evaluation.max_tokens": max_tokens,
-            "evaluation.before": True, "evaluation.after": False,
+            "evaluation.dataset": settings.dataset, "evaluation.seq_len": settings.seq_len,
+            "evaluation.max_tokens": settings.max_tokens, "evaluation.before": True, "evaluation.after": False,
         })
     except BadInput as exc:
         raise fail(exc, EXIT_BAD_INPUT) from None
@@ -471,17 +476,19 @@ def eval_cmd(
         raise fail(BadInput(f"cannot read {model_dir / 'pruning.json'} ({exc.strerror})",
                             "check the path and its permissions"), EXIT_BAD_INPUT) from None
     cmd = shlex.join(["prune", "eval", str(model_dir), *(["--dataset", dataset] if dataset else []),
-                      *(["--seq-len", str(seq_len)] if seq_len != 512 else []),
-                      *(["--max-tokens", str(max_tokens)] if max_tokens != 32768 else []),
+                      *(["--seq-len", str(seq_len)] if seq_len is not None else []),
+                      *(["--max-tokens", str(max_tokens)] if max_tokens is not None else []),
                       *(["--device", device] if device != "auto" else [])])
     renderer = make_renderer(Console(stderr=True), False)  # progress on stderr; stdout holds the result
     flag = StopFlag()
     with tempfile.TemporaryDirectory(prefix="prune-eval-") as tmp:
         # the evaluation is cached in the results folder the model belongs to (nowhere else)
-        where = parent if is_results_folder(parent) else Path(tmp)
+        where = parent if in_results else Path(tmp)
+        shown = eval_cmd.relabeled(renderer, f"perplexity of {model_dir} on {settings.dataset} (seq_len "
+                                             f"{settings.seq_len}, up to {settings.max_tokens:,} tokens)")
         with _run_errors(renderer, flag, cmd), stop_on_signals(flag):
             report = pipeline.run(session, out_dir=where, until="eval_before", write=False,
-                                  on_event=renderer, should_stop=flag)
+                                  on_event=shown, should_stop=flag)
     result = {**report.perplexity["before"], "model_dir": str(model_dir)}
     if out_file is not None:
         from prune_core.atomic import write_json
@@ -491,7 +498,8 @@ def eval_cmd(
     if json_mode:
         typer.echo(json.dumps(result, indent=2))
     else:
-        out.print(f"perplexity {result['ppl']:.3f} on {ds} ({result['tokens']:,} tokens, seq_len {seq_len})")
+        out.print(f"perplexity {result['ppl']:.3f} on {settings.dataset} ({result['tokens']:,} tokens, "
+                  f"seq_len {settings.seq_len})", highlight=False)
         if out_file is not None:
             out.print(f"wrote {out_file}", highlight=False)
 
@@ -694,9 +702,12 @@ def fix(
     results: Annotated[Path, typer.Argument(help="A results folder.")],
     apply: Annotated[int | None, typer.Option("--apply", help="Apply finding N (1-based) and re-run.")] = None,
     json_mode: Annotated[bool, typer.Option("--json", help="Newline-delimited JSON.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Apply a fix even when the proxy found it worse.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Apply a fix even when the proxy found it worse, and "
+                                                        "overwrite an existing <name>-fixN.toml.")] = False,
 ) -> None:
-    """List the diagnosis findings and their fixes; --apply N writes a fixed session and runs it."""
+    """List the diagnosis findings and their fixes; --apply N writes a fixed session <name>-fixN.toml next to
+    the results folder and runs it into <name>-fixN/. An existing <name>-fixN.toml is never overwritten
+    without --force."""
     from cli.fix_cmd import run_fix
 
     with _guard():

@@ -5,8 +5,9 @@ no controlling terminal, so an SSH connection dropping sends it no SIGHUP), stdi
 its output in `<results>/state/detached.log`. Like every writing run it holds `<results>/run.lock` and logs each
 event to `<results>/events.ndjson` (`prune_core.lock`, `prune_core.eventlog`). `attach` replays that
 log through the usual renderer and follows it until the run ends; `--stop` asks the run to stop
-after its current batch (SIGINT to the lock holder: the pass is checkpointed). `ps` lists the runs
-under the output folders of the session files here (and `runs/`).
+after its current batch (SIGINT to the lock holder: the pass is checkpointed; the detached process runs
+with PRUNE_DETACHED=1, so its message names the stop request, not a signal: it has no terminal to
+press Ctrl-C in). `ps` lists the runs under the output folders of the session files here (and `runs/`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.signals import DETACHED_ENV
 from prune_core import eventlog, lock
 from prune_core.errors import BadInput
 
@@ -34,8 +36,12 @@ START_TIMEOUT_S = 120.0
 
 
 # ----------------------------------------------------------------------------- detach
-def detach(session_file: Path, out_dir: Path | None, fresh: bool, console: Console) -> int:
-    """Start `prune run SESSION` in its own process session; print the results folder; 0 once it holds the lock."""
+def detach(session_file: Path, out_dir: Path | None, fresh: bool, console: Console, json_mode: bool = False) -> int:
+    """Start `prune run SESSION` in its own process session; print the results folder; 0 once it holds the lock.
+
+    With `json_mode` stdout gets one JSON object instead, `{"kind": "detached", "results_dir", "pid", "log"}`
+    (or the `run_failed` end record when the run exits at once), and the hints go to stderr.
+    """
     import sessions
     from prune_core import pipeline, preflight
 
@@ -49,9 +55,10 @@ def detach(session_file: Path, out_dir: Path | None, fresh: bool, console: Conso
     cmd = [sys.executable, "-m", "cli", "run", str(Path(session_file).resolve()), "--out", str(folder)]
     if fresh:
         cmd.append("--fresh")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1", DETACHED_ENV: "1"}
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+    hints = Console(stderr=True) if json_mode else console  # with --json stdout holds the JSON object alone
     log_file = open(folder / LOG_NAME, "ab")  # noqa: SIM115 - handed to the child
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
@@ -65,15 +72,21 @@ def detach(session_file: Path, out_dir: Path | None, fresh: bool, console: Conso
             break
         code = proc.poll()
         if code is not None:
-            tail = _tail(folder / LOG_NAME)
-            console.print(f"the detached run exited at once with code {code}:\n{tail}", markup=False,
-                          highlight=False, soft_wrap=True)
+            message = f"the detached run exited at once with code {code}"
+            hints.print(f"{message}:\n{_tail(folder / LOG_NAME)}", markup=False, highlight=False, soft_wrap=True)
+            if json_mode:
+                typer.echo(json.dumps({**eventlog.end_record("run_failed", message), "results_dir": str(folder),
+                                       "log": str(folder / LOG_NAME)}))
             return int(code) if code in (EXIT_BAD_INPUT, EXIT_LOCKED) else EXIT_FAILED
         time.sleep(POLL_S)
-    console.print(str(folder), markup=False, highlight=False, soft_wrap=True)
-    console.print(f"running detached as pid {proc.pid}; follow it: prune attach {folder}  "
-                  f"(stop it: prune attach {folder} --stop; list runs: prune ps)",
-                  markup=False, highlight=False, soft_wrap=True, style="dim")
+    if json_mode:
+        typer.echo(json.dumps({"kind": "detached", "results_dir": str(folder), "pid": proc.pid,
+                               "log": str(folder / LOG_NAME)}))
+    else:
+        console.print(str(folder), markup=False, highlight=False, soft_wrap=True)
+    hints.print(f"running detached as pid {proc.pid}; follow it: prune attach {folder}  "
+                f"(stop it: prune attach {folder} --stop; list runs: prune ps)",
+                markup=False, highlight=False, soft_wrap=True, style="dim")
     return EXIT_OK
 
 
@@ -100,8 +113,10 @@ def attach(folder: Path, renderer: Any, *, stop: bool = False, follow: bool = Tr
     if not _is_run_folder(folder):
         raise BadInput(f"{folder} holds no run to attach to (no {eventlog.LOG_NAME})",
                        "pass the results folder `prune run --detach` printed, or see `prune ps`")
+    requested = False  # a stop request was sent to a live run (its end is then that request's doing)
     if stop:
         info = lock.request_stop(folder)
+        requested = info is not None
         if console is not None:
             text = (f"asked {info.describe()} to stop after its current batch (it is checkpointed)" if info
                     else "no run holds this folder: nothing to stop")
@@ -116,7 +131,7 @@ def attach(folder: Path, renderer: Any, *, stop: bool = False, follow: bool = Tr
                 event = eventlog.from_dict(obj)
                 if event is not None:
                     renderer(event)
-                return _end_code(str(kind), obj, console)
+                return _end_code(str(kind), obj, console, stopped=requested)
             event = eventlog.from_dict(obj)
             if event is not None:
                 renderer(event)
@@ -136,12 +151,12 @@ def attach(folder: Path, renderer: Any, *, stop: bool = False, follow: bool = Tr
         time.sleep(POLL_S)
 
 
-def _end_code(kind: str, obj: dict[str, Any], console: Console | None) -> int:
+def _end_code(kind: str, obj: dict[str, Any], console: Console | None, stopped: bool = False) -> int:
     if kind == "run_done":
         return EXIT_OK
     if console is not None:
-        console.print(f"{'interrupted' if kind == 'run_interrupted' else 'run failed'}: {obj.get('message', '')}",
-                      markup=False, highlight=False, soft_wrap=True)
+        label = "run failed" if kind != "run_interrupted" else "stopped by the stop request" if stopped else "interrupted"
+        console.print(f"{label}: {obj.get('message', '')}", markup=False, highlight=False, soft_wrap=True)
     return EXIT_INTERRUPTED if kind == "run_interrupted" else EXIT_FAILED
 
 

@@ -11,6 +11,7 @@ SIGHUP matters: an SSH connection dropping must not lose a long pass.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
+DETACHED_ENV = "PRUNE_DETACHED"  # "1" in a `prune run --detach` process: no terminal, so a SIGINT is a stop request
 SIGNALS = [s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None]
 EXIT_FOR_SIGNAL = {"SIGINT": 130, "SIGTERM": 143, "SIGHUP": 129}
 CONFIRM_S = 5.0
@@ -26,6 +28,14 @@ CONFIRM_S = 5.0
 def exit_code_for(signal_name: str, default: int = 130) -> int:
     """128 + the signal's number for SIGINT, SIGTERM and SIGHUP (130, 143, 129)."""
     return EXIT_FOR_SIGNAL.get(signal_name, default)
+
+
+def stop_cause(signal_name: str) -> str:
+    """What stopped a run, for its "interrupted" message: the signal's name, except in a detached run, which
+    has no terminal to press Ctrl-C in: there SIGINT is a stop request (`prune attach --stop` sends it)."""
+    if signal_name == "SIGINT" and os.environ.get(DETACHED_ENV) == "1":
+        return "stopped by a stop request: prune attach --stop"
+    return signal_name
 
 
 class StopFlag:

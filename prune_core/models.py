@@ -406,11 +406,17 @@ def _local_source(path: Path, spec: str) -> _Source:
     config = path / "config.json"
     if config.is_file():
         try:
-            model_type = str(json.loads(config.read_text()).get("model_type", ""))
-        except (OSError, ValueError) as exc:
+            data = json.loads(config.read_text())
+        except (OSError, ValueError, RecursionError) as exc:
             raise BadInput(
                 f"{config} is not valid JSON ({exc})", "restore the model folder's config.json"
             ) from exc
+        if not isinstance(data, dict):
+            raise BadInput(
+                f"{config} must hold a JSON object (model_type, hidden_size, …), not a JSON {_json_kind(data)}",
+                "restore the model folder's config.json",
+            )
+        model_type = str(data.get("model_type", ""))
         _check_family(model_type, str(path))
         return _Source(str(path), str(path), local_only=True)
     ggufs = sorted(path.glob("*.gguf"))
@@ -425,6 +431,12 @@ def _local_source(path: Path, spec: str) -> _Source:
         f"{spec} is a folder without config.json (not a Hugging Face model folder)",
         "point at the folder that holds config.json and the weights (or a .gguf file)",
     )
+
+
+def _json_kind(value: object) -> str:
+    """The JSON name of a parsed value's type (array, string, number, …) for messages."""
+    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _classify(spec: str, revision: str) -> _Source:

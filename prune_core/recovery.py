@@ -37,6 +37,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -248,8 +249,12 @@ def train(model: nn.Module, tokens: torch.Tensor, settings: RecoverySettings, *,
                         target_modules=targets, task_type="CAUSAL_LM")
     for p in model.parameters():
         p.requires_grad_(False)
-    with torch.random.fork_rng(devices=[]):  # LoRA A's init from the seed, the caller's RNG left alone
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():  # LoRA A's init from the seed
+        # peft reads transformers' deprecated `is_gradient_checkpointing` alias: its FutureWarning is
+        # about peft's code, nothing the user can act on
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        torch.manual_seed(seed)  # (the caller's RNG is left alone)
         peft_model = get_peft_model(model, config)
     named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW([p for _, p in named], lr=settings.lr, betas=(0.9, 0.999), eps=1e-8,

@@ -250,6 +250,11 @@ def compute_allocation(ctx: Ctx) -> Any:
     elif alloc.achieved_ratio > alloc.target_ratio + 0.01:  # min_rate's floors alone remove more than asked
         ctx.on_event(Notice(f"{alloc.message}; lower [pruning] min_rate (or raise ratio) to prune what the "
                             "ratio asks", level="warning", stage=ctx.stage))
+    p = ctx.session.pruning
+    if p.early_layers == 0 and p.early_max_rate < 1.0:
+        ctx.on_event(Notice(f"[pruning] early_max_rate = {p.early_max_rate:g} has no effect while early_layers = 0; "
+                            "set early_layers to the number of first layers it should limit", level="warning",
+                            stage=ctx.stage))
     ctx.summary = f"{alloc.achieved_ratio:.1%} of prunable parameters removed"
     ctx.result = {"target_ratio": alloc.target_ratio, "achieved_ratio": alloc.achieved_ratio,
                   "removed_parameters": int(alloc.removed_parameters), "mask_sha256": alloc.mask_sha256,

@@ -24,7 +24,7 @@ from typing import Any
 from prune_core import lock, pipeline
 from prune_core.errors import BadInput, Interrupted, PruneError
 from prune_core.events import EventSink, Notice, Progress, null_sink
-from sessions import Session
+from sessions import Session, choices
 
 STAGE = "tune"
 Updates = dict[str, Any]
@@ -81,7 +81,7 @@ def search_space(session: Session, num_layers: int, *, corrections: bool = True)
     protect: list[list[int]] = [[], [0], [0, -1], [0, 1, -1], [0, 1, 2, -1]]
     space: list[tuple[str, list[Updates]]] = [
         ("blocks", [{"pruning.blocks": b} for b in ("both", "mlp")]),
-        ("allocation", [{"pruning.allocation": a} for a in ("global", "uniform")]),
+        ("allocation", [{"pruning.allocation": a} for a in choices("pruning.allocation")]),
         ("normalization", [
             {"normalization.level": "none"},
             {"normalization.level": "block", "normalization.method": "mean"},
@@ -195,7 +195,9 @@ def _search(session: Session, results_dir: Path, *, budget_s: float, memo: pipel
 
 
 def write_tune(result: TuneResult, session_path: Path | None) -> dict[str, Path]:
-    """`<results>/tune/trials.csv` and `trials.json`, and the best session next to the original file."""
+    """`<results>/tune/trials.csv` and `trials.json`, and the best session next to the original file:
+    `<stem>-tuned.toml`, or `-tuned2.toml`, `-tuned3.toml`, … when that exists (an earlier tune's file, perhaps
+    edited, is never overwritten); its session name takes the same suffix, so its results get their own folder."""
     import pandas as pd
 
     from prune_core import atomic
@@ -207,14 +209,19 @@ def write_tune(result: TuneResult, session_path: Path | None) -> dict[str, Path]
     paths = {"csv": folder / "trials.csv", "json": folder / "trials.json"}
     atomic.write_with(paths["csv"], lambda p: pd.DataFrame(rows).to_csv(p, index=False))
     atomic.write_json(paths["json"], result.to_dict())
-    name = f"{result.start.session.name}-tuned"
-    if session_path is not None and session_path.is_file():
-        target = session_path.with_name(f"{session_path.stem}-tuned.toml")
-        apply_fix(session_path, result.best_updates, target, name=name)
+    source = session_path if session_path is not None and session_path.is_file() else None
+    where, stem = (source.parent, source.stem) if source is not None else (folder, result.start.session.name)
+    suffix = next((s for s in ("-tuned", *(f"-tuned{k}" for k in range(2, 10_000)))
+                   if not (where / f"{stem}{s}.toml").exists()), None)
+    if suffix is None:
+        raise BadInput(f"no free name for the tuned session next to {where / stem}.toml",
+                       f"move old {stem}-tuned*.toml files away")
+    target, name = where / f"{stem}{suffix}.toml", f"{result.start.session.name}{suffix}"
+    if source is not None:
+        apply_fix(source, result.best_updates, target, name=name)
     else:
         from sessions import save
 
-        target = folder / f"{name}.toml"
         save(result.best.with_updates({"session.name": name}), target)
     paths["session"] = target
     return paths

@@ -2,7 +2,7 @@
 
 from sessions.errors import SessionError
 from sessions.io import dumps, load, load_with_extras, parse_text, save
-from sessions.schema import SCHEMA_VERSION, Session, check_against_model, validate_dict
+from sessions.schema import SCHEMA_VERSION, Session, check_against_model, choices, validate_dict
 from sessions.template import template_text
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "Session",
     "SessionError",
     "check_against_model",
+    "choices",
     "dumps",
     "load",
     "load_with_extras",

@@ -13,7 +13,7 @@ or form says so: a results folder's record never turns it on (`prune_core.report
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -134,9 +134,10 @@ class PruningSection(_Section):
                                                   "(-1 = the last layer)")
     blocks: Literal["both", "mlp", "attention"] = Field(
         "both", description="which blocks are pruned: both, mlp (attention heads all kept) or attention")
-    allocation: Literal["global", "uniform"] = Field(
+    allocation: Literal["global", "uniform", "hybrid"] = Field(
         "global", description="global: one ranking across layers; uniform: the same rate in every unprotected "
-                              "layer, ranked within the layer (LLM-Pruner's budget)")
+                              "layer, ranked within the layer (LLM-Pruner's budget); hybrid: attention heads "
+                              "by the global ranking, the rest of the budget as one rate in every MLP block")
     depth_ramp: float = Field(0.0, ge=0.0, lt=1.0, description="uniform allocation: rates rise linearly with depth "
                                                                  "over the pruned layers, from (1 − ramp) to (1 + ramp) "
                                                                  "× the common rate (0 = the same rate)")
@@ -164,9 +165,9 @@ class PruningSection(_Section):
     def _rates(self) -> PruningSection:
         if self.min_rate > self.max_rate:
             raise ValueError(f"min_rate ({self.min_rate}) must not exceed max_rate ({self.max_rate})")
-        if self.depth_ramp > 0 and self.allocation != "uniform":
+        if self.depth_ramp > 0 and self.allocation == "global":
             raise ValueError(f"depth_ramp ({self.depth_ramp}) shapes the uniform budget only: set allocation = "
-                             "\"uniform\", or depth_ramp = 0 (depth_weight is the global ranking's counterpart)")
+                             "\"uniform\" or \"hybrid\", or depth_ramp = 0 (depth_weight is the global ranking's counterpart)")
         return self
 
 
@@ -258,6 +259,13 @@ class Session(_Section):
                 raise SessionError([(dotted, "unknown key")], source="update")
             data[section][key] = value
         return validate_dict(data, source="update")
+
+
+def choices(key: str) -> tuple[str, ...]:
+    """The allowed values of a Literal session key such as "pruning.allocation" (for pickers and searches)."""
+    section, name = key.split(".")
+    annotation = Session.model_fields[section].annotation.model_fields[name].annotation  # type: ignore[union-attr]
+    return tuple(get_args(annotation))
 
 
 def validate_dict(data: dict[str, Any], source: str = "session") -> Session:

@@ -575,3 +575,26 @@ def test_depth_ramp_raises_the_uniform_rate_with_depth_and_still_meets_the_targe
                                              depth_ramp=0.0).removed_parameters
     with pytest.raises(BadInput, match="depth_ramp"):
         select(build_table(res, costs), ratio=0.2, prunable_total=total, mode="uniform", depth_ramp=1.0)
+
+
+def test_hybrid_takes_the_global_rankings_heads_and_one_mlp_rate() -> None:
+    n, layers = 20, 5
+    att = [[0.01 * (layer + 1), 50.0, 60.0] for layer in range(layers)]  # one weak head per layer, weakest first
+    mlp = [[float(10 * layer + j) for j in range(n)] for layer in range(layers)]  # layer 0's channels weakest
+    costs = GroupCosts.from_lists([40] * layers, [3] * layers, [2] * layers, [n] * layers)
+    res = make_result(att, mlp)
+    total = costs.prunable_total
+    kw = dict(ratio=0.3, prunable_total=total, protect_layers=[4])
+    glob = select(build_table(res, costs), **kw)
+    hyb = select(build_table(res, costs), mode="hybrid", **kw)
+    table = build_table(res, costs)
+    is_att = (table["group_type"] == "attention").to_numpy()
+    assert (hyb.pruned[is_att] == glob.pruned[is_att]).all() and glob.pruned[is_att].any()  # the same heads
+    per_layer = table.assign(pruned=hyb.pruned)[~is_att].groupby("layer_idx")["pruned"].sum().to_dict()
+    assert per_layer[4] == 0 and len({per_layer[layer] for layer in range(4)}) == 1  # one MLP rate
+    gl = table.assign(pruned=glob.pruned)[~is_att].groupby("layer_idx")["pruned"].sum().to_dict()
+    assert len({gl[layer] for layer in range(4)}) > 1  # where the global ranking's MLP budget is uneven
+    target = math.ceil(0.3 * total)
+    assert target <= hyb.removed_parameters < target + 4 * 3  # met, the extra channel shared by same-size blocks
+    with pytest.raises(BadInput, match="hybrid"):
+        select(build_table(res, costs), mode="layerwise", **kw)

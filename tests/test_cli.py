@@ -52,6 +52,18 @@ def test_new_writes_commented_template_that_validates(tmp_path: Path) -> None:
     assert code == 2 and "--force" in err
 
 
+def test_new_into_a_path_that_cannot_be_a_file_is_bad_input(tmp_path: Path) -> None:
+    plain = tmp_path / "realfile"
+    plain.write_text("not a folder")
+    for target in (plain / "x.toml", plain / "a" / "x.toml"):
+        code, _, err = invoke("new", str(target))
+        assert code == 2, err
+        assert f"{plain} is a file, not a folder" in " ".join(err.split()) and "FileExistsError" not in err
+    code, _, err = invoke("new", str(tmp_path), "--force")  # a folder, even with --force
+    assert code == 2 and "is a folder, not a file" in err and "IsADirectoryError" not in err
+    assert plain.read_text() == "not a folder"
+
+
 def test_validate_reports_every_problem_at_once(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text("[pruning]\nratio = 0\nmin_rate = 0.8\nmax_rate = 0.2\n[data]\nnum_samples = 2\n"
@@ -94,6 +106,30 @@ def test_eval_saved_model_matches_run_ppl(two_runs: tuple[Path, Path]) -> None:
     expected = json.loads((a / "metrics.json").read_text())["perplexity"]["after"]["ppl"]
     assert ppl == pytest.approx(expected, rel=1e-5)
     assert invoke("eval", str(a))[0] == 2  # a results folder, not a model folder
+
+
+def test_eval_defaults_to_the_runs_evaluation_settings_and_names_the_pruned_model(
+        two_runs: tuple[Path, Path], tmp_path: Path) -> None:
+    """Without options `prune eval` measures the saved model as the run did ([evaluation] seq_len 64, 1024
+    tokens), from the results folder's session or, for a model folder moved out of it, pruning.json's;
+    its progress never calls the pruned model's perplexity "before pruning"."""
+    import shutil
+
+    a, _ = two_runs
+    expected = json.loads((a / "metrics.json").read_text())["perplexity"]["after"]
+    moved = tmp_path / "moved-model"
+    shutil.copytree(a / "model", moved)
+    for model_dir in (a / "model", moved):
+        code, out, err = invoke("eval", str(model_dir), "--device", "cpu", "--json")
+        assert code == 0, err
+        result = json.loads(out)
+        assert (result["seq_len"], result["max_tokens"], result["dataset"]) == (64, 1024, "shakespeare")
+        assert result["ppl"] == pytest.approx(expected["ppl"], rel=1e-5)
+        assert "before pruning" not in err and "eval_before" not in err
+        assert f"perplexity of {model_dir}" in " ".join(err.split())
+    code, out, err = invoke("eval", str(moved), "--device", "cpu", "--seq-len", "32", "--json")
+    assert code == 0, err
+    assert (json.loads(out)["seq_len"], json.loads(out)["max_tokens"]) == (32, 1024)  # an option still wins
 
 
 def test_compare_taylor_vs_taylor2nd(two_runs: tuple[Path, Path]) -> None:
@@ -139,6 +175,16 @@ def test_fix_lists_and_applies(tmp_path: Path) -> None:
     assert "importance" in metrics["stages_cached"]
     assert "jaccard" in out.lower() or "overlap" in out.lower()
     assert invoke("fix", str(res), "--apply", "99")[0] == 2
+    # applying it again never overwrites the written (here: edited) session file without --force
+    edited = new_session.read_text() + "# my notes\n"
+    new_session.write_text(edited)
+    code, _, err = invoke("fix", str(res), "--apply", str(idx))
+    assert code == 2, err
+    assert f"{new_session} already exists" in " ".join(err.split()) and "--force" in err
+    assert new_session.read_text() == edited
+    code, out, err = invoke("fix", str(res), "--apply", str(idx), "--force")
+    assert code == 0, err
+    assert f"overwrote {new_session}" in " ".join(out.split()) and "# my notes" not in new_session.read_text()
 
 
 def test_help_text_is_plain_so_session_keys_in_brackets_survive() -> None:

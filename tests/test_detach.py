@@ -92,6 +92,19 @@ def test_detach_lock_and_attach_to_run_done(tmp_path: Path, reference_mask: str)
     assert rows[0]["state"] == "done" and rows[0]["pid"] is None
 
 
+def test_detach_json_prints_one_json_object(tmp_path: Path) -> None:
+    path = write_session(tmp_path / "s.toml", tiny_session(tmp_path, name="dj", **{"output.save_model": False}))
+    folder = (tmp_path / "runs" / "dj").resolve()
+    started = prune("run", "--detach", "--json", str(path), cwd=tmp_path, timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    obj = json.loads(started.stdout)  # the whole of stdout: one JSON object
+    assert obj["kind"] == "detached" and obj["results_dir"] == str(folder)
+    assert obj["log"] == str(folder / "state" / "detached.log") and Path(obj["log"]).is_file()
+    assert isinstance(obj["pid"], int) and f"pid {obj['pid']}" in started.stderr
+    attached = prune("attach", str(folder), cwd=tmp_path)  # to the end, so nothing outlives the test
+    assert attached.returncode == 0, attached.stderr
+
+
 def test_attach_stop_checkpoints_and_the_run_resumes(tmp_path: Path, reference_mask: str) -> None:
     path = write_session(tmp_path / "s.toml", tiny_session(tmp_path, name="stop", **SLOW))
     folder = (tmp_path / "runs" / "stop").resolve()
@@ -110,7 +123,11 @@ def test_attach_stop_checkpoints_and_the_run_resumes(tmp_path: Path, reference_m
         os.kill(info.pid, signal.SIGCONT)
     out, err = stopper.communicate(timeout=180)
     assert stopper.returncode == 130, err
-    assert f"asked pid {info.pid}" in err
+    assert f"asked pid {info.pid}" in err and "stopped by the stop request" in err
+    log = folder / "state" / "detached.log"
+    wait_until(lambda: "interrupted:" in log.read_text(), "the run's own interrupted message", 60)
+    said = " ".join(log.read_text().split())
+    assert "(stopped by a stop request: prune attach --stop)" in said and "(SIGINT)" not in said
     assert "checkpointed" in [e["kind"] for e in ndjson(out)]
     assert (folder / "state" / "checkpoints").is_dir()
     resumed = prune("run", str(path), "--json", cwd=tmp_path)

@@ -157,3 +157,8 @@ def test_min_rate_that_removes_more_than_the_ratio_is_announced(tmp_path: Path) 
     assert report.achieved_ratio > 0.5
     warnings = [e.message for e in events if isinstance(e, Notice) and e.level == "warning"]
     assert any("min_rate 0.6 alone removes" in m and "lower [pruning] min_rate" in m for m in warnings), warnings
+    inert = tiny_session(tmp_path, **{"pruning.early_max_rate": 0.3, "data.proxy_samples": 0})
+    events.clear()
+    pipeline.run(inert, until="allocation", write=False, on_event=events.append)
+    warnings = [e.message for e in events if isinstance(e, Notice) and e.level == "warning"]
+    assert any("early_max_rate = 0.3 has no effect while early_layers = 0" in m for m in warnings), warnings

@@ -340,3 +340,14 @@ def test_pruned_and_unsupported_models_are_refused(tmp_path: Path) -> None:
     (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
     r = runner.invoke(app, ["plan", str(_session(tmp_path)), "--model", str(other)])
     assert r.exit_code == 2 and "no adapter" in r.output
+
+
+def test_a_config_that_is_not_a_json_object_is_bad_input(tmp_path: Path) -> None:
+    folder = tmp_path / "listcfg"
+    folder.mkdir()
+    (folder / "config.json").write_text("[1, 2]")
+    r = runner.invoke(app, ["plan", str(_session(tmp_path)), "--model", str(folder)])
+    assert r.exit_code == 2, r.output
+    text = " ".join(r.output.split())
+    assert str(folder / "config.json") in text and "must hold a JSON object" in text and "JSON array" in text
+    assert "AttributeError" not in text

@@ -75,6 +75,24 @@ def test_lora_lowers_the_training_loss(tmp_path: Path) -> None:
     assert not any("lora" in n for n, _ in outcome.model.named_parameters())  # merged and unloaded
 
 
+def test_lora_setup_lets_no_transformers_deprecation_warning_through(tmp_path: Path) -> None:
+    """peft reads transformers' deprecated `is_gradient_checkpointing`: that FutureWarning is silenced
+    where get_peft_model is called, and only there (the process's warning filters are left as they were)."""
+    import warnings
+
+    folder, _ = make_results(tmp_path)
+    model, tokenizer = load_pruned(folder / "model")
+    settings = recovery.RecoverySettings(**{**FAST, "steps": 1, "dataset": "shakespeare"})
+    tokens = calibration_tokens(tokenizer, "shakespeare", 2, 32, seed=0)
+    filters = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recovery.train(model, tokens, settings, seed=0)
+        assert warnings.filters[0][0] == "always", "the filter is restored once peft is set up"
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)], [str(w.message) for w in caught]
+    assert list(warnings.filters) == filters
+
+
 def test_targets_follow_the_fused_layout() -> None:
     model, _ = build_tiny("tiny-phi3")
     names = {t.rsplit(".", 1)[-1] for t in recovery.lora_targets(model)}

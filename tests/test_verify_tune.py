@@ -117,6 +117,20 @@ def test_tune_finds_a_better_allocation_and_writes_it(log_case: tuple[Path, Path
     assert "# " in paths["session"].read_text(), "the tuned session keeps the original file's comments"
 
 
+def test_tune_never_overwrites_an_earlier_tuned_session(log_case: tuple[Path, Path], tmp_path: Path) -> None:
+    path, _ = log_case
+    source = tmp_path / "w.toml"  # a copy: the other tests' v-tuned*.toml files do not matter here
+    source.write_text(path.read_text())
+    memo = pipeline.Memo()
+    result = tune(sessions.load(source), budget_s=1, memo=memo, corrections=False)
+    first = write_tune(result, source)["session"]
+    assert first == tmp_path / "w-tuned.toml" and sessions.load(first).session.name == "v-tuned"
+    first.write_text(first.read_text() + "# my notes\n")
+    second = write_tune(result, source)["session"]
+    assert second == tmp_path / "w-tuned2.toml" and sessions.load(second).session.name == "v-tuned2"
+    assert first.read_text().endswith("# my notes\n")
+
+
 def test_tune_cli(log_case: tuple[Path, Path]) -> None:
     path, _ = log_case
     result = runner.invoke(app, ["tune", str(path), "--budget", "5", "--no-corrections", "--json"])

@@ -16,6 +16,9 @@ groups or its MLP channels, with n groups:
 - protected layers: cap = floor = 0 (never pruned, and min_rate does not apply).
 (A 1e-9 slack absorbs float error in rate × n, so 0.29 × 100 gives 29, not 28.)
 `blocks = "mlp"` (or "attention") caps the other block type at 0, like a protected layer.
+`mode = "hybrid"` takes the attention groups the global ranking removes (heads compete with channels
+across layers) and spends the rest of the budget on MLP channels as `uniform` does (the same rate in
+every prunable MLP block): measured, the global ranking's MLP budget collapses at high ratios.
 `mode = "uniform"` (LLM-Pruner's budget) replaces the global ranking: every prunable block removes
 the same fraction of its groups (⌊r·n⌋, plus one for the largest remainders until the target is
 met; blocks of the same size take that one more together, so they keep one width — without protected
@@ -170,11 +173,12 @@ def select(table: pd.DataFrame, *, ratio: float, prunable_total: int, min_rate: 
     """Choose the groups to prune (see the module docstring); the table is not modified.
 
     `blocks` = "mlp" / "attention" prunes only that block type; `mode` = "uniform" gives every
-    prunable block the same rate (its lowest-ranked groups), instead of one global ranking; `depth_ramp`
-    makes that rate rise with depth (uniform only).
+    prunable block the same rate (its lowest-ranked groups), instead of one global ranking; "hybrid"
+    ranks attention globally and gives the MLP blocks one rate; `depth_ramp` makes that rate rise with
+    depth (uniform and hybrid).
     """
-    if mode not in ("global", "uniform"):
-        raise BadInput(f"unknown allocation {mode!r}", "use global or uniform")
+    if mode not in ("global", "uniform", "hybrid"):
+        raise BadInput(f"unknown allocation {mode!r}", "use global, uniform or hybrid")
     if not 0.0 <= depth_ramp < 1.0:
         raise BadInput(f"depth_ramp {depth_ramp} is outside [0, 1)", "use e.g. 0.5: rates from 0.5× to 1.5× the mean")
     if not 0.0 <= ratio <= 1.0:
@@ -198,12 +202,23 @@ def select(table: pd.DataFrame, *, ratio: float, prunable_total: int, min_rate: 
     rank[o2] = np.arange(n_rows, dtype=np.int64) - starts[bs[o2]]
 
     cost_pos = table["cost"].to_numpy().astype(np.int64)[order]
-    if mode == "uniform":
+    if mode in ("uniform", "hybrid"):
         n_block = counts.astype(np.int64)
         cost_block = np.zeros(len(cap), dtype=np.int64)
         cost_block[bs] = cost_pos  # a block's groups share one cost
-        floor = uniform_counts(n_block, cost_block, floor, cap, target,
-                               depth_weights(cap, depth_ramp) if depth_ramp > 0 else None)
+        weight = depth_weights(cap, depth_ramp) if depth_ramp > 0 else None
+        if mode == "uniform":
+            floor = uniform_counts(n_block, cost_block, floor, cap, target, weight)
+        else:  # attention blocks keep what the global ranking removes; MLP blocks share the rest uniformly
+            ranked = select(table, ratio=ratio, prunable_total=total, min_rate=min_rate, max_rate=max_rate,
+                            protect_layers=protect, early_layers=early_layers, early_max_rate=early_max_rate,
+                            blocks=blocks)
+            attention = np.arange(len(cap)) % 2 == 0
+            taken = np.bincount(block[ranked.pruned], minlength=len(cap))
+            att_cost = int((taken * cost_block)[attention].sum())
+            mlp = uniform_counts(n_block, cost_block, np.where(attention, 0, floor), np.where(attention, 0, cap),
+                                 max(target - att_cost, 0), weight)
+            floor = np.where(attention, taken, mlp)
     forced = rank < floor[bs]
     allowed = rank < cap[bs]
     eligible = allowed & ~forced

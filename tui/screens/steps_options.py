@@ -21,11 +21,11 @@ METHODS = tuple((spec.key, spec.description) for spec in IMPORTANCE_METHODS.valu
 
 METHOD_FIELDS = (
     FieldSpec("importance.aggregation", "aggregation", "choice",
-              "element: per weight; vector: per group", ("element", "vector")),
+              "element: per weight; vector: per group"),
     FieldSpec("importance.fisher_scale", "Fisher scale", "choice",
-              "taylor_2nd: Fisher ÷ tokens or not", ("tokens", "none")),
+              "taylor_2nd: Fisher ÷ tokens or not"),
     FieldSpec("importance.hessian_device", "Fisher on", "choice",
-              "taylor_2nd: where the Fisher lives", ("auto", "cpu", "device")),
+              "taylor_2nd: where the Fisher lives"),
 )
 
 LENGTH_FIELDS = (
@@ -43,21 +43,17 @@ PRUNING_FIELDS = (
     FieldSpec("pruning.max_rate", "max rate", "float", "highest pruned share of any block"),
     FieldSpec("pruning.protect_layers", "protect layers", "ints", "never pruned, e.g. 0, 1, -1 (-1 = last)",
               placeholder="none"),
-    FieldSpec("pruning.blocks", "blocks", "choice", "what is pruned", ("both", "mlp", "attention")),
-    FieldSpec("pruning.allocation", "budget", "choice", "global ranking or same rate per layer",
-              ("global", "uniform")),
-    FieldSpec("pruning.compensate", "compensate", "choice", "reconstruct: refit what stays",
-              ("none", "bias", "reconstruct")),
+    FieldSpec("pruning.blocks", "blocks", "choice", "what is pruned"),
+    FieldSpec("pruning.allocation", "budget", "choice", "global, same rate per layer, or hybrid"),
+    FieldSpec("pruning.compensate", "compensate", "choice", "reconstruct: refit what stays"),
 )
 
 PRUNING_ADVANCED = (
     FieldSpec("correction.temperature", "correction T", "float", "block-level exponent (0 = off)"),
     FieldSpec("correction.tau", "correction tau", "float", "layer-level exponent (0 = off)"),
     FieldSpec("correction.samples", "correction samples", "int", "windows for block losses"),
-    FieldSpec("normalization.level", "normalize", "choice", "none, per layer or per block",
-              ("none", "layer", "block")),
-    FieldSpec("normalization.method", "norm. method", "choice", "how scores are rescaled",
-              ("log", "minmax", "zscore", "sqrt", "mean")),
+    FieldSpec("normalization.level", "normalize", "choice", "none, per layer or per block"),
+    FieldSpec("normalization.method", "norm. method", "choice", "how scores are rescaled"),
     FieldSpec("normalization.clip", "clip", "floats", "percentiles low, high e.g. 1, 99", placeholder="none"),
     FieldSpec("pruning.early_layers", "early layers", "int", "first N layers use early max rate"),
     FieldSpec("pruning.early_max_rate", "early max rate", "float", "max rate of those layers"),

@@ -23,7 +23,7 @@ from tui.screens.steps_base import Step, value_at
 from tui.widgets.fields import FieldRow, FieldSpec, row_id
 
 MODEL_ADVANCED = (
-    FieldSpec("model.dtype", "dtype", "choice", "weights and compute precision", ("float32", "bfloat16", "float16")),
+    FieldSpec("model.dtype", "dtype", "choice", "weights and compute precision"),
     FieldSpec("model.device", "device", "text", "auto, cpu, cuda, cuda:N or mps"),
     FieldSpec("model.revision", "revision", "text", "hub branch, tag or commit (empty = default)"),
     FieldSpec("model.trust_remote_code", "trust remote code", "bool", "run code shipped with a hub model"),

@@ -22,10 +22,10 @@ from tui.widgets.fields import FieldRow, FieldSpec
 
 WHATIF_FIELDS = (
     FieldSpec("pruning.ratio", "ratio", "float"),
-    FieldSpec("normalization.level", "normalize", "choice", choices=("none", "layer", "block")),
-    FieldSpec("normalization.method", "method", "choice", choices=("log", "minmax", "zscore", "sqrt", "mean")),
-    FieldSpec("pruning.blocks", "blocks", "choice", choices=("both", "mlp", "attention")),
-    FieldSpec("pruning.allocation", "budget", "choice", choices=("global", "uniform")),
+    FieldSpec("normalization.level", "normalize", "choice"),
+    FieldSpec("normalization.method", "method", "choice"),
+    FieldSpec("pruning.blocks", "blocks", "choice"),
+    FieldSpec("pruning.allocation", "budget", "choice"),
     FieldSpec("normalization.clip", "clip %", "floats", placeholder="none"),
     FieldSpec("correction.temperature", "T", "float"),
     FieldSpec("correction.tau", "tau", "float"),

@@ -16,6 +16,8 @@ from textual.containers import Horizontal, Vertical
 from textual.widget import Widget
 from textual.widgets import Checkbox, Input, Label, RadioButton, Select, Static
 
+from sessions import choices
+
 Kind = Literal["text", "int", "float", "ints", "floats", "choice", "bool"]
 
 
@@ -41,8 +43,12 @@ class FieldSpec:
     label: str
     kind: Kind = "text"
     help: str = ""
-    choices: tuple[str, ...] = ()
+    choices: tuple[str, ...] = ()  # a "choice" without them offers the session schema's allowed values
     placeholder: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind == "choice" and not self.choices:
+            object.__setattr__(self, "choices", choices(self.key))
 
 
 def control_id(key: str) -> str:
