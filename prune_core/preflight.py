@@ -79,6 +79,13 @@ def _model_facts(spec: str, revision: str) -> tuple[str | None, int | None]:
     except BadInput as exc:
         return _with_fix(exc), None
     if path.is_dir():
+        if (path / "config.json").is_file():  # transformers must accept it (e.g. hidden size a multiple of heads)
+            from prune_core.memplan_geometry import load_config
+
+            try:
+                load_config(str(path), revision=revision)
+            except BadInput as exc:
+                return _with_fix(exc), None
         return None, _config_layers(path)
     if getattr(source, "is_hub", False) and getattr(source, "local_only", False):
         try:

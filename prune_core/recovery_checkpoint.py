@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prune_core import atomic
-from prune_core.digest import file_sha256
+from prune_core.digest import file_sha256, read_manifest
 from prune_core.errors import RunFailed
 
 FORMAT = "prune-recovery-checkpoint"
@@ -50,14 +50,10 @@ class CheckpointStore:
         return (self.folder / MANIFEST).exists()
 
     def load(self) -> Checkpoint | None:
-        path = self.folder / MANIFEST
-        if not path.exists():
+        manifest = read_manifest(self.folder / MANIFEST, lambda why: self.damaged(MANIFEST, why))
+        if manifest is None:
             return None
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise self.damaged(MANIFEST, f"is unreadable ({exc})") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        if manifest.get("format") != FORMAT:
             raise self.damaged(MANIFEST, "is not a recovery checkpoint manifest")
         if manifest.get("version") != VERSION:
             raise self.damaged(MANIFEST, f"has format version {manifest.get('version')!r}, this version reads {VERSION}")

@@ -234,6 +234,9 @@ def test_run_json_ends_with_the_end_event_on_stdout_when_the_run_fails(tmp_path:
         "model_type": "llama", "hidden_size": 64, "num_attention_heads": 5, "num_key_value_heads": 1,
         "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100}))
     path = write_session(tmp_path / "s.toml", tiny_session(tmp_path, name="bad", **{"model.id": str(bad)}))
+    code, _, err = invoke("validate", str(path))  # validate reads the config as run does
+    assert code == 2 and "not a multiple of the number of attention heads" in err
+    assert not (tmp_path / "runs" / "bad").exists()
     code, out, err = invoke("run", str(path), "--json")
     assert code == 2, err  # an invalid config is bad input, named with its reason
     assert "not a multiple of the number of attention heads" in err

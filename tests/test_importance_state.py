@@ -219,6 +219,9 @@ def test_corrupt_checkpoint_is_run_failed(model: torch.nn.Module, tmp_path: Path
     (ckpt / manifest_of(ckpt)["tensors"]).write_bytes(b"garbage")
     with pytest.raises(RunFailed, match="corrupt"):
         run_importance(model, adapter, TOKENS, method="taylor", batch_size=2, checkpoint_dir=ckpt)
+    (ckpt / "manifest.json").write_text("[1, 2]")  # valid JSON, but not a manifest
+    with pytest.raises(RunFailed, match=r"manifest\.json is not a JSON object"):
+        run_importance(model, adapter, TOKENS, method="taylor", batch_size=2, checkpoint_dir=ckpt)
 
 
 def test_nan_weight_names_batch_and_parameter(tmp_path: Path) -> None:

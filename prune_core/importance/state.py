@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prune_core.atomic import write_json, write_with
-from prune_core.digest import file_sha256
+from prune_core.digest import file_sha256, read_manifest
 from prune_core.errors import BadInput, RunFailed
 
 FORMAT = "prune-importance-checkpoint"
@@ -83,13 +83,9 @@ class CheckpointStore:
         self.folder = Path(folder)
 
     def _manifest(self) -> dict[str, Any] | None:
-        path = self.folder / MANIFEST
-        if not path.exists():
+        manifest = read_manifest(self.folder / MANIFEST, lambda why: self._corrupt(f"{MANIFEST} {why}"))
+        if manifest is None:
             return None
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise self._corrupt(f"unreadable {path.name}: {exc}") from exc
         if manifest.get("format") != FORMAT:
             raise BadInput(
                 f"{self.folder} holds something that is not an importance checkpoint",
