@@ -85,7 +85,8 @@ def _needs_surgery(s: Session, write: bool) -> bool:
 ALLOCATION_KEYS = ("normalization", "correction.temperature", "correction.tau", "pruning.ratio",
                    "pruning.min_rate", "pruning.max_rate", "pruning.protect_layers", "pruning.early_layers",
                    "pruning.early_max_rate", "pruning.depth_weight", "pruning.attention_weight",
-                   "pruning.blocks", "pruning.allocation", "pruning.depth_ramp")
+                   "pruning.blocks", "pruning.allocation", "pruning.depth_ramp",
+                   "pruning.global_share")
 
 STAGES: tuple[Stage, ...] = (
     Stage("model", "load the model", steps.load_model,

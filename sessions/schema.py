@@ -141,6 +141,9 @@ class PruningSection(_Section):
     depth_ramp: float = Field(0.0, ge=0.0, lt=1.0, description="uniform allocation: rates rise linearly with depth "
                                                                  "over the pruned layers, from (1 − ramp) to (1 + ramp) "
                                                                  "× the common rate (0 = the same rate)")
+    global_share: float = Field(0.0, ge=0.0, le=1.0, description="uniform allocation: pull each block's rate "
+                                                                   "toward the global ranking's rate for it (0 = the "
+                                                                   "same rate, 1 = the global ranking's rates)")
     early_layers: int = Field(0, ge=0, description="the first N layers use early_max_rate")
     early_max_rate: float = Field(1.0, ge=0.0, le=1.0)
     depth_weight: float = Field(0.0, ge=0.0, le=1000.0, description="importance × (1 + (1 − l/L) × depth_weight)")
@@ -165,6 +168,9 @@ class PruningSection(_Section):
     def _rates(self) -> PruningSection:
         if self.min_rate > self.max_rate:
             raise ValueError(f"min_rate ({self.min_rate}) must not exceed max_rate ({self.max_rate})")
+        if self.global_share > 0 and self.allocation != "uniform":
+            raise ValueError(f"global_share ({self.global_share}) blends the uniform budget with the global ranking: "
+                             "set allocation = \"uniform\", or global_share = 0")
         if self.depth_ramp > 0 and self.allocation == "global":
             raise ValueError(f"depth_ramp ({self.depth_ramp}) shapes the uniform budget only: set allocation = "
                              "\"uniform\" or \"hybrid\", or depth_ramp = 0 (depth_weight is the global ranking's counterpart)")

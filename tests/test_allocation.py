@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from prune_core.allocation import (
     Allocation,
     GroupCosts,
+    Selection,
     allocate,
     apply_correction,
     build_table,
@@ -596,5 +597,35 @@ def test_hybrid_takes_the_global_rankings_heads_and_one_mlp_rate() -> None:
     assert len({gl[layer] for layer in range(4)}) > 1  # where the global ranking's MLP budget is uneven
     target = math.ceil(0.3 * total)
     assert target <= hyb.removed_parameters < target + 4 * 3  # met, the extra channel shared by same-size blocks
+    assert hyb.message.startswith("removed ") and hyb.floor_parameters == 0  # not blamed on min_rate
+    uni = select(build_table(res, costs), mode="uniform", **kw)
+    assert uni.message.startswith("removed ") and uni.floor_parameters == 0
     with pytest.raises(BadInput, match="hybrid"):
         select(build_table(res, costs), mode="layerwise", **kw)
+
+
+def test_global_share_blends_the_uniform_rate_with_the_global_rankings_rates() -> None:
+    n, layers = 40, 6
+    att = [[1.0] * 2 for _ in range(layers)]
+    mlp = [[float(j + 3 * layer * j) for j in range(n)] for layer in range(layers)]  # deeper layers matter more
+    costs = GroupCosts.from_lists([50] * layers, [3] * layers, [2] * layers, [n] * layers)
+    res = make_result(att, mlp)
+    kw = dict(ratio=0.25, prunable_total=costs.prunable_total, blocks="mlp", protect_layers=[0])
+
+    def per_block(sel: Selection) -> np.ndarray:
+        table = build_table(res, costs).assign(pruned=sel.pruned)
+        return table[table["group_type"] == "mlp"].groupby("layer_idx")["pruned"].sum().to_numpy()
+
+    uni = per_block(select(build_table(res, costs), mode="uniform", **kw))
+    glob = per_block(select(build_table(res, costs), **kw))
+    none = select(build_table(res, costs), mode="uniform", global_share=0.0, **kw)
+    assert (per_block(none) == uni).all()
+    full = per_block(select(build_table(res, costs), mode="uniform", global_share=1.0, **kw))
+    assert np.abs(full - glob).max() <= 1  # the global ranking's counts, up to the rounding's extra channel
+    half_sel = select(build_table(res, costs), mode="uniform", global_share=0.5, **kw)
+    half = per_block(half_sel)
+    assert np.abs(half - (uni + glob) / 2).max() <= 1.5 and half[0] == 0  # halfway; the protected layer kept
+    target = math.ceil(0.25 * costs.prunable_total)
+    assert target <= half_sel.removed_parameters < target + 3  # met, overshooting by less than one channel
+    with pytest.raises(BadInput, match="global_share"):
+        select(build_table(res, costs), mode="uniform", global_share=1.5, **kw)

@@ -106,6 +106,8 @@ def test_save_failure_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.Mon
         ("[session]\nname = 'has space'", "session.name", "folder name"),
         ("schema_version = 2", "schema_version", "less than or equal to 1"),
         ("pruning = 3", "pruning", "must be a table"),
+        ("[pruning]\nglobal_share = 0.5", "pruning", "set allocation = \"uniform\", or global_share = 0"),
+        ("[pruning]\ndepth_ramp = 0.5", "pruning", "set allocation = \"uniform\" or \"hybrid\""),
     ],
 )
 def test_each_validation_error_names_key_and_allowed_values(text: str, path: str, needle: str) -> None:

@@ -265,6 +265,33 @@ def test_sighup_checkpoints_the_tui_run_exits_129_and_resumes(tmp_path: Path, en
     assert resumed[-1]["mask_sha256"] == reference[-1]["mask_sha256"]
 
 
+def test_ctrl_c_in_the_tui_checkpoints_exits_130_and_prints_how_to_resume(tmp_path: Path,
+                                                                        env: dict[str, str]) -> None:
+    """In a real terminal Ctrl-C reaches the app as a key (raw mode), not as SIGINT: it still stops the pass
+    after its batch with a checkpoint, exits 130 as the README says, and leaves one line saying how to resume."""
+    path = slow_session(tmp_path, "intr", **{"importance.checkpoint_seconds": 600.0, "data.num_samples": 400})
+    folder = tmp_path / "runs" / "intr"
+    pane = Pane(tmp_path, env)
+    try:
+        pane.send_line(f"cd {tmp_path} && {prune_command()} {path.name}; echo EXIT=$?")
+        pane.wait(lambda t: "6 Review" in t and "valid" in t, "the review step")
+        pane.send("C-r")
+        deadline = time.monotonic() + 180
+        while logged_batch(folder) < 2:
+            assert time.monotonic() < deadline, pane.capture()
+            time.sleep(0.02)
+        pane.send("C-c")
+        text = pane.wait(lambda t: re.search(r"^EXIT=\d+", t, re.M) is not None, "the app to exit", 120)
+        assert re.search(r"^EXIT=130$", text, re.M), text
+        flat = " ".join(text.split())
+        assert "interrupted: importance pass stopped after batch" in flat, text
+        assert f"resume with: prune run {path.name}" in flat, text
+        assert_terminal_clean(pane)
+    finally:
+        pane.close()
+    assert (folder / "state" / "checkpoints").is_dir() and any((folder / "state" / "checkpoints").rglob("*"))
+
+
 def test_headless_progress_fits_80_columns(tmp_path: Path, env: dict[str, str]) -> None:
     """`prune run` at 80×24 in tmux: the live line shows the stage, batch n/N, loss, tok/s and the ETA;
     Ctrl-C says "stopping after batch n/N…" at once, and the run exits 130 with the pass checkpointed."""

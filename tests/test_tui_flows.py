@@ -287,6 +287,99 @@ async def test_quit_while_running_asks_and_stops_the_engine(tmp_path: Path) -> N
     assert stopping
     assert app.return_code == 130  # interrupted and checkpointed, like Ctrl-C in `prune run`
     assert app.pipeline.done_batches == 1  # stopped after the batch it was in
+    # the line printed once the terminal is back: r.toml was never written, so no command resumes it
+    assert app.exit_note.startswith("interrupted: stopped after batch 1") and "not saved" in app.exit_note
+
+
+@pytest.mark.anyio
+async def test_ctrl_c_stops_the_run_like_sigint_and_says_how_to_resume(tmp_path: Path) -> None:
+    """Inside the app Ctrl+C is a key, not SIGINT: it still checkpoints the pass and exits 130 (as the
+    README says), and the line left on the terminal names the command that resumes the run."""
+    gate = threading.Semaphore(0)
+    path = tiny_session_file(tmp_path)
+    app = make_app(path, gate=gate)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: app.state.busy == "run" and app.screen.id == "run", what="running")
+        gate.release()
+        await wait_for(pilot, lambda: app.state.run_state.batch is not None, what="first batch")
+        try:
+            await pilot.press("ctrl+c")
+            await pilot.pause()
+            assert app._stop.is_set() and app.is_running and app.state.run_state.stopping
+        finally:
+            for _ in range(FakePipeline.batches):
+                gate.release()
+        await exited(app)
+    assert app.return_code == 130
+    assert app.pipeline.done_batches == 2 and app.pipeline.has_checkpoint(app.state.session)
+    assert app.exit_note.startswith("interrupted: stopped after batch 2")
+    assert f"resume with: prune run {path}" in app.exit_note
+
+
+@pytest.mark.anyio
+async def test_ctrl_c_when_idle_asks_about_unsaved_changes_then_exits_130(tmp_path: Path) -> None:
+    app = make_app(tiny_session_file(tmp_path))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await goto_step(app, pilot, "pruning")
+        await pilot.press(*"0.4")
+        await pilot.press("ctrl+c")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the unsaved-changes question")
+        assert "unsaved changes" in str(app.screen.query_one(".dialog-message").render())
+        await pilot.press("n")
+        await pilot.pause()
+        assert app.is_running and isinstance(app.screen, SetupScreen)
+        await pilot.press("ctrl+s", "ctrl+c")  # saved: nothing to ask
+        await exited(app)
+    assert app.return_code == 130
+
+
+def test_run_tui_prints_the_exit_note_once_the_terminal_is_back(monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import tui
+    import tui.app
+
+    class Stopped:
+        return_code, stop_at_once = 130, False
+        exit_note = "interrupted: stopped after batch 2/4; resume with: prune run s.toml (or prune tui s.toml, then r)"
+
+        def __init__(self, path: Path | None) -> None:
+            pass
+
+        def run(self) -> None:
+            return None
+
+    monkeypatch.setattr(tui.app, "PruneApp", Stopped)
+    assert tui.run_tui(None) == 130
+    assert capsys.readouterr().err == Stopped.exit_note + "\n"
+
+
+@pytest.mark.anyio
+async def test_the_saved_model_line_names_the_allocation_it_belongs_to(tmp_path: Path) -> None:
+    """After a what-if the Actions tab does not pass the earlier allocation's model off as this one's."""
+    from tests.test_tui_support import shown
+
+    app = make_app(tiny_session_file(tmp_path))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("ctrl+r")
+        await settle(app, pilot)
+        await pilot.press("m")
+        await settle(app, pilot)
+        model = tmp_path / "session" / "model"
+        status = app.screen.query_one("#action-status")
+        assert f"Pruned model saved to {model}" in shown(status)
+        original = app.state.session
+        app.job_allocate(original.with_updates({"pruning.ratio": 0.3}), "what-if")
+        await settle(app, pilot)
+        text = shown(status)
+        assert "Pruned model saved to" not in text
+        assert f"{model} holds the model of the earlier allocation" in " ".join(text.split())
+        app.job_allocate(original, "what-if")  # back where the saved model belongs
+        await settle(app, pilot)
+        assert f"Pruned model saved to {model}" in shown(status)
 
 
 @pytest.mark.anyio

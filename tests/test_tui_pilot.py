@@ -116,9 +116,12 @@ async def test_keyboard_walk_run_fix_whatif_save_reopen(tmp_path: Path, monkeypa
             assert getattr(getattr(app.state.session, section), name) == value
         assert app.title == "prune — walk *"
 
-        # what-if: a new ratio, allocated at once with the previous allocation kept beside it
+        # what-if: a new ratio, allocated at once with the previous allocation kept beside it; w opens the
+        # panel without focusing a text field (a single-key command stays a command), Tab enters the ratio
         await pilot.press("w")
         await pilot.pause()
+        assert not isinstance(app.focused, Input)
+        await pilot.press("tab")
         await type_into(pilot, app, "f-pruning--ratio", "0.25")
         await pilot.press("enter")
         await settle(app, pilot)

@@ -77,7 +77,7 @@ def test_results_screen(snap_compare: Any, app: PruneApp, tab: str, size: str) -
         app.screen.action_tab(tab)  # type: ignore[attr-defined]
         await pilot.pause()
         if tab == "whatif":
-            await pilot.press(*"0.3", "enter")  # the ratio field has focus; shows new beside previous
+            await pilot.press("tab", *"0.3", "enter")  # Tab enters the ratio field; shows new beside previous
             await settle(app, pilot)
             assert app.state.results is not None and app.state.results.previous is not None
         if tab == "actions":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from pathlib import Path
 
 
@@ -12,10 +15,10 @@ def run_tui(path: Path | None = None) -> int:
     app = PruneApp(Path(path) if path is not None else None)
     result = app.run()
     code = int(result or 0) if app.return_code in (None, 0) else int(app.return_code)
+    if app.exit_note:  # the terminal is restored: one plain line, as `prune run` prints when it stops
+        with contextlib.suppress(OSError, ValueError):  # after SIGHUP there may be no terminal left
+            print(app.exit_note, file=sys.stderr, flush=True)
     if app.stop_at_once:  # a third Ctrl-C: do not wait for the engine thread's checkpoint
-        import os
-        import sys
-
         sys.stdout.flush()
         os._exit(code)
     return code

@@ -10,9 +10,12 @@ talks back only through `post_message`.
 Signals are handled like `prune run`: SIGHUP, SIGTERM and SIGINT set the stop flag, the engine
 worker checkpoints the pass after its current batch (the run screen says "stopping after batch
 n/N…" meanwhile), and the app restores the terminal and exits 129, 143 or 130. A second SIGINT says
-what stopping at once would lose; a third stops at once. Quitting during a run does the same and
-exits 130. Opened on a results folder that another process is writing, the app follows that run's
-event log on the run screen (`jobs.follow`); x asks that run to stop (checkpointed).
+what stopping at once would lose; a third stops at once. Ctrl+C inside the app is a key (the terminal
+is raw), bound to the same handling as SIGINT; quitting during a run does the same and exits 130. Once
+the terminal is back, `run_tui` prints `exit_note`: where the pass stopped and how to resume it.
+A path (command line or ctrl+o) is read one way (`tui.runfolder.classify`): on a results folder that
+another process is writing, the app follows that run's event log on the run screen (`jobs.follow`; x
+asks that run to stop, checkpointed); on a run folder that stopped, it says how to resume it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import sessions
 import tui.engine as engine
 import tui.jobs as jobs
 import tui.keys as keys
+import tui.runfolder as runfolder
 from prune_core.errors import Interrupted, PruneError
 from prune_core.events import Event
 from sessions import Session, SessionError
@@ -128,14 +132,19 @@ class PruneApp(App[int]):
         self._warned_at = 0.0
         self._quitting = False
         self._signals: list[tuple[asyncio.AbstractEventLoop, int]] = []
+        self._run_session: Session | None = None  # the session of the last run started here
         self.stop_at_once = False             # the user confirmed stopping without a checkpoint
+        self.exit_note = ""                   # one line for the terminal once the app has exited
+        self._open_after_follow: Path | None = None  # ctrl+o while following: opened once that has stopped
+        self._asking_interrupt = False
 
     # -- start-up --------------------------------------------------------------------------------
     def on_mount(self) -> None:
         self._install_signal_handlers()
         self.register_theme(PRUNE_THEME)
         self.theme = "prune"
-        initial = self._load_start_path()
+        target = runfolder.classify(self.start_path, self.pipeline) if self.start_path is not None else None
+        initial = (self._read_target(target, starting=True) if target is not None else None) or "model"
         self.install_screen(SetupScreen(self.state, initial), "setup")
         self.install_screen(RunScreen(self.state), "run")
         self.install_screen(ResultsScreen(self.state), "results")
@@ -143,40 +152,75 @@ class PruneApp(App[int]):
         self.update_title()
         if self.state.cpu_flops is None:
             self._measure()
-        path = self.start_path
-        if path is not None and path.is_dir() and engine.run_holder(path) is not None:
-            self.job_follow(path)
-        elif path is not None and engine.is_results_folder(path):
-            self.job_open_results(path)
-        elif self.state.session_path is not None and self.state.session_path.is_file() and not self.state.problems:
-            self.job_check_checkpoint()
+        if target is not None:
+            self._start_target(target)
 
-    def _load_start_path(self) -> str:
-        """Read the path given on the command line; return the set-up step to start at."""
-        path, state = self.start_path, self.state
-        if path is None or engine.is_results_folder(path) or (path.is_dir() and engine.run_holder(path)):
-            return "model"
-        if path.is_dir():
-            self.notify(f"{path} is not a results folder (no session.toml)", severity="error", markup=False)
-            return "model"
+    def _read_target(self, target: runfolder.Target, *, starting: bool) -> str | None:
+        """Make what `target` names the current session; return the set-up step to show (None: not opened).
+
+        The one reading of a path, at start-up and for ctrl+o: a session file (invalid ones open with
+        their problems inline), a results folder (read by a job), a run folder (its session file when known).
+        """
+        path, state = target.path, self.state
+        if target.kind == "results":
+            return "model"  # `_start_target` reads it; its session becomes the current one
+        if target.kind == "folder":
+            self.notify(f"{path} is a folder, but not a results folder (no session.toml) and holds no run: "
+                        "open a session .toml or a results folder", severity="error", timeout=10, markup=False)
+            return None
+        if target.kind in ("follow", "stopped"):
+            if target.session is None or target.session_file is None:
+                return "model"
+            state.session_path = target.session_file
+            state.saved_text = target.session_file.read_text(encoding="utf-8-sig")
+            self.set_session(target.session, saved=True)
+            return "review"
         if not path.exists():
+            if not starting:
+                self.notify(f"{path} does not exist", severity="error", timeout=10, markup=False)
+                return None
             state.session_path = path
             with contextlib.suppress(SessionError):  # a new file: name the session after it if that is valid
                 state.set_session(state.session.with_updates({"session.name": path.stem}), saved=True)
             return "model"
-        state.session_path = path
-        state.saved_text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the TOML
         try:
-            state.set_session(sessions.parse_text(state.saved_text, source=str(path)), saved=True)
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the TOML
+        except (OSError, UnicodeDecodeError) as exc:
+            self.notify(f"Cannot read {path}: {exc}", severity="error", timeout=10, markup=False)
+            return None
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            if not starting:  # ctrl+o on something that is no TOML at all: keep the session (ctrl+s would overwrite it)
+                self.notify(f"{path} is not a session file: {exc}", severity="error", timeout=10, markup=False)
+                return None
+            raw = {}
+        state.session_path, state.saved_text = path, text
+        try:
+            self.set_session(sessions.parse_text(text, source=str(path)), saved=True)
         except SessionError as exc:
-            try:
-                raw = tomllib.loads(state.saved_text)
-            except tomllib.TOMLDecodeError:
-                raw = {}
             state.form_data = _deep_merge(Session().model_dump(), raw)
             state.saved_form = copy.deepcopy(state.form_data)
             state.problems = list(exc.problems)
+            self.update_title()
         return "review"
+
+    def _start_target(self, target: runfolder.Target) -> None:
+        """The job an opened path starts: follow a live run, read results, offer to resume a checkpoint."""
+        state = self.state
+        if target.kind == "follow":
+            if self.job_follow(target.path) and target.session is None:
+                self.notify(f"Following the run in {target.path}. Its session file was not found (not on the "
+                            "run's lock line, none here writes to that folder): the set-up shows a new session, "
+                            "not the run's.", timeout=10, markup=False)
+        elif target.kind == "results":
+            self.job_open_results(target.path)
+        elif target.kind == "stopped":
+            self.notify(runfolder.stopped_message(target), severity="warning", timeout=30, markup=False)
+            if target.resumes_here:
+                self.job_check_checkpoint()
+        elif state.session_path is not None and state.session_path.is_file() and not state.problems:
+            self.job_check_checkpoint()
 
     # -- signals -----------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -207,6 +251,10 @@ class PruneApp(App[int]):
             now = time.monotonic()
             if self._warned_at and now - self._warned_at <= CONFIRM_S:
                 self.stop_at_once = True
+                if self.state.busy == "run":
+                    kept = self.state.run_state.checkpoint
+                    self.exit_note = self._resume_note("interrupted at once: " + (
+                        f"the checkpoint after batch {kept.batch} is kept" if kept else "no checkpoint was written"))
                 self.exit(return_code=self._exit_after_job)
                 return
             self._warned_at = now
@@ -221,6 +269,8 @@ class PruneApp(App[int]):
         """Exit with `code` now, or (a job running) once it has stopped after its current step."""
         busy = self.state.busy
         if busy is None or busy == "follow":
+            if busy == "follow":
+                self._leave_followed_run()
             self._leave.set()
             self.exit(return_code=code)
             return
@@ -231,6 +281,21 @@ class PruneApp(App[int]):
         self.state.run_state.version += 1
         self.broadcast("run_stopping")
         self.notify(self._stopping_text(), severity="warning", timeout=30, markup=False)
+
+    def _leave_followed_run(self) -> None:
+        """Stop following another process's run (it goes on) and say so once the terminal is back."""
+        self._leave.set()
+        folder = self.state.run_state.results_dir
+        self.exit_note = f"left the run in {folder}; it goes on (follow it again: prune tui {folder})"
+
+    def _resume_note(self, what: str) -> str:
+        """One plain line for the terminal after the app exits mid-run: what happened and how to resume."""
+        run, path, state = self._run_session, self.state.session_path, self.state
+        if run is not None and path is not None and path.is_file() and run.model_dump() == state.saved_dump:
+            return f"{what}; resume with: prune run {path} (or prune tui {path}, then r)"
+        folder = state.run_state.results_dir or (str(self.pipeline.results_dir_for(run)) if run else "")
+        return (f"{what}; the run's settings were not saved to a session file, so only a run with the same "
+                f"settings into {folder} resumes it")
 
     def _stopping_text(self) -> str:
         b = self.state.run_state.batch
@@ -404,20 +469,43 @@ class PruneApp(App[int]):
                          chosen)
 
     def open_path(self, path: Path) -> None:
-        if engine.is_results_folder(path):
-            self.job_open_results(path)
+        """Open a session file, a results folder or a run folder, as `prune tui PATH` does at start-up.
+
+        Unsaved changes are never dropped silently: the app asks first, as it does on quit.
+        """
+        if self.state.busy not in (None, "follow"):
+            self.notify(f"Wait for {job_label(self.state.busy)} to finish (x stops it), then open {path}.",
+                        severity="warning", markup=False)
             return
-        try:
-            session = sessions.load(path)
-        except PruneError as exc:
-            self.notify(str(exc), severity="error", timeout=10, markup=False)
+        if not self.state.dirty:
+            self._open(path)
             return
-        state = self.state
-        state.session_path, state.saved_text = path, path.read_text(encoding="utf-8-sig")
-        state.results, state.results_path, state.samples, state.saved_model_path = None, None, ("", ""), None
-        self.set_session(session, saved=True)
-        self.action_step("review")
-        self.job_check_checkpoint()
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self._open(path)
+
+        self.push_screen(ConfirmScreen("Discard unsaved changes?", f"The session has unsaved changes. Opening "
+                                       f"{path} discards them (ctrl+s saves them first).", "Open", "Stay"), answer)
+
+    def _open(self, path: Path) -> None:
+        if self.state.busy == "follow":  # stop following first (that run goes on in its own process)
+            self._open_after_follow = path
+            self._leave.set()
+            return
+        target = runfolder.classify(path, self.pipeline)
+        step = self._read_target(target, starting=False)
+        if step is None:
+            return
+        if target.kind in ("session", "follow") or target.session is not None:
+            state = self.state  # the results shown so far belong to the session being replaced
+            state.results, state.results_path, state.samples = None, None, ("", "")
+            state.set_saved_model(None, None)
+        self.broadcast("session")
+        self.refresh_bindings()
+        if target.kind == "session" or (target.kind == "stopped" and target.session is not None):
+            self.action_step(step)
+        self._start_target(target)
 
     def action_run(self, fresh: bool = False, resume: bool = False) -> None:
         if self._refuse_invalid():
@@ -497,7 +585,7 @@ class PruneApp(App[int]):
         if state.dirty:
             why.append("the session has unsaved changes")
         if state.busy == "follow":
-            self._leave.set()
+            self._leave_followed_run()
             self.exit(0)  # the followed run goes on in its own process
             return
         if state.busy:
@@ -509,6 +597,27 @@ class PruneApp(App[int]):
                 self._stop_then_exit(EXIT_QUIT_RUN if state.busy == "run" else 0)
 
         self.push_screen(ConfirmScreen("Quit?", "; ".join(why).capitalize() + ".", "Quit", "Stay"), answer)
+
+    def action_interrupt(self) -> None:
+        """Ctrl+C. The terminal is raw inside the app, so Ctrl+C arrives as a key, not as SIGINT: do what
+        SIGINT does (checkpoint the run, exit 130; repeated, stop at once), asking first about unsaved changes."""
+        state = self.state
+        if self._exit_after_job is not None or not state.dirty or state.busy == "follow":
+            self.on_signal("SIGINT")
+            return
+        if self._asking_interrupt:
+            return  # the question is open already: answer it
+        self._asking_interrupt = True
+        why = "The session has unsaved changes"
+        if state.busy:
+            why += f"; {job_label(state.busy)} is stopped after its current step (checkpointed)"
+
+        def answer(yes: bool | None) -> None:
+            self._asking_interrupt = False
+            if yes:
+                self.on_signal("SIGINT")
+
+        self.push_screen(ConfirmScreen("Stop and quit?", why + ".", "Quit", "Stay"), answer)
 
     # -- model inspection (Model step) -----------------------------------------------------------
     def inspect_model(self) -> None:
@@ -569,6 +678,7 @@ class PruneApp(App[int]):
     def job_run(self, *, fresh: bool = False) -> bool:
         """The whole session (a resume is the same call: the pass continues from its checkpoint)."""
         ctx, session = self._jobs(), self.state.session
+        self._run_session = session
         return self._start("run", lambda: jobs.run_session(ctx, session, fresh=fresh))
 
     def job_allocate(self, session: Session, reason: str) -> bool:
@@ -620,7 +730,8 @@ class PruneApp(App[int]):
             self._remember_speed(state.session)
             state.results = from_report(result)
             state.results_path = state.results.results_dir
-            state.engine_ready, state.samples, state.saved_model_path = True, ("", ""), result.model_dir
+            state.engine_ready, state.samples = True, ("", "")
+            state.set_saved_model(result.model_dir, result.session)
             state.run_state.results_dir = str(state.results_path or "")
             state.run_state.finish("done")
             self.broadcast("run_finished")
@@ -649,7 +760,7 @@ class PruneApp(App[int]):
         elif name == "save_model":
             report, folder, new_folder = result
             state.engine_ready = True
-            state.saved_model_path = report.model_dir or folder / "model"
+            state.set_saved_model(report.model_dir or folder / "model", report.session)
             if new_folder:  # a what-if: its own results folder, the one shown before stays as it was
                 previous = state.results_path
                 state.results = from_report(report, previous=old.allocation if old else None)
@@ -668,16 +779,19 @@ class PruneApp(App[int]):
         elif name == "follow":
             path, end = result
             kind, text = end
-            if kind == "run_done":
+            pending, self._open_after_follow = self._open_after_follow, None
+            if kind == "run_done" and pending is None:
                 state.run_state.finish("done")
                 self.broadcast("run_finished")
                 self.refresh_bindings()
                 self.job_open_results(path)
                 return
-            state.run_state.finish("interrupted" if kind == "run_interrupted" else "failed", text)
+            state.run_state.finish({"run_done": "done", "run_interrupted": "interrupted"}.get(kind, "failed"), text)
             self.broadcast("run_finished")
-            if kind != "left":
+            if kind not in ("left", "run_done"):
                 self.notify(f"The followed run ended: {text}", severity="warning", timeout=10, markup=False)
+            if pending is not None:
+                self.call_after_refresh(self._open, pending)
         elif name == "open":
             path, report = result
             self._show_report(report, path)
@@ -697,7 +811,8 @@ class PruneApp(App[int]):
         """Results read back from a folder become the shown results (and their session the current one)."""
         state = self.state
         state.results, state.results_path = from_report(report, from_folder=True, results_dir=path), path
-        state.samples, state.saved_model_path, state.engine_ready = ("", ""), report.model_dir, False
+        state.samples, state.engine_ready = ("", ""), False
+        state.set_saved_model(report.model_dir, report.session)
         if isinstance(state.results.session, Session):
             state.session_path, state.saved_text = None, None
             self.set_session(state.results.session, saved=True)
@@ -723,7 +838,7 @@ class PruneApp(App[int]):
             return
         if report is not None and state.results is None:
             state.results, state.results_path = from_report(report, from_folder=True), report.results_dir
-            state.saved_model_path = report.model_dir
+            state.set_saved_model(report.model_dir, report.session)
             same = report.session.resolved().model_dump() == session.resolved().model_dump()
             if same and not self.screen.is_modal:
                 self.switch_screen("results")
@@ -749,6 +864,9 @@ class PruneApp(App[int]):
         if self._exit_after_job is not None:
             if message.job == "run":
                 state.run_state.finish("interrupted" if message.interrupted else "failed", str(error))
+                if message.interrupted:
+                    what = error.message if isinstance(error, PruneError) else str(error)
+                    self.exit_note = self._resume_note(f"interrupted: {what}")
             self.exit(return_code=self._exit_after_job)
             return
         text = str(error) if isinstance(error, PruneError) else f"{type(error).__name__}: {error}"

@@ -172,3 +172,22 @@ def is_results_folder(path: Path) -> bool:
     from prune_core.report import is_results_folder as _is
 
     return _is(path)
+
+
+def run_log_tail(path: Path, max_bytes: int = 1 << 20) -> list[dict[str, Any]]:
+    """The last events of the log a run wrote into `path` (`events.ndjson`; at most `max_bytes` of it, so a
+    long run's log is read quickly), one dict per event; [] when there is none."""
+    from prune_core.eventlog import log_path, read_lines
+
+    try:
+        size = log_path(Path(path)).stat().st_size
+        return list(read_lines(Path(path), max(0, size - max_bytes))[0])  # a cut first line does not parse
+    except OSError:
+        return []
+
+
+def folder_has_checkpoint(path: Path) -> bool:
+    """An interrupted importance pass of results folder `path` can be resumed (`pipeline.has_checkpoint`)."""
+    from prune_core.pipeline import has_checkpoint
+
+    return bool(has_checkpoint(Path(path)))

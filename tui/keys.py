@@ -19,6 +19,9 @@ APP_BINDINGS: list[BindingType] = [
             tooltip="Show results, diagnosis and what-if."),
     Binding("ctrl+q", "quit", "Quit", priority=True, id="app.quit",
             tooltip="Quit (asks first when there are unsaved changes or a job is running)."),
+    Binding("ctrl+c", "interrupt", "Interrupt", show=False, priority=True, id="app.interrupt",
+            tooltip="As in prune run: stop the run after this batch (checkpointed) and exit 130; pressed again, "
+                    "it says what stopping at once loses, a third time it does that (asks first about unsaved changes)."),
 ]
 
 GUIDE = """\

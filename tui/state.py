@@ -19,6 +19,7 @@ import sessions
 from sessions import Session, SessionError, check_against_model, validate_dict
 from sessions.presets import recommended
 from tui.engine import ModelInfo
+from tui.jobs import same_run
 from tui.results_model import ResultsData, perplexities
 from tui.runstate import RunState
 
@@ -60,6 +61,7 @@ class WorkbenchState:
     results: ResultsData | None = None
     results_path: Path | None = None
     saved_model_path: Path | None = None
+    saved_model_session: Session | None = None  # the session whose pruned model is at saved_model_path
     samples: tuple[str, str] = ("", "")
     engine_ready: bool = False     # the app's memo holds the importance: a what-if needs no model load
     # measured speed of real passes: "model|method|device" -> (tokens/s, seq_len), calibrates the estimate
@@ -109,24 +111,59 @@ class WorkbenchState:
         if text is not None:
             self.saved_text = text
 
-    def apply_form(self, data: dict[str, Any]) -> None:
-        """Validate the set-up form; a valid form becomes the session, problems are kept for display."""
+    def apply_form(self, data: dict[str, Any], hints: dict[str, str] | None = None) -> None:
+        """Validate the set-up form; a valid form becomes the session, problems are kept for display.
+
+        Every problem shows, not only the schema's: the checks that need a whole session (layer indices
+        against the inspected model, the dataset's size) run on the form with its invalid values put back
+        to the last valid ones. `hints` are the form's own words for a field it could not read (a list).
+        """
         self.form_data = data
         try:
             session: Session | None = validate_dict(copy.deepcopy(data), source="form")
             problems: list[tuple[str, str]] = []
         except SessionError as exc:
             session, problems = None, list(exc.problems)
-        info = self.model_info
-        if session is not None and info is not None and info.spec == session.model.id and info.layers:
-            problems += check_against_model(session, info.layers)
-        if session is not None:  # a dataset path that does not exist, a text too short for the windows
-            from prune_core.preflight import data_problems
-
-            problems += data_problems(session)
+        bad = {p for p, _ in problems}
+        checked = session if session is not None else self._repaired(data, bad)
+        if checked is not None:
+            problems += [(p, m) for p, m in self._session_checks(checked) if p not in bad]
+        hints = hints or {}
+        problems = [(p, hints.get(p, m)) for p, m in problems]
+        problems += [(p, m) for p, m in hints.items() if p not in {q for q, _ in problems}]
         self.problems = problems
         if session is not None:
             self.session = session
+
+    def _repaired(self, data: dict[str, Any], bad: set[str]) -> Session | None:
+        """The form with each invalid value put back to the last valid session's (None if still invalid)."""
+        fixed, good = copy.deepcopy(data), self.session.model_dump()
+        for path in bad:
+            section, _, key = path.partition(".")
+            key = key.partition(".")[0]
+            node = fixed.get(section)
+            if not isinstance(node, dict) or section not in good:
+                fixed[section] = copy.deepcopy(good.get(section, {}))
+            elif not key:
+                fixed[section] = copy.deepcopy(good[section])
+            elif key in good[section]:
+                node[key] = copy.deepcopy(good[section][key])
+            else:
+                node.pop(key, None)  # an unknown key (a typo in a file)
+        try:
+            return validate_dict(fixed, source="form")
+        except SessionError:
+            return None
+
+    def _session_checks(self, session: Session) -> list[tuple[str, str]]:
+        """Problems only a whole session shows: layers of the inspected model, the dataset's size."""
+        problems: list[tuple[str, str]] = []
+        info = self.model_info
+        if info is not None and info.spec == session.model.id and info.layers:
+            problems += check_against_model(session, info.layers)
+        from prune_core.preflight import data_problems  # a dataset path that does not exist, a short text
+
+        return problems + list(data_problems(session))
 
     def draft_toml(self) -> str:
         """The session as it will be saved (or, while invalid, the form's raw values)."""
@@ -136,6 +173,10 @@ class WorkbenchState:
             return "# not valid yet: see the problems above\n" + tomlkit.dumps(self.form_data)
         except Exception:
             return "# not valid yet: see the problems above\n"
+
+    def set_saved_model(self, path: Path | None, session: Session | None) -> None:
+        """Where the pruned model of `session` is saved (None: no saved model)."""
+        self.saved_model_path, self.saved_model_session = path, (session if path else None)
 
     def gpu_for(self, device: str) -> bool:
         return device.startswith("cuda") or (device == "auto" and self.has_cuda)
@@ -161,5 +202,9 @@ class WorkbenchState:
             if self.results.results_dir:
                 lines.append(f"Results folder: {self.results.results_dir}")
         if self.saved_model_path:
-            lines.append(f"Pruned model saved to {self.saved_model_path}")
+            if self.saved_model_session is None or same_run(self.saved_model_session, self.session):
+                lines.append(f"Pruned model saved to {self.saved_model_path}")
+            else:
+                lines.append(f"{self.saved_model_path} holds the model of the earlier allocation, "
+                             "not of this one (m saves this one)")
         return "\n".join(lines) or "Evaluate, save the pruned model, or generate a sample below."

@@ -63,7 +63,7 @@ def allocate_table(table: pd.DataFrame, costs: GroupCosts, session: Any, block: 
                             protect_layers=resolve_layers(p.protect_layers, num_layers),
                             early_layers=p.early_layers, early_max_rate=p.early_max_rate,
                             blocks=getattr(p, "blocks", "both"), mode=getattr(p, "allocation", "global"),
-                            depth_ramp=getattr(p, "depth_ramp", 0.0))
+                            depth_ramp=getattr(p, "depth_ramp", 0.0), global_share=getattr(p, "global_share", 0.0))
     normalized["pruned"] = sel.pruned
     return Allocation(
         table=normalized,

@@ -18,7 +18,8 @@ groups or its MLP channels, with n groups:
 `blocks = "mlp"` (or "attention") caps the other block type at 0, like a protected layer.
 `mode = "hybrid"` takes the attention groups the global ranking removes (heads compete with channels
 across layers) and spends the rest of the budget on MLP channels as `uniform` does (the same rate in
-every prunable MLP block): measured, the global ranking's MLP budget collapses at high ratios.
+every prunable MLP block). Measured on smollm2-135m: no better than `uniform` at 20 %, and the heads
+removed cost 27 % in-domain at 40 % (BENCHMARKS.md, "Seventh screening").
 `mode = "uniform"` (LLM-Pruner's budget) replaces the global ranking: every prunable block removes
 the same fraction of its groups (⌊r·n⌋, plus one for the largest remainders until the target is
 met; blocks of the same size take that one more together, so they keep one width — without protected
@@ -26,7 +27,11 @@ layers the model then exports to a plain Hugging Face config), its lowest-ranked
 rate rises with depth instead (SlimGPT's increasing per-layer ratios: errors of early layers travel
 through all later ones): block b of the i-th of the m prunable layers gets r·w_b, with
 w_b = 1 + d·(2i/(m − 1) − 1) (from 1 − d to 1 + d, mean 1), r the largest common factor whose removed
-cost stays within the target (bisection), then the largest remainders as above.
+cost stays within the target (bisection), then the largest remainders as above. With `global_share` = α > 0
+each block's rate is pulled toward the rate the global ranking gives it: w_b = (1 − α)·r₀ + α·g_b (r₀ the
+common rate, g_b the global ranking's share of the block; times the depth weights), scaled as above to
+meet the target — α = 1 gives about the global ranking's per-block counts, each block still losing its
+lowest-ranked groups. Measured: the global shape wins at 20 % and loses at 40 %.
 Both apply to the block's lowest-ranked groups first: the floor groups of every block are removed
 up front, then the remaining allowed groups (rank inside their block < cap) are taken in global
 order. The set removed from a block is therefore always a prefix of its own ranking.
@@ -169,7 +174,7 @@ def depth_weights(cap: np.ndarray, ramp: float) -> np.ndarray:
 def select(table: pd.DataFrame, *, ratio: float, prunable_total: int, min_rate: float = 0.0,
            max_rate: float = 1.0, protect_layers: Iterable[int] = (), early_layers: int = 0,
            early_max_rate: float = 1.0, blocks: str = "both", mode: str = "global",
-           depth_ramp: float = 0.0) -> Selection:
+           depth_ramp: float = 0.0, global_share: float = 0.0) -> Selection:
     """Choose the groups to prune (see the module docstring); the table is not modified.
 
     `blocks` = "mlp" / "attention" prunes only that block type; `mode` = "uniform" gives every
@@ -181,6 +186,8 @@ def select(table: pd.DataFrame, *, ratio: float, prunable_total: int, min_rate: 
         raise BadInput(f"unknown allocation {mode!r}", "use global, uniform or hybrid")
     if not 0.0 <= depth_ramp < 1.0:
         raise BadInput(f"depth_ramp {depth_ramp} is outside [0, 1)", "use e.g. 0.5: rates from 0.5× to 1.5× the mean")
+    if not 0.0 <= global_share <= 1.0:
+        raise BadInput(f"global_share {global_share} is outside [0, 1]", "use e.g. 0.5: halfway to the global rates")
     if not 0.0 <= ratio <= 1.0:
         raise BadInput(f"ratio {ratio} is outside [0, 1]", "use a fraction such as 0.2")
     if min_rate > max_rate:
@@ -202,11 +209,21 @@ def select(table: pd.DataFrame, *, ratio: float, prunable_total: int, min_rate: 
     rank[o2] = np.arange(n_rows, dtype=np.int64) - starts[bs[o2]]
 
     cost_pos = table["cost"].to_numpy().astype(np.int64)[order]
+    rate_floor_cost = int(cost_pos[rank < floor[bs]].sum())  # what min_rate alone forces
     if mode in ("uniform", "hybrid"):
         n_block = counts.astype(np.int64)
         cost_block = np.zeros(len(cap), dtype=np.int64)
         cost_block[bs] = cost_pos  # a block's groups share one cost
         weight = depth_weights(cap, depth_ramp) if depth_ramp > 0 else None
+        if mode == "uniform" and global_share > 0:  # rates pulled toward the global ranking's per-block rates
+            ranked = select(table, ratio=ratio, prunable_total=total, min_rate=min_rate, max_rate=max_rate,
+                            protect_layers=protect, early_layers=early_layers, early_max_rate=early_max_rate,
+                            blocks=blocks)
+            live = cap > 0
+            common = target / max(float((n_block * cost_block)[live].sum()), 1.0)
+            own = np.bincount(block[ranked.pruned], minlength=len(cap)) / np.maximum(n_block, 1)
+            blend = (1.0 - global_share) * common + global_share * own
+            weight = blend * (weight if weight is not None else 1.0) / max(common, 1e-12)
         if mode == "uniform":
             floor = uniform_counts(n_block, cost_block, floor, cap, target, weight)
         else:  # attention blocks keep what the global ranking removes; MLP blocks share the rest uniformly
@@ -251,8 +268,8 @@ def select(table: pd.DataFrame, *, ratio: float, prunable_total: int, min_rate: 
         message = (f"ratio {ratio:.2%} needs {target:,} of {total:,} prunable parameters, but the constraints "
                    f"({', '.join(limits)}) allow at most {max_cost:,} ({max_cost / total if total else 0:.2%}); "
                    f"pruned that much instead")
-    elif floor_cost >= target and floor_cost > 0:
-        message = (f"min_rate {min_rate:g} alone removes {floor_cost:,} parameters "
+    elif rate_floor_cost >= target and rate_floor_cost > 0:
+        message = (f"min_rate {min_rate:g} alone removes {rate_floor_cost:,} parameters "
                    f"({achieved:.2%}), above the target {ratio:.2%} ({target:,})")
     else:
         message = (f"removed {removed:,} of {total:,} prunable parameters ({achieved:.2%}, "
@@ -260,4 +277,4 @@ def select(table: pd.DataFrame, *, ratio: float, prunable_total: int, min_rate: 
     return Selection(pruned=pruned, target_ratio=float(ratio), target_parameters=target,
                      removed_parameters=removed, prunable_parameters=total, achieved_ratio=achieved,
                      reachable=reachable, message=message, max_parameters=max_cost,
-                     floor_parameters=floor_cost)
+                     floor_parameters=rate_floor_cost)

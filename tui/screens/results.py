@@ -178,7 +178,9 @@ class ResultsScreen(Screen):
 
     def action_tab(self, name: str) -> None:
         self.query_one("#results-tabs", TabbedContent).active = f"tab-{name}"
-        focus = {"diagnosis": "#findings", "whatif": "#f-pruning--ratio", "allocation": "#alloc-table",
+        # the what-if form, not its ratio field: a text field with its text selected would swallow the next
+        # single-key command (a, d, e, ...); Tab enters the fields
+        focus = {"diagnosis": "#findings", "whatif": "#whatif-form", "allocation": "#alloc-table",
                  "actions": "#act-evaluate"}.get(name)
         if focus:
             self.call_after_refresh(lambda: self.query_one(focus).focus())

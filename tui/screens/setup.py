@@ -171,7 +171,8 @@ class SetupScreen(Screen):
 
     def revalidate(self) -> None:
         state = self.state
-        state.apply_form(self.gather())
+        hints = {row.spec.key: msg for row in self.query(FieldRow) if (msg := row.format_problem())}
+        state.apply_form(self.gather(), hints)
         self.post_message(FormEdited())
         by_key: dict[str, str] = {}
         for path, msg in state.problems:

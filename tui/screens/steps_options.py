@@ -7,7 +7,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.widgets import Collapsible, RadioSet, Static
+from textual.widgets import Collapsible, Static
 
 from prune_core.errors import BadInput
 from prune_core.importance.registry import METHODS as IMPORTANCE_METHODS
@@ -15,7 +15,7 @@ from sessions import Session
 from tui.estimate import Estimate, Geometry, around_pass, estimate, human_bytes, human_count, human_seconds
 from tui.screens.steps_base import Step, value_at
 from tui.state import WorkbenchState
-from tui.widgets.fields import FieldSpec, MarkedRadioButton, control_id
+from tui.widgets.fields import FieldSpec, MarkedRadioButton, PickedRadioSet, control_id
 
 METHODS = tuple((spec.key, spec.description) for spec in IMPORTANCE_METHODS.values())  # the registry's
 
@@ -59,6 +59,7 @@ PRUNING_ADVANCED = (
     FieldSpec("pruning.early_max_rate", "early max rate", "float", "max rate of those layers"),
     FieldSpec("pruning.depth_weight", "depth weight", "float", "favour early layers ×(1+(1-l/L)·w)"),
     FieldSpec("pruning.depth_ramp", "depth ramp", "float", "uniform: rates from (1-d) to (1+d)× with depth"),
+    FieldSpec("pruning.global_share", "global share", "float", "uniform: rates toward the global ranking's (0-1)"),
     FieldSpec("pruning.ridge", "ridge", "float", "reconstruct: pull toward the original weights"),
     FieldSpec("pruning.error_feedback", "error feedback", "float",
               "reconstruct: share of earlier layers' error each refit corrects (0–1)"),
@@ -76,7 +77,7 @@ class MethodStep(Step):
     def compose(self) -> ComposeResult:
         yield self.intro("How each group's importance is scored (arrows to move, Enter or space to pick).")
         current = value_at(self.state.form_data, "importance.method") or "taylor"
-        with RadioSet(id=control_id("importance.method")):
+        with PickedRadioSet(id=control_id("importance.method")):
             for key, desc in METHODS:
                 yield MarkedRadioButton(f"{key:<11} {desc}", value=key == current, id=f"method-{key}")
         yield Static("", id="method-error", classes="field-error-line")

@@ -68,7 +68,7 @@ class WhatIfPanel(Horizontal):
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="whatif-form"):
-            yield Static("Enter applies; selects apply at once.", classes="hint")
+            yield Static("Tab enters the form; Enter applies; selects at once.", classes="hint")
             for spec in WHATIF_FIELDS:
                 yield FieldRow(spec, None)
         with Vertical(id="whatif-view"):
@@ -117,7 +117,7 @@ class WhatIfPanel(Horizontal):
         except SessionError as exc:
             problems = dict(exc.problems)
             for row in self.query(FieldRow):
-                row.set_error(problems.get(row.spec.key))
+                row.set_error(row.format_problem() or problems.get(row.spec.key))
             return
         for row in self.query(FieldRow):
             row.set_error(None)

@@ -14,7 +14,7 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widget import Widget
-from textual.widgets import Checkbox, Input, Label, RadioButton, Select, Static
+from textual.widgets import Checkbox, Input, Label, RadioButton, RadioSet, Select, Static
 
 from sessions import choices
 
@@ -27,6 +27,18 @@ class MarkedCheckbox(Checkbox):
     @property  # type: ignore[override]
     def BUTTON_INNER(self) -> str:
         return "X" if self.value else " "
+
+
+class PickedRadioSet(RadioSet):
+    """A RadioSet whose keyboard highlight starts on the chosen button (Textual's starts on the first), so
+    Up / Down + Enter move from what is picked, not from the top."""
+
+    def on_mount(self) -> None:
+        self.call_after_refresh(self._highlight_pressed)  # after RadioSet's own mount highlights the first
+
+    def _highlight_pressed(self) -> None:
+        if self.pressed_index >= 0:
+            self._selected = self.pressed_index  # the highlight (Textual has no public setter for it)
 
 
 class MarkedRadioButton(RadioButton):
@@ -70,16 +82,21 @@ def format_value(kind: Kind, value: Any) -> Any:
     return "" if value is None else str(value)
 
 
+LIST_EXAMPLES = {"ints": ("whole numbers", "0, 1, -1"), "floats": ("numbers", "1, 99")}
+
+
 def parse_value(kind: Kind, raw: Any) -> Any:
-    """Control content -> session value; unparseable text is passed on so the schema names the problem."""
+    """Control content -> session value; unparseable text is passed on so the schema names the problem.
+
+    A list is numbers separated by commas (or semicolons); an empty item ("0,,1") or numbers separated by
+    spaces ("0 1") do not parse, so they are reported rather than read as something else."""
     if kind in ("ints", "floats"):
-        text = str(raw).strip().strip("[]")
+        text = str(raw).strip().strip("[]").strip()
         if not text:
             return []
-        parts = [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]
         try:
-            return [int(p) if kind == "ints" else float(p) for p in parts]
-        except ValueError:
+            return [int(p) if kind == "ints" else float(p) for p in text.replace(";", ",").split(",")]
+        except ValueError:  # int() and float() refuse "", "0 1" and (for ints) "1.5"
             return str(raw)
     if kind == "int":
         try:
@@ -94,6 +111,14 @@ def parse_value(kind: Kind, raw: Any) -> Any:
     if kind == "bool":
         return bool(raw)
     return raw
+
+
+def format_problem(kind: Kind, raw: Any) -> str | None:
+    """What is wrong with the text of a list field, in the form's words (None when it parses)."""
+    if kind not in LIST_EXAMPLES or not isinstance(parse_value(kind, raw), str):
+        return None
+    what, example = LIST_EXAMPLES[kind]
+    return f"expected {what} separated by commas, e.g. {example} (got {str(raw)!r})"
 
 
 class FieldRow(Vertical):
@@ -150,6 +175,11 @@ class FieldRow(Vertical):
         else:
             raw = c.value  # type: ignore[attr-defined]
         return parse_value(self.spec.kind, raw)
+
+    def format_problem(self) -> str | None:
+        """Why the control's text is not a value of this field's kind (lists only; the schema names the rest)."""
+        c = self.control
+        return format_problem(self.spec.kind, c.value) if isinstance(c, Input) else None
 
     def set_value(self, value: Any) -> None:
         c, shown = self.control, format_value(self.spec.kind, value)
