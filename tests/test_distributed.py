@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import tomllib
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,9 @@ def _pipeline_rank(rank: int, port: int, folder: str, stop_after: int) -> None:
     except Interrupted:
         Path(folder, f"interrupted{rank}").write_text("yes", encoding="utf-8")
     finally:
+        # leave together: once (in CI, under load) a rank tearing gloo down while the other still used it
+        # aborted ("terminate called without an active exception"); bounded, so a failed rank cannot hang it
+        torch.distributed.monitored_barrier(timeout=timedelta(seconds=120))
         distributed.shutdown()
 
 
