@@ -215,23 +215,22 @@ def select(table: pd.DataFrame, *, ratio: float, prunable_total: int, min_rate: 
         cost_block = np.zeros(len(cap), dtype=np.int64)
         cost_block[bs] = cost_pos  # a block's groups share one cost
         weight = depth_weights(cap, depth_ramp) if depth_ramp > 0 else None
-        if mode == "uniform" and global_share > 0:  # rates pulled toward the global ranking's per-block rates
+        taken = np.zeros(len(cap), dtype=np.int64)  # groups the global ranking removes per block, when needed
+        if mode == "hybrid" or global_share > 0:
             ranked = select(table, ratio=ratio, prunable_total=total, min_rate=min_rate, max_rate=max_rate,
                             protect_layers=protect, early_layers=early_layers, early_max_rate=early_max_rate,
                             blocks=blocks)
+            taken = np.bincount(block[ranked.pruned], minlength=len(cap))
+        if mode == "uniform" and global_share > 0:  # rates pulled toward the global ranking's per-block rates
             live = cap > 0
             common = target / max(float((n_block * cost_block)[live].sum()), 1.0)
-            own = np.bincount(block[ranked.pruned], minlength=len(cap)) / np.maximum(n_block, 1)
+            own = taken / np.maximum(n_block, 1)
             blend = (1.0 - global_share) * common + global_share * own
             weight = blend * (weight if weight is not None else 1.0) / max(common, 1e-12)
         if mode == "uniform":
             floor = uniform_counts(n_block, cost_block, floor, cap, target, weight)
         else:  # attention blocks keep what the global ranking removes; MLP blocks share the rest uniformly
-            ranked = select(table, ratio=ratio, prunable_total=total, min_rate=min_rate, max_rate=max_rate,
-                            protect_layers=protect, early_layers=early_layers, early_max_rate=early_max_rate,
-                            blocks=blocks)
             attention = np.arange(len(cap)) % 2 == 0
-            taken = np.bincount(block[ranked.pruned], minlength=len(cap))
             att_cost = int((taken * cost_block)[attention].sum())
             mlp = uniform_counts(n_block, cost_block, np.where(attention, 0, floor), np.where(attention, 0, cap),
                                  max(target - att_cost, 0), weight)
