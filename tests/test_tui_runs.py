@@ -168,3 +168,14 @@ def test_a_run_that_fails_before_any_stage_says_so() -> None:
     assert "No run yet" in stage_lines(rs).plain
     rs.finish("failed", "data.dataset: no such file or folder")
     assert stage_lines(rs).plain == "The run failed before its first stage: data.dataset: no such file or folder"
+
+
+def test_serious_findings_count_critical_and_high_only() -> None:
+    from tui.results_model import FindingView, serious_findings
+
+    def finding(severity: str) -> FindingView:
+        return FindingView(issue="x", severity=severity, description="", recommendation="")
+
+    assert serious_findings([finding("info"), finding("warning")]) == ""
+    assert serious_findings([finding("high"), finding("critical"), finding("critical"), finding("info")]) == \
+        "2 critical, 1 high"

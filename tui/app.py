@@ -70,7 +70,7 @@ from tui.messages import (
     TuneRequested,
     WhatIfRequested,
 )
-from tui.results_model import from_report
+from tui.results_model import from_report, serious_findings
 from tui.screens.dialogs import ConfirmScreen, HelpScreen, PathScreen
 from tui.screens.results import ResultsScreen
 from tui.screens.run import RunScreen
@@ -748,7 +748,10 @@ class PruneApp(App[int]):
                                                                 "perplexity": {"before": dense}})
             state.engine_ready = True
             a = state.results.allocation
-            self.notify(f"{reason}: achieved {a.achieved_ratio:.1%}" if a else reason, markup=False)
+            serious = serious_findings(state.results.findings)
+            warn = f"; diagnosis: {serious} (d shows them)" if serious else ""
+            self.notify((f"{reason}: achieved {a.achieved_ratio:.1%}" if a else reason) + warn, markup=False,
+                        severity="warning" if serious else "information")
             if self._pending_alloc is not None:
                 pending, self._pending_alloc = self._pending_alloc, None
                 if pending[0] != state.session:

@@ -70,6 +70,13 @@ class FindingView:
                    fix=dict(_get(obj, "fix", None) or {}), verdict=str(_get(obj, "verdict", "untested")))
 
 
+def serious_findings(findings: list[FindingView]) -> str:
+    """"2 critical, 1 high" for the diagnosis' critical and high findings ("" when there are none), so a
+    toast about a new allocation can say that it needs a look."""
+    counts = [(sev, sum(f.severity == sev for f in findings)) for sev in ("critical", "high")]
+    return ", ".join(f"{n} {sev}" for sev, n in counts if n)
+
+
 def sort_findings(findings: list[Any]) -> list[FindingView]:
     views = [FindingView.from_any(f) for f in findings]
     return sorted(views, key=lambda f: SEVERITY_ORDER.get(f.severity, 9))
