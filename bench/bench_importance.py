@@ -2,7 +2,8 @@
 price of the stages around it, on a machine that says whether it was quiet enough to publish.
 
     python bench/bench_importance.py [--samples 8] [--seq-len 128] [--batch-size 2] [--rounds 5]
-                                     [--stages | --no-stages] [--tune-budget 60] [--write] [--json FILE]
+                                     [--stages | --no-stages] [--stage-samples 32] [--tune-budget 60]
+                                     [--write] [--json FILE]
 
 Measured in one run (figures go to BENCHMARKS.md, section "Importance pass", with --write):
 - taylor / bare loop: the bare loop runs the same forward+backward passes (same batches, same
@@ -28,7 +29,9 @@ The new stages (`--stages`, on by default with --write), measured in one more ch
 `prune_core.pipeline.run` with a `pipeline.Memo`, as the workbench runs them: the session is the
 recommended pruning of sessions/presets.py (MLP channels only, uniform 20 %, layers 0, 1, 2 and the
 last protected, compensate = "reconstruct") with importance method taylor on the same calibration
-tokens (the first --samples windows of the same draw) and 4 held-out proxy windows. A warm-up round,
+tokens (the first --stage-samples windows of the same draw: 32 by default, the quality protocol's
+calibration, so the reconstruction's fixed per-layer solves are priced against a pass of the size it
+follows) and 4 held-out proxy windows. A warm-up round,
 then --rounds rounds (median):
 - reconstruction / one taylor pass: the whole surgery stage with compensate = "reconstruct" (copy of
   the model, removal of the groups, ridge refit of down_proj) over the pass's own seconds; the same
@@ -41,9 +44,9 @@ then --rounds rounds (median):
 - event logging to events.ndjson: the events of one importance run (recorded from its sink) written
   by `eventlog.EventLog` as a writing run does (open, one line per event, close), median of 20
   replays, over the pass's seconds;                                             goal ≤ 1 %
-- the 2-process data-parallel pass against one process with the same total threads: "not
-  implemented" while prune_core has no torch.distributed code (this script looks for it and never
-  fakes the row).
+- the 2-process data-parallel pass against one process with the same total threads (bench/dp_timing.py:
+  gloo, torch.multiprocessing.spawn, half the threads per rank; taylor over the --stage-samples windows;
+  a warm-up pass, then --rounds passes on each side); reported, no goal.
 
 Machine and load guard: the machine is printed first (CPU model from /proc/cpuinfo, usable cores, torch
 threads). Every measured section (each timing child, the memory children, the stages child) records
@@ -244,7 +247,7 @@ def stages_child(args: argparse.Namespace) -> None:
         root = Path(tmp)
         session = Session().with_updates({
             "session.name": "bench-importance", "session.output_dir": tmp, "model.id": args.model,
-            "model.device": "cpu", "model.dtype": "float32", "data.num_samples": args.samples,
+            "model.device": "cpu", "model.dtype": "float32", "data.num_samples": args.stage_samples,
             "data.seq_len": args.seq_len, "data.batch_size": args.batch_size, "data.proxy_samples": PROXY_SAMPLES,
             "evaluation.before": False, "evaluation.after": True, "output.save_model": False,
             **preset, "importance.method": "taylor", "pruning.ratio": 0.2,
@@ -306,7 +309,7 @@ def child(args: argparse.Namespace, flag: list[str], env: dict[str, str] | None 
     cmd = [
         sys.executable, __file__, *flag, "--model", args.model, "--samples", str(args.samples),
         "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--rounds", str(args.rounds),
-        "--tune-budget", str(args.tune_budget),
+        "--tune-budget", str(args.tune_budget), "--stage-samples", str(args.stage_samples),
     ]
     res = subprocess.run(
         cmd, stdout=subprocess.PIPE, text=True, check=True, cwd=ROOT, env={**os.environ, **(env or {})}
@@ -330,14 +333,7 @@ def spread(values: list[float]) -> float:
     return (max(values) - min(values)) / min(values) if values and min(values) > 0 else math.nan
 
 
-def data_parallel_code() -> list[str]:
-    """prune_core files that use torch.distributed (data-parallel importance), relative to the repository."""
-    pattern = re.compile(r"torch\.distributed|init_process_group|torchrun")
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "prune_core").rglob("*.py")
-                  if pattern.search(p.read_text(encoding="utf-8", errors="ignore")))
-
-
-def stage_rows(stages: dict[str, Any] | None, model: str, dp_files: list[str]) -> list[dict[str, Any]]:
+def stage_rows(stages: dict[str, Any] | None, model: str, dp: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The new stages' rows: name, measured (text), goal (text), ok (True / False / None), value."""
     if stages is None:
         return []
@@ -370,10 +366,13 @@ def stage_rows(stages: dict[str, Any] | None, model: str, dp_files: list[str]) -
                      f"{rs[0]['eventlog_bytes']:,} bytes)",
          "goal": f"≤ {EVENTLOG_GOAL:.0%}", "ok": log_frac <= EVENTLOG_GOAL},
     ]
-    dp_measured = ("not implemented (no torch.distributed in prune_core)" if not dp_files else
-                   f"not measured: torch.distributed found in {', '.join(dp_files)}, not yet driven by this script")
-    rows.append({"row": "2-process data-parallel pass / 1 process, same total threads", "value": None,
-                 "measured": dp_measured, "goal": "(reported)", "ok": None})
+    if dp is not None:
+        rows.append({"row": "2-process data-parallel taylor pass (gloo) / 1 process, same total threads",
+                     "value": dp["ratio"],
+                     "measured": f"{dp['ratio']:.2f} ({statistics.median(dp['two_processes_s']):.2f} s with 2 × "
+                                 f"{dp['threads_per_rank']} threads / {statistics.median(dp['one_process_s']):.2f} s "
+                                 f"with {dp['threads']})",
+                     "goal": "(reported)", "ok": None})
     return rows
 
 
@@ -437,7 +436,8 @@ def render_section(fig: dict[str, Any]) -> str:
         st = secs.get("stages", {})
         lines += [
             "", wrap(f"The stages around the pass, same run (`pipeline.run` with a `Memo`; the recommended "
-                     f"pruning of sessions/presets.py with importance method taylor, 20 %, {PROXY_SAMPLES} proxy "
+                     f"pruning of sessions/presets.py with importance method taylor, 20 %, "
+                     f"{fig.get('stage_samples', fig['samples'])} calibration and {PROXY_SAMPLES} proxy "
                      f"windows; median of {plural(fig['rounds'], 'round')} after a warm-up; load "
                      f"{st.get('load_before', math.nan):.2f} → {st.get('load_after', math.nan):.2f}):"), "",
             "| stage | measured | goal | |", "|---|---:|---:|---|",
@@ -497,6 +497,9 @@ def main() -> None:
                         help="also price reconstruction, a what-if's proxy, prune tune, event logging and "
                              "data-parallel (default: on with --write)")
     parser.add_argument("--tune-budget", type=float, default=60.0, help="seconds for the prune tune row")
+    parser.add_argument("--stage-samples", type=int, default=32,
+                        help="calibration windows of the stages' and the data-parallel rows")
+    parser.add_argument("--dp-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--write", action="store_true",
                         help="write the section into BENCHMARKS.md (refused when a figure was taken under load)")
     parser.add_argument("--benchmarks", type=Path, default=ROOT / "BENCHMARKS.md", help=argparse.SUPPRESS)
@@ -514,6 +517,11 @@ def main() -> None:
         return
     if args.stages_child:
         stages_child(args)
+        return
+    if args.dp_child:
+        from dp_timing import measure
+
+        print(json.dumps(measure(args.model, args.stage_samples, args.seq_len, args.batch_size, args.rounds)))
         return
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -537,10 +545,16 @@ def main() -> None:
     sections.append(sec)
     print(f"  {sec.line()}", file=sys.stderr, flush=True)
     stages: dict[str, Any] | None = None
+    dp: dict[str, Any] | None = None
     if args.stages:
         print("stages ...", file=sys.stderr, flush=True)
         with monitor.section("stages") as sec:
             stages = child(args, ["--stages-child"])
+        sections.append(sec)
+        print(f"  {sec.line()}", file=sys.stderr, flush=True)
+        print("data parallel ...", file=sys.stderr, flush=True)
+        with monitor.section("data parallel") as sec:
+            dp = child(args, ["--dp-child"])
         sections.append(sec)
         print(f"  {sec.line()}", file=sys.stderr, flush=True)
     monitor.stop()
@@ -549,7 +563,6 @@ def main() -> None:
     fp32_scored = scored * 4
     first = next(iter(timings.values()))
     machine["torch_threads"] = first["threads"]
-    dp_files = data_parallel_code()
     figures: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": command_line(args),
@@ -573,8 +586,9 @@ def main() -> None:
         "fp32_scored_bytes": fp32_scored,
         "memory_ratio": fisher_delta / fp32_scored,
         "stages": stages,
-        "stage_rows": stage_rows(stages, args.model, dp_files),
-        "data_parallel_code": dp_files,
+        "stage_rows": stage_rows(stages, args.model, dp),
+        "data_parallel": dp,
+        "stage_samples": args.stage_samples,
     }
     figures["model"] = args.model
     if args.json:
@@ -610,7 +624,8 @@ def main() -> None:
     if args.stages:
         print(f"[stages] median of {plural(args.rounds, 'round')} after a warm-up (measured | goal | verdict):")
         for r in figures["stage_rows"]:
-            print(f"  {r['row']}: {r['measured']} | {r['goal']} | {verdict(r['ok'])}{tag('stages')}")
+            where = "data parallel" if r["row"].startswith("2-process") else "stages"
+            print(f"  {r['row']}: {r['measured']} | {r['goal']} | {verdict(r['ok'])}{tag(where)}")
     else:
         print("[stages] not measured (--stages to include them; on by default with --write)")
 

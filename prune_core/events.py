@@ -77,7 +77,7 @@ class BatchDone(Event):
     mean_loss: float
     tokens_per_s: float
     eta_s: float
-    layer_stats: LayerStats
+    layer_stats: LayerStats  # the latest statistics: a gradient pass takes them every stats_every-th batch
     stats_label: str = "gradient"  # "gradient" (taylor*) or "activation" (wanda)
     resumed_from: int = 0  # batches restored from a checkpoint at the start of this pass
     kind: str = field(init=False, default="batch_done")

@@ -13,7 +13,9 @@ q = n_h × head_dim, kv = n_kv × head_dim, I MLP width, V vocabulary; P all par
 once), P_s the scored parameters (q/k/v/o, gate/up/down weights and q/k/v biases where present).
 
     weights              W  = P · e
-    gradients            G  = P_s · e            p.grad of the scored parameters during one backward
+    gradients            G  = P_s · e            p.grad of the scored parameters during one backward (on a
+                                             CPU the pass sums them inside the GEMM instead, fused_linear.py:
+                                             there G is an upper bound, taylor_2nd keeping one tensor's worth)
     Σg                   Sg = P_s · 4            float32 sum of the gradients (taylor, taylor_2nd)
     Σ n·g² (Fisher)      F  = P_s · 4            taylor_2nd only; on the CPU with hessian_device = "cpu"
     scratch              2 · max(scored tensor) · 4   |g| buffer of the hooks + the last batch's scores

@@ -190,7 +190,8 @@ def compute_importance(ctx: Ctx) -> Any:
         hessian_device=s.importance.hessian_device, gradient_checkpointing=s.importance.gradient_checkpointing,
         checkpoint_dir=ctx.checkpoint_dir, checkpoint_seconds=s.importance.checkpoint_seconds,
         identity=importance_identity(ctx), on_event=ctx.on_event, should_stop=ctx.should_stop,
-        stage=ctx.stage,
+        stage=ctx.stage, stats_sample=s.importance.stats_sample,
+        stats_every=s.importance.stats_every,
     )
     ctx.summary = f"{result.batches} batches, {result.tokens:,} tokens"
     ctx.result = {"method": result.method, "batches": result.batches, "tokens": result.tokens,

@@ -138,8 +138,12 @@ def _search(session: Session, results_dir: Path, *, budget_s: float, memo: pipel
     notes: list[str] = [COMPENSATED_NOTE] if session.pruning.compensate != "none" else []
     quiet = _only_notices(on_event)
 
-    def over_budget() -> bool:
-        return time.perf_counter() - start_budget > budget_s
+    def over_budget(ahead: float = 0.0) -> bool:
+        return time.perf_counter() - start_budget + ahead > budget_s
+
+    def next_trial_s() -> float:  # what the next trial will likely take: the median of those so far
+        spent = sorted(t.seconds for t in trials[1:])
+        return spent[len(spent) // 2] if spent else 0.0
 
     def trial_stop() -> bool:  # a trial that would overrun the budget (e.g. a new block-loss pass) is cut short
         return stop() or over_budget()
@@ -153,7 +157,7 @@ def _search(session: Session, results_dir: Path, *, budget_s: float, memo: pipel
                 if stop():
                     stopped = "interrupted"
                     break
-                if over_budget():
+                if over_budget(next_trial_s()):  # do not start a trial the budget cannot hold
                     stopped = "budget"
                     break
                 updates = {**best_updates, **option}

@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from prune_core.importance.registry import DEFAULT_METHOD, method_keys
+from prune_core.importance.registry import DEFAULT_METHOD, STATS_EVERY, STATS_SAMPLE, method_keys
 from sessions.errors import SessionError, validate_with
 
 SCHEMA_VERSION = 1
@@ -103,6 +103,12 @@ class ImportanceSection(_Section):
     gradient_checkpointing: bool = Field(False, description="trade compute for memory on long sequences")
     checkpoint_seconds: float = Field(60.0, ge=0.0, le=MAX_CHECKPOINT_SECONDS,
                                       description="checkpoint the pass at most this often (0 = every batch)")
+    stats_every: int = Field(STATS_EVERY, ge=1, le=1_000_000,
+                             description="gradient statistics after every n-th batch (1 = every batch; the "
+                                         "scores always use every batch)")
+    stats_sample: float = Field(STATS_SAMPLE, gt=0.0, le=1.0,
+                                description="share of each weight gradient's rows those statistics read "
+                                            "(1 = every element)")
 
 
 class CorrectionSection(_Section):

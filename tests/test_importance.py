@@ -238,17 +238,36 @@ def _block_stats(values: list[torch.Tensor]) -> dict[str, float]:
     }
 
 
-def test_live_gradient_stats_match_brute_force(model64: torch.nn.Module) -> None:
+def _sampled_rows(g: torch.Tensor, k: int, share: float) -> torch.Tensor:
+    """The block of rows the thinned statistics read in their k-th batch (accumulate.py's rule, written out)."""
+    if share >= 1.0 or g.dim() < 2:
+        return g
+    size = max(1, math.ceil(g.shape[0] * share))
+    lo = (k * size) % g.shape[0]
+    return g[lo:min(lo + size, g.shape[0])]
+
+
+@pytest.mark.parametrize(("method", "share", "every"),
+                         [("taylor", 1.0, 1), ("taylor", 0.25, 1), ("taylor_2nd", 0.3, 2)])
+def test_live_gradient_stats_match_brute_force(model64: torch.nn.Module, method: str, share: float,
+                                               every: int) -> None:
     tokens = tokens_for()
     ref = brute_force(model64, tokens, BS)
     events: list = []
     result = run_importance(
-        model64, get_adapter(model64), tokens, method="taylor", batch_size=BS, on_event=events.append
+        model64, get_adapter(model64), tokens, method=method, batch_size=BS, on_event=events.append,
+        stats_sample=share, stats_every=every,
     )
+    assert result.metadata["stats_sample"] == share and result.metadata["stats_every"] == every
     done = [e for e in events if isinstance(e, BatchDone)]
     assert [e.batch for e in done] == [1, 2, 3] and all(e.total == 3 for e in done)
     assert all(e.stats_label == "gradient" for e in done)
     for b, g in enumerate(ref["batch_grads"]):
+        if b % every:  # no statistics taken: the event repeats the latest ones, the record says none
+            assert result.batch_stats[b]["stats"] is None
+            assert done[b].layer_stats == done[b - b % every].layer_stats
+            continue
+        g = {k: _sampled_rows(v, b // every, share) for k, v in g.items()}
         for layer in range(model64.config.num_hidden_layers):
             att = [v for k, v in g.items() if k[0] == layer and k[1] in LINEARS[:4]]
             mlp = [v for k, v in g.items() if k[0] == layer and k[1] in LINEARS[4:]]
@@ -266,7 +285,7 @@ def test_live_gradient_stats_match_brute_force(model64: torch.nn.Module) -> None
         ("min", min),
     ):
         for layer in range(model64.config.num_hidden_layers):
-            xs = [bs["stats"]["mlp"][stat][layer] for bs in result.batch_stats]
+            xs = [bs["stats"]["mlp"][stat][layer] for bs in result.batch_stats if bs["stats"] is not None]
             assert result.stats["mlp"][stat][layer] == pytest.approx(combine(xs), rel=1e-12)
     assert [bs["loss"] for bs in result.batch_stats] == [e.loss for e in done]
     assert done[-1].mean_loss == pytest.approx(sum(e.loss for e in done) / 3)

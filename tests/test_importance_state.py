@@ -308,6 +308,42 @@ def test_nan_in_later_batch_checkpoints_what_came_before(tmp_path: Path, backwar
     assert resumed.metadata["resumed_from"] == 2 and torch.isfinite(resumed.mlp).all()
 
 
+def test_a_failed_batch_that_cannot_be_taken_back_keeps_the_periodic_checkpoint(tmp_path: Path) -> None:
+    """On CPU a failed batch is taken back out by running it again; if that fails too, the sums in memory
+    are damaged and must not be checkpointed: the periodic checkpoint before the batch is what resumes."""
+    model = build_tiny("tiny-llama")[0]
+    adapter = get_adapter(model)
+    reference = run_importance(model, adapter, TOKENS, method="taylor", batch_size=2, identity=IDENTITY)
+    o_proj = model.model.layers[1].self_attn.o_proj
+    calls = {"n": 0}
+
+    def hook(module, args, output):
+        if not torch.is_grad_enabled():
+            return None
+        calls["n"] += 1
+        if calls["n"] == 3:  # batch 3: a NaN gradient
+            output.register_hook(lambda g: torch.full_like(g, float("nan")))
+        if calls["n"] == 4:  # its recomputation fails
+            raise RuntimeError("recomputation failed")
+        return None
+
+    ckpt = tmp_path / "ckpt"
+    handle = o_proj.register_forward_hook(hook)
+    try:
+        with pytest.raises(RunFailed, match=r"batch 3/5") as info:
+            run_importance(model, adapter, TOKENS, method="taylor", batch_size=2, identity=IDENTITY,
+                           checkpoint_dir=ckpt, checkpoint_seconds=0)
+    finally:
+        handle.remove()
+    assert "the last periodic checkpoint" in str(info.value)
+    assert checkpoint_meta(ckpt)["next_batch"] == 2  # written after batch 2, never after the failure
+    resumed = run_importance(model, adapter, TOKENS, method="taylor", batch_size=2, identity=IDENTITY,
+                             checkpoint_dir=ckpt)
+    assert resumed.metadata["resumed_from"] == 2
+    torch.testing.assert_close(resumed.mlp, reference.mlp, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(resumed.attention, reference.attention, rtol=1e-5, atol=1e-8)
+
+
 def test_deferred_mode_nan_leaves_sums_untouched() -> None:
     from prune_core.importance.accumulate import GradientAccumulator, NonFiniteGradient
 

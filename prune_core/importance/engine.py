@@ -28,7 +28,12 @@ Every data pass also sums the inputs of o_proj and down_proj over all tokens (in
 for FLAP-style bias compensation. All accumulators are plain sums (Σg, Σn·g², Σx², Σx, counts),
 divided only when the result is produced, so a data-parallel all-reduce can be added later.
 
-Live statistics (stats.py) go out in a BatchDone event after every batch; the pass checkpoints to
+Live statistics (stats.py) go out in a BatchDone event after every batch. A gradient pass takes them
+every `stats_every`-th batch (batch b when b % stats_every == 0, whatever the rank or resume point) from
+`stats_sample` of each weight gradient's rows (accumulate.py); the other batches' events repeat the
+latest statistics and their records hold None (the result's stats average the batches that took them).
+On CPU the weight gradients are summed inside the backward GEMM (fused_linear.py), and a failed batch
+is taken back out by running it again. The pass checkpoints to
 `checkpoint_dir` (state.py) every `checkpoint_seconds` (0 = every batch), when should_stop() turns
 true (then raises Interrupted) and when a batch fails with NaN/Inf (then raises RunFailed naming
 the batch and module; the checkpoint holds everything accumulated before that batch). A checkpoint
@@ -87,7 +92,7 @@ from prune_core.importance.hooks import INPUT_SUM_KEYS, InputHooks
 from prune_core.importance.methods.spec import MethodScores, MethodSpec, ScoreInputs
 from prune_core.importance.nonfinite import locate_nonfinite
 from prune_core.importance.prepare import prepared
-from prune_core.importance.registry import get_method
+from prune_core.importance.registry import STATS_EVERY, STATS_SAMPLE, get_method
 from prune_core.importance.result import ImportanceResult
 from prune_core.importance.state import CheckpointStore, identity_differences, other_checkpoints
 from prune_core.importance.stats import BlockStats, aggregate
@@ -126,8 +131,16 @@ def _validate(
     batch_size: int,
     hessian_device: str,
     checkpoint_seconds: float,
+    stats_sample: float = 1.0,
+    stats_every: int = 1,
 ) -> None:
     bad = BadInput
+    if isinstance(stats_every, bool) or not isinstance(stats_every, int) or stats_every < 1:
+        raise bad(f"stats_every must be a whole number >= 1 (got {stats_every!r})",
+                  "use 1 for statistics after every batch, or e.g. 4 for every fourth")
+    if not (isinstance(stats_sample, int | float) and 0.0 < stats_sample <= 1.0):
+        raise bad(f"stats_sample must be in (0, 1] (got {stats_sample!r})",
+                  "use 1 for statistics of every gradient element, or a share such as 0.0625")
     spec = get_method(method)
     if aggregation not in AGGREGATIONS:
         raise bad(f"unknown aggregation {aggregation!r}", f"use one of {', '.join(AGGREGATIONS)}")
@@ -213,8 +226,11 @@ class _Pass:
         store: CheckpointStore | None,
         emit: EventSink,
         stage: str,
+        stats_sample: float = 1.0,
+        stats_every: int = 1,
     ) -> None:
         self.model, self.adapter, self.tokens = model, adapter, tokens
+        self.stats_sample, self.stats_every = stats_sample, stats_every
         self.method, self.aggregation, self.fisher_scale = method, aggregation, fisher_scale
         self.batch_size, self.store, self.emit, self.stage = batch_size, store, emit, stage
         self.world = distributed.world()
@@ -269,8 +285,10 @@ class _Pass:
                 else self.device
             )
             named = [(t.key, t.param) for t in self.targets]
+            linears = {i: self.parts[t.layer].linear(t.path) for i, t in enumerate(self.targets) if t.kind == "weight"}
             self.acc = stack.enter_context(
-                GradientAccumulator(named, second_order=second, hessian_device=hdev)
+                GradientAccumulator(named, second_order=second, hessian_device=hdev, linears=linears,
+                                    stats_sample=self.stats_sample)
             )
             self.plan = BlockStats([(t.layer, t.block) for t in self.targets], len(self.parts))
         else:
@@ -437,8 +455,13 @@ class _Pass:
                     raise _BatchFailed(None)  # on CPU the check is free: skip the backward
                 weight = rows * (self.seq_len - 1) if self.fisher_scale == "tokens" else 1.0
                 final = self._finalize if b == self.total - 1 and not self.world.active else None
+                def recompute() -> torch.Tensor:  # the same batch again, to take a failed one back out
+                    return self.model(input_ids=ids, labels=ids, use_cache=False).loss
+
                 try:
-                    stat_rows, counts = acc.accumulate(loss, weight=weight, finalize=final), acc.counts
+                    stat_rows = acc.accumulate(loss, weight=weight, finalize=final, stats=self.stats_batch(b),
+                                               stats_index=b // self.stats_every, recompute=recompute)
+                    counts = list(acc.counts)
                 except NonFiniteGradient as exc:
                     self.partials.clear()
                     # a NaN loss makes every gradient NaN: then the forward pass is the place to look
@@ -473,25 +496,38 @@ class _Pass:
             raise _BatchFailed(exc.where or locate_nonfinite(self.model, ids) or "the loss") from None
         assert self.inputs is not None
         self.inputs.commit((hi - lo) * self.seq_len)
-        layer_stats = self.plan.combine(stat_rows, counts)
+        layer_stats = self.plan.combine(stat_rows, counts) if self.stats_batch(b) else None
         return {"loss": loss, "tokens": (hi - lo) * self.seq_len, "stats": layer_stats}
+
+    def stats_batch(self, b: int) -> bool:
+        """Whether batch b takes statistics (every stats_every-th of a gradient pass; every batch of wanda)."""
+        return self.acc is None or b % self.stats_every == 0
+
+    def latest_stats(self) -> LayerStats:
+        """The statistics of the latest batch that took them (what a BatchDone shows for one that did not)."""
+        return next((r["stats"] for r in reversed(self.progress.batch_stats) if r["stats"] is not None), {})
 
     def run_batch(self, b: int) -> tuple[float, LayerStats]:
         try:
             record = self._batch_record(b)
         except _BatchFailed as exc:
             cause = exc.where
-            self.checkpoint(b)
-            kept = (
-                f"; batches 1–{b} are checkpointed in {self.store.folder}"
-                if self.store is not None and b
-                else ""
-            )
+            if self.acc is not None and self.acc.damaged:
+                # the failed batch could not be taken back out (its recomputation differed): the sums in
+                # memory are not those of batches 1–b, so the last periodic checkpoint is what a rerun gets
+                kept = f"; the last periodic checkpoint in {self.store.folder} is kept" if self.store else ""
+            else:
+                self.checkpoint(b)
+                kept = (
+                    f"; batches 1–{b} are checkpointed in {self.store.folder}"
+                    if self.store is not None and b
+                    else ""
+                )
             raise RunFailed(
                 f"NaN/Inf in batch {b + 1}/{self.total} of the {self.method} pass ({cause}){kept}", NAN_FIX
             ) from None
         self.progress.batch_stats.append(record)
-        return record["loss"], record["stats"]
+        return record["loss"], record["stats"] if record["stats"] is not None else self.latest_stats()
 
     # the loop ----------------------------------------------------------------------------------
     def _batch_done(self, b: int, loss: float, layer_stats: LayerStats, session_tokens: int, now: float) -> None:
@@ -543,7 +579,8 @@ class _Pass:
             for _, done_batch, record in outcomes:
                 self.progress.batch_stats.append(record)
                 session_tokens += int(record["tokens"])
-                self._batch_done(done_batch, float(record["loss"]), record["stats"], session_tokens, now)
+                self._batch_done(done_batch, float(record["loss"]), record["stats"] or self.latest_stats(),
+                                 session_tokens, now)
             done = min(first + w.size, self.total)
             if done == self.total:
                 break
@@ -602,7 +639,7 @@ class _Pass:
         first_order = {"attention": first.attention, "mlp": first.mlp} if first is not None else None
         losses = self.progress.losses
         stats = scored.stats if scored.stats is not None else aggregate(
-            [b["stats"] for b in self.progress.batch_stats]
+            [b["stats"] for b in self.progress.batch_stats if b["stats"] is not None]
         )
         metadata = {
             "engine_version": ENGINE_VERSION,
@@ -614,6 +651,9 @@ class _Pass:
             "device": str(self.device),
             "hessian_device": str(acc.hessian_device) if acc is not None and acc.second_order else None,
             "gradient_checkpointing": bool(gradient_checkpointing and self.grad_pass),
+            # the share of each weight gradient's rows the statistics read per batch (1: all)
+            "stats_sample": self.stats_sample if acc is not None else 1.0,
+            "stats_every": self.stats_every if acc is not None else 1,
             "resumed_from": self.progress.resumed_from,
             "mean_loss": sum(losses) / len(losses),
             "num_layers": len(self.parts),
@@ -742,6 +782,8 @@ def run_importance(
     on_event: EventSink | None = None,
     should_stop: Callable[[], bool] | None = None,
     stage: str = "importance",
+    stats_sample: float = STATS_SAMPLE,
+    stats_every: int = STATS_EVERY,
 ) -> ImportanceResult:
     """Run the importance pass over `tokens` and return group importance (see module docstring).
 
@@ -753,7 +795,8 @@ def run_importance(
     emit: EventSink = on_event or (lambda event: None)
     if not distributed.world().is_main:  # rank 0 reports and writes for all ranks
         emit, checkpoint_dir = null_sink, None
-    _validate(tokens, method, aggregation, fisher_scale, batch_size, hessian_device, checkpoint_seconds)
+    _validate(tokens, method, aggregation, fisher_scale, batch_size, hessian_device, checkpoint_seconds,
+              stats_sample, stats_every)
     spec = get_method(method)
     if aggregation not in spec.aggregations:
         emit(
@@ -780,6 +823,8 @@ def run_importance(
         store=store,
         emit=emit,
         stage=stage,
+        stats_sample=stats_sample,
+        stats_every=stats_every,
     )
     dtype = run.targets[0].param.dtype
     if dtype in (torch.float16, torch.bfloat16):

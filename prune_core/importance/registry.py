@@ -34,6 +34,12 @@ def _load() -> dict[str, MethodSpec]:
 
 METHODS: dict[str, MethodSpec] = _load()
 DEFAULT_METHOD: str = next(iter(METHODS))
+# How thinly a gradient pass takes its live statistics (the scores always use every element of every
+# batch): every STATS_EVERY-th batch, reading STATS_SAMPLE of each weight gradient's rows (accumulate.py:
+# a block that moves on with each statistics batch). 1 and 1 read everything. Chosen by measurement
+# (BENCHMARKS.md, "Importance pass"): on 2 CPU cores full statistics cost ~15 % of a pass.
+STATS_EVERY: int = 4
+STATS_SAMPLE: float = 0.0625
 
 
 def method_keys() -> tuple[str, ...]:

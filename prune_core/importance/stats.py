@@ -9,6 +9,8 @@ gate,up,down; "layer" = both), using the element counts:
     mean = Σ|x| / n      std = sqrt(Σx²/n − (Σx/n)²)      norm = sqrt(Σx²)      max, min of |x|
 
 Across batches (ImportanceResult.stats) mean/std/norm are averaged and max/min take the max/min.
+A gradient pass reads a block of each weight's rows (`stats_sample`) every `stats_every`-th batch
+(accumulate.py), so these are estimates from that sample: max and min are those of the rows read.
 """
 
 from __future__ import annotations
