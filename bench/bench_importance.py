@@ -34,8 +34,9 @@ calibration, so the reconstruction's fixed per-layer solves are priced against a
 follows) and 4 held-out proxy windows. A warm-up round,
 then --rounds rounds (median):
 - reconstruction / one taylor pass: the whole surgery stage with compensate = "reconstruct" (copy of
-  the model, removal of the groups, ridge refit of down_proj) over the pass's own seconds; the same
-  stage with compensate = "none" is printed for reference;                      goal ≤ 0.5
+  the model, removal of the groups, ridge refit of down_proj, error feedback 0.5 as recommended) over
+  the pass's own seconds; the same stage without error feedback (which runs each layer once more on
+  the dense stream) and with compensate = "none" are printed for reference;      goal ≤ 0.5
 - the proxy of one what-if: the "proxy" stage of a run whose pruning.ratio changed (0.2 → 0.25) on a
   memo that already holds the importance;                                       goal ≤ 1 s (smollm2-135m)
 - `prune tune` (prune_core/tune.py, corrections on as the command's default) from that memo: wall time
@@ -254,6 +255,7 @@ def stages_child(args: argparse.Namespace) -> None:
         })
         whatif = session.with_updates({"pruning.ratio": WHATIF_RATIO})
         plain = session.with_updates({"pruning.compensate": "none"})
+        no_feedback = session.with_updates({"pruning.error_feedback": 0.0})
         memo = pipeline.Memo()
         rounds: list[dict[str, Any]] = []
         for r in range(args.rounds + 1):  # round 0 warms up (model load, thread pools, allocator)
@@ -271,11 +273,14 @@ def stages_child(args: argparse.Namespace) -> None:
             memo.drop("surgery")
             none = pipeline.run(plain, out_dir=out, until="surgery", memo=memo, write=False)
             memo.drop("surgery")
+            no_ef = pipeline.run(no_feedback, out_dir=out, until="surgery", memo=memo, write=False)
+            memo.drop("surgery")
             log_s, log_bytes = time_event_log(events, root / f"log{r}")
             row = {
                 "pass_s": pass_s,
                 "surgery_reconstruct_s": rec.metrics["stage_seconds"]["surgery"],
                 "surgery_none_s": none.metrics["stage_seconds"]["surgery"],
+                "surgery_no_feedback_s": no_ef.metrics["stage_seconds"]["surgery"],
                 "whatif_proxy_s": w.metrics["stage_seconds"]["proxy"],
                 "whatif_allocation_s": w.metrics["stage_seconds"]["allocation"],
                 "whatif_wall_s": whatif_wall,
@@ -343,6 +348,7 @@ def stage_rows(stages: dict[str, Any] | None, model: str, dp: dict[str, Any] | N
         return statistics.median(r[key] for r in rs)
 
     recon = statistics.median(r["surgery_reconstruct_s"] / r["pass_s"] for r in rs)
+    no_ef = statistics.median(r.get("surgery_no_feedback_s", math.nan) / r["pass_s"] for r in rs)
     log_frac = statistics.median(r["eventlog_s"] / r["pass_s"] for r in rs)
     proxy_s = med("whatif_proxy_s")
     t = stages["tune"]
@@ -350,6 +356,7 @@ def stage_rows(stages: dict[str, Any] | None, model: str, dp: dict[str, Any] | N
     rows = [
         {"row": "reconstruction (surgery stage, compensate=reconstruct) / one taylor pass", "value": recon,
          "measured": f"{recon:.2f} ({med('surgery_reconstruct_s'):.2f} s / {med('pass_s'):.2f} s; "
+                     f"without error feedback {no_ef:.2f} ({med('surgery_no_feedback_s'):.2f} s); "
                      f"compensate=none {med('surgery_none_s'):.2f} s)",
          "goal": f"≤ {RECONSTRUCT_GOAL}", "ok": recon <= RECONSTRUCT_GOAL},
         {"row": f"proxy of one what-if (pruning.ratio 0.2 → {WHATIF_RATIO})", "value": proxy_s,

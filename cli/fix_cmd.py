@@ -109,7 +109,8 @@ def run_fix(results: Path, apply: int | None, json_mode: bool, console: Console,
     flag = StopFlag()
     try:
         with stop_on_signals(flag):
-            fixed = pipeline.run(new_session, out_dir=new_dir, on_event=renderer, should_stop=flag)
+            fixed = pipeline.run(new_session, out_dir=new_dir, on_event=renderer, should_stop=flag,
+                                 session_file=session_path)
     except (Interrupted, KeyboardInterrupt) as exc:  # the fixed session resumes as a plain run
         what = exc.message if isinstance(exc, Interrupted) else ("stopped at once (Ctrl-C pressed again); the "
                                                                   "last periodic checkpoint is kept")

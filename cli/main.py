@@ -216,7 +216,8 @@ def run(
     renderer = make_renderer(console, json_mode, stop=flag)
     cmd = shlex.join(["prune", "run", str(session_file), *(["--out", str(out_dir)] if out_dir else [])])
     with _run_errors(renderer, flag, cmd), stop_on_signals(flag):
-        report = pipeline.run(session, out_dir=out_dir, fresh=fresh, on_event=renderer, should_stop=flag)
+        report = pipeline.run(session, out_dir=out_dir, fresh=fresh, on_event=renderer, should_stop=flag,
+                              session_file=session_file)
     _print_report(report, json_mode)
 
 

@@ -164,26 +164,19 @@ def _end_code(kind: str, obj: dict[str, Any], console: Console | None, stopped: 
 def run_status(folder: Path) -> dict[str, Any]:
     """State, progress and pid of the run in `folder` (from its lock and event log)."""
     info = lock.holder(folder)
-    stage, progress, state = "", "", "unknown"
-    objs = eventlog.read_events(folder)
-    for obj in objs:
-        kind = obj.get("kind")
-        if kind == "stage_started":
-            stage, progress = str(obj.get("stage", "")), ""
-        elif kind == "batch_done":
-            progress = f"{obj.get('batch')}/{obj.get('total')}"
-        elif kind in eventlog.END_KINDS:
-            state = {"run_done": "done", "run_interrupted": "interrupted", "run_failed": "failed"}[str(kind)]
+    log = eventlog.summarize(eventlog.read_events(folder))
+    state = {"run_done": "done", "run_interrupted": "interrupted", "run_failed": "failed"}.get(log.end, "unknown")
     if info is not None:
         state = "running"
-    elif objs and state == "unknown":
+    elif log.lines and state == "unknown":
         state = "killed"
-    elif not objs and (folder / "metrics.json").is_file():
+    elif not log.lines and (folder / "metrics.json").is_file():
         state = "done"
-    last = objs[-1].get("t") if objs else None
-    return {"folder": str(folder), "state": state, "stage": stage, "progress": progress,
+    progress = f"{log.batch}/{log.total}" if log.batch is not None else ""
+    return {"folder": str(folder), "state": state, "stage": log.stage, "progress": progress,
             "pid": info.pid if info else None, "host": info.host if info else "",
-            "command": info.command if info else "", "updated": last}
+            "command": info.command if info else "", "session_file": info.session_file if info else "",
+            "updated": log.updated}
 
 
 def output_folders(cwd: Path) -> list[Path]:

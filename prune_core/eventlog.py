@@ -15,7 +15,7 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO, Any
 
@@ -150,3 +150,37 @@ def read_lines(folder: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int
 def read_events(folder: Path) -> list[dict[str, Any]]:
     """Every complete line of the log (dicts, in order)."""
     return read_lines(folder)[0]
+
+
+@dataclass(frozen=True)
+class LogSummary:
+    """Where a run stands by its log (or a tail of it): the one reading `prune ps` and the workbench share."""
+
+    stage: str = ""                  # the latest stage started
+    batch: int | None = None         # the latest importance batch done (1-based), of `total`
+    total: int = 0
+    checkpoint: int | None = None    # the batch a resume starts from, by the latest batch checkpoint
+    end: str = ""                    # one of END_KINDS, or "" when the log has no end record (still running, or killed)
+    end_message: str = ""
+    updated: float | None = None     # the time of the latest line
+    lines: int = 0
+
+
+def summarize(objs: list[dict[str, Any]]) -> LogSummary:
+    """The LogSummary of log lines (`read_events`, or a tail of them), read through the typed events."""
+    stage, batch, total, checkpoint, end, message = "", None, 0, None, "", ""
+    for obj in objs:
+        kind = str(obj.get("kind"))
+        if kind in END_KINDS:
+            end, message = kind, str(obj.get("message", ""))
+            continue
+        event = from_dict(obj)
+        if isinstance(event, StageStarted):
+            stage, batch = event.stage, None
+        elif isinstance(event, BatchDone):
+            batch, total = event.batch, event.total
+        elif isinstance(event, Checkpointed) and event.unit == "batch":
+            checkpoint = event.batch
+    last = objs[-1].get("t") if objs else None
+    return LogSummary(stage, batch, total, checkpoint, end, message,
+                      float(last) if isinstance(last, int | float) else None, len(objs))

@@ -51,6 +51,7 @@ class LockInfo:
     host: str
     started: str
     command: str
+    session_file: str = ""  # the absolute path of the session file the run reads ("" when it came from elsewhere)
 
     def describe(self) -> str:
         return f"pid {self.pid} on {self.host} (started {self.started}: {self.command})"
@@ -81,7 +82,8 @@ def read_info(folder: Path) -> LockInfo | None:
     """The holder recorded in the folder's lock file (alive or not), or None."""
     try:
         raw = json.loads(lock_path(folder).read_text(encoding="utf-8") or "null")
-        return LockInfo(int(raw["pid"]), str(raw["host"]), str(raw.get("started", "")), str(raw.get("command", "")))
+        return LockInfo(int(raw["pid"]), str(raw["host"]), str(raw.get("started", "")), str(raw.get("command", "")),
+                        str(raw.get("session_file") or ""))
     except (OSError, ValueError, TypeError, KeyError):
         return None
 
@@ -152,12 +154,15 @@ class RunLock:
         self.fd = -1
 
 
-def acquire(folder: Path, *, command: str | None = None, on_event: EventSink = null_sink) -> RunLock:
-    """Take `folder`'s lock or raise `FolderLocked` naming its holder; a stale lock is taken over."""
+def acquire(folder: Path, *, command: str | None = None, session_file: Path | None = None,
+            on_event: EventSink = null_sink) -> RunLock:
+    """Take `folder`'s lock or raise `FolderLocked` naming its holder; a stale lock is taken over.
+    `session_file` (the session file the run reads) is recorded so that a follower can load it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = lock_path(folder)
-    me = LockInfo(os.getpid(), socket.gethostname(), now_iso(), command or _command())
+    me = LockInfo(os.getpid(), socket.gethostname(), now_iso(), command or _command(),
+                  str(Path(session_file).absolute()) if session_file is not None else "")
     for _ in range(5):
         previous = read_info(folder)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -205,9 +210,10 @@ def _command() -> str:
 
 
 @contextlib.contextmanager
-def hold(folder: Path, *, command: str | None = None, on_event: EventSink = null_sink) -> Iterator[RunLock]:
+def hold(folder: Path, *, command: str | None = None, session_file: Path | None = None,
+         on_event: EventSink = null_sink) -> Iterator[RunLock]:
     """Hold `folder`'s lock for the duration of the block."""
-    held = acquire(folder, command=command, on_event=on_event)
+    held = acquire(folder, command=command, session_file=session_file, on_event=on_event)
     try:
         yield held
     finally:

@@ -354,7 +354,7 @@ def _guarded(fn: Callable[..., RunReport]) -> Callable[..., RunReport]:
 
     @functools.wraps(fn)
     def run_locked(session: Session, *, out_dir: Path | None = None, write: bool = True,
-                   on_event: EventSink = null_sink, **kw: Any) -> RunReport:
+                   on_event: EventSink = null_sink, session_file: Path | None = None, **kw: Any) -> RunReport:
         global _LEAD
         world = distributed.setup(session.model.device)
         if world.active and not world.is_main:  # rank 0 holds the lock and writes; this rank follows it
@@ -367,7 +367,8 @@ def _guarded(fn: Callable[..., RunReport]) -> Callable[..., RunReport]:
             folder = results_dir_for(session, out_dir)
             ensure_writable(folder)
             partial = kw.get("until") not in (None, "save")  # e.g. the model alone: the run's log stays
-            with lock.hold(folder, on_event=on_event), eventlog.tee(folder, on_event, append=partial) as logged:
+            with lock.hold(folder, on_event=on_event, session_file=session_file), \
+                    eventlog.tee(folder, on_event, append=partial) as logged:
                 return fn(session, out_dir=out_dir, write=write, on_event=logged, **kw)
         except BaseException as exc:
             _LEAD.abort(exc)
@@ -389,6 +390,7 @@ def run(
     write: bool = True,
     on_event: EventSink = null_sink,
     should_stop: Callable[[], bool] | None = None,
+    session_file: Path | None = None,
 ) -> RunReport:
     """Run the declared stages of `session` in order (up to `until`) and return the run's report.
 
@@ -397,7 +399,8 @@ def run(
     with one, surgery works on a copy so the memo stays usable for further what-ifs. `write` writes
     the results folder (and the model when `[output] save_model`); a what-if passes `write=False`.
     A writing run holds the folder's lock (`lock.FolderLocked` when another run has it) and logs
-    every event to `<results>/events.ndjson` (`_guarded`).
+    every event to `<results>/events.ndjson` (`_guarded`); `session_file`, the file `session` was read
+    from, is recorded in the lock so that `prune attach` and the workbench can load it.
     """
     results_dir = results_dir_for(session, out_dir)
     ensure_writable(results_dir)

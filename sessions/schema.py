@@ -262,6 +262,12 @@ class Session(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def same_model(self, other: Session) -> bool:
+        """Both sessions prune, compensate and distil the same way (their resolved settings agree, whether
+        the model is saved aside): the model saved for one is the model of the other."""
+        mine = self.with_updates({"output.save_model": True}).resolved().to_dict()
+        return mine == other.with_updates({"output.save_model": True}).resolved().to_dict()
+
     def with_updates(self, updates: dict[str, Any]) -> Session:
         """A validated copy with dotted keys replaced, e.g. {"pruning.ratio": 0.3}."""
         data = self.model_dump()

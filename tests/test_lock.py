@@ -14,7 +14,7 @@ import pytest
 
 from prune_core import eventlog, lock
 from prune_core.errors import Interrupted
-from prune_core.events import BatchDone, Notice, StagePlan
+from prune_core.events import BatchDone, Checkpointed, Notice, StagePlan, StageStarted
 
 
 def dead_pid() -> int:
@@ -91,3 +91,31 @@ def test_prune_fix_into_a_folder_in_use_exits_3_before_writing_its_session(tmp_p
     assert "in use by another run" in result.output and "prune run r-fix.toml" in result.output
     assert not (tmp_path / "runs" / f"r-fix{n}.toml").exists(), "the other run's session file is left alone"
     assert sorted(p.name for p in fix_dir.iterdir()) == [], "nothing copied into the folder in use"
+
+
+def test_the_lock_records_the_session_file_it_runs(tmp_path: Path) -> None:
+    """A follower (prune attach, the workbench) reads which session file writes a folder from its lock."""
+    with lock.hold(tmp_path / "runs", session_file=Path("rel/s.toml")) as held:
+        info = lock.read_info(tmp_path / "runs")
+        assert info == held.info and info.session_file == str(Path("rel/s.toml").absolute())
+    with lock.hold(tmp_path / "other"):
+        assert lock.read_info(tmp_path / "other").session_file == ""
+
+
+def test_a_logs_summary_says_where_the_run_stands(tmp_path: Path) -> None:
+    """The reading `prune ps` and the workbench share: the latest stage and batch, the batch a resume
+    starts from, and how the run ended."""
+    log = eventlog.EventLog(tmp_path)
+    log(StageStarted("importance", "importance pass", total=4))
+    for b in (1, 2):
+        log(BatchDone("importance", b, 4, 4.0, 4.0, 100.0, 3.0, {}))
+    log(Checkpointed("importance", 2, str(tmp_path / "ckpt")))
+    log(Checkpointed("distill", 7, str(tmp_path / "d"), unit="step"))  # not a batch checkpoint
+    running = eventlog.summarize(eventlog.read_events(tmp_path))
+    assert (running.stage, running.batch, running.total, running.checkpoint, running.end) == (
+        "importance", 2, 4, 2, "")
+    log.end("run_interrupted", "stopped after batch 2/4")
+    log.close()
+    done = eventlog.summarize(eventlog.read_events(tmp_path))
+    assert done.end == "run_interrupted" and done.end_message == "stopped after batch 2/4" and done.lines == 6
+    assert eventlog.summarize([]) == eventlog.LogSummary()

@@ -84,12 +84,12 @@ async def test_open_asks_before_discarding_unsaved_changes(tmp_path: Path) -> No
 
 async def test_open_a_folder_another_process_runs_follows_it_with_its_session(tmp_path: Path) -> None:
     """ctrl+o on a detached run's folder takes the start-up path: follow the run, and show its session
-    (read from the lock's command line) rather than a blank one that ctrl+s could save by mistake."""
+    (the session file its lock records) rather than a blank one that ctrl+s could save by mistake."""
     det = session_file(tmp_path, "det")
     first = session_file(tmp_path, "first")
     folder = tmp_path / "runs" / "det"
     app = make_app(first)
-    with lock.hold(folder, command=f"prune run {det} --out {folder}"):
+    with lock.hold(folder, command="prune run det.toml --out somewhere", session_file=det):
         log = write_run_log(folder)
         async with app.run_test(size=SIZE) as pilot:
             await settle(app, pilot)
@@ -121,6 +121,27 @@ async def test_tui_on_a_live_run_folder_shows_the_runs_session(tmp_path: Path, m
             log.end("run_done", "done")
             log.close()
             await settle(app, pilot)
+
+
+async def test_a_killed_run_folder_loads_the_session_its_lock_records(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed outright leaves its lock file: the session file recorded there is loaded even when it is
+    not in the working folder and the folder is an --out of its own."""
+    elsewhere = tmp_path / "sessions"
+    elsewhere.mkdir()
+    det = session_file(elsewhere, "det")
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "out" / "det-run"
+    held = lock.acquire(folder, session_file=det)
+    write_run_log(folder, end=None, checkpoint=True).close()
+    import os
+
+    os.close(held.fd)  # the process died: its flock is gone, its lock file stays
+    assert lock.holder(folder) is None and lock.read_info(folder).session_file == str(det)
+    app = make_app(folder, checkpoint=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        assert app.state.session_path == det and app.title == "prune — det"
 
 
 async def test_tui_on_a_stopped_run_folder_says_how_to_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -167,6 +167,14 @@ def run_holder(path: Path) -> Any:
     return holder(Path(path))
 
 
+def recorded_session_file(path: Path) -> str:
+    """The session file the lock of results folder `path` records (live holder or not), or ""."""
+    from prune_core.lock import read_info
+
+    info = read_info(Path(path))
+    return info.session_file if info is not None else ""
+
+
 def is_results_folder(path: Path) -> bool:
     """A folder a finished run wrote (`prune_core.report.is_results_folder`)."""
     from prune_core.report import is_results_folder as _is
@@ -174,16 +182,17 @@ def is_results_folder(path: Path) -> bool:
     return _is(path)
 
 
-def run_log_tail(path: Path, max_bytes: int = 1 << 20) -> list[dict[str, Any]]:
-    """The last events of the log a run wrote into `path` (`events.ndjson`; at most `max_bytes` of it, so a
-    long run's log is read quickly), one dict per event; [] when there is none."""
-    from prune_core.eventlog import log_path, read_lines
+def run_log_summary(path: Path, max_bytes: int = 1 << 20) -> Any:
+    """Where the run that wrote into `path` stands by its log (`prune_core.eventlog.LogSummary`), read from the
+    last `max_bytes` of `events.ndjson` so that a long run's log is read quickly."""
+    from prune_core.eventlog import log_path, read_lines, summarize
 
     try:
         size = log_path(Path(path)).stat().st_size
-        return list(read_lines(Path(path), max(0, size - max_bytes))[0])  # a cut first line does not parse
+        tail = read_lines(Path(path), max(0, size - max_bytes))[0]  # a cut first line does not parse
     except OSError:
-        return []
+        tail = []
+    return summarize(list(tail))
 
 
 def folder_has_checkpoint(path: Path) -> bool:

@@ -84,7 +84,7 @@ def save_model(ctx: JobContext, session: Session) -> tuple[Any, Path, bool]:
             continue  # something else is there: leave it alone
         if written is None:  # a new folder (or the run's own, not written yet): the whole results
             return ctx.run(wanted, out_dir=target, write=True), target, target != folder
-        if same_run(written, wanted):  # the folder holds this session: its model alone
+        if written.same_model(wanted):  # the folder holds this session: its model alone
             return ctx.run(wanted, out_dir=target, until="save_model", write=True), target, target != folder
     raise BadInput(f"no free what-if folder next to {folder}", "remove old <name>-whatif<k> folders")
 
@@ -94,14 +94,6 @@ def _written_session(ctx: JobContext, folder: Path) -> Session | None:
         return ctx.pipeline.read(folder).session
     except (PruneError, OSError):  # no results there (or unreadable)
         return None
-
-
-def same_run(a: Session, b: Session) -> bool:
-    """Both sessions prune, compensate and distil the same way (their resolved settings agree): the model
-    saved for one is the model of the other."""
-    da = a.with_updates({"output.save_model": True}).resolved().to_dict()
-    db = b.with_updates({"output.save_model": True}).resolved().to_dict()
-    return da == db
 
 
 def recover(ctx: JobContext, session: Session, *, fresh: bool = False) -> Any:

@@ -4,14 +4,14 @@
 a folder another live process is writing ("follow"), a run folder that stopped before it finished
 ("stopped": interrupted, failed or killed; its event log and checkpoint are there, its session is not),
 or a folder that holds nothing of prune's. For a run folder it also names the session file that runs
-(ran) into it when that can be told: the one on the live run's lock line (`prune run S.toml --out F`),
-else the one session file in the working folder whose results folder is this one.
+(ran) into it when that can be told: the one its lock records (`LockInfo.session_file`, written by
+`prune run` and `prune fix --apply`), else the one session file in the working folder whose results
+folder is this one.
 Plain Python (no Textual); the engine is reached through `tui.engine`.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +21,6 @@ import tui.engine as engine
 from sessions import Session
 
 Kind = Literal["session", "results", "follow", "stopped", "folder"]
-_RUN_ARGS = re.compile(r"\brun\s+(?P<session>.+?\.toml)(?:\s+--out\s+(?P<out>\S.*?))?(?:\s+--|\s*$)")
 
 
 @dataclass(frozen=True)
@@ -50,35 +49,30 @@ def classify(path: Path, pipeline: Any) -> Target:
         return Target("session", path)
     holder = engine.run_holder(path)
     if holder is not None:
-        return _with_session(Target("follow", path, holder=holder), pipeline, getattr(holder, "command", ""))
+        return _with_session(Target("follow", path, holder=holder), pipeline, holder.session_file)
     if engine.is_results_folder(path):
         return Target("results", path)
-    log = engine.run_log_tail(path)
+    log = engine.run_log_summary(path)
     resumable = engine.folder_has_checkpoint(path)
-    if not log and not resumable:
+    if not log.lines and not resumable:
         return Target("folder", path)
-    end, batch, total = "", None, 0
-    for obj in log:
-        kind = obj.get("kind")
-        if kind == "batch_done":
-            total = int(obj.get("total") or total)
-        elif kind == "checkpointed" and obj.get("unit", "batch") == "batch":
-            batch = int(obj.get("batch") or 0)
-        elif kind == "run_interrupted":
-            end = "interrupted"  # its message names the checkpoint, which the app's own words say
-        elif kind == "run_failed":
-            end = f"failed: {obj.get('message', '')}"
-    if log and not end:
-        end = "stopped without an end record (killed?)"
+    if log.end == "run_interrupted":
+        end = "interrupted"  # its message names the checkpoint, which the app's own words say
+    elif log.end == "run_failed":
+        end = f"failed: {log.end_message}"
+    else:
+        end = "stopped without an end record (killed?)" if log.lines else ""
     target = Target("stopped", path, resumable=resumable, end=end,
-                    batch=(batch, total) if batch is not None and total else None)
-    return _with_session(target, pipeline, "")
+                    batch=(log.checkpoint, log.total) if log.checkpoint is not None and log.total else None)
+    # a run killed before it released its lock still names its session file there
+    return _with_session(target, pipeline, engine.recorded_session_file(path))
 
 
-def _with_session(target: Target, pipeline: Any, command: str) -> Target:
-    """`target` with the session file that writes its folder, when one can be found and loaded."""
+def _with_session(target: Target, pipeline: Any, session_file: str) -> Target:
+    """`target` with the session file that writes its folder: the one its lock records, else the one
+    `*.toml` here whose results folder it is."""
     folder = _resolved(target.path)
-    found = _from_command(command, folder, pipeline)
+    found = _from_lock(session_file)
     if found is None:
         matches = []
         for candidate in sorted(Path.cwd().glob("*.toml")):
@@ -93,17 +87,12 @@ def _with_session(target: Target, pipeline: Any, command: str) -> Target:
     return replace(target, session_file=file, session=session, writes_here=here)
 
 
-def _from_command(command: str, folder: Path, pipeline: Any) -> tuple[Path, Session] | None:
-    """The session file on a lock line such as `prune run /abs/s.toml --out /abs/runs/s`, if it fits."""
-    m = _RUN_ARGS.search(command or "")
-    if m is None:
+def _from_lock(session_file: str) -> tuple[Path, Session] | None:
+    """The session file a run recorded in its folder's lock (`LockInfo.session_file`), loaded."""
+    if not session_file:
         return None
-    file = Path(m["session"])
-    session = _load(file)
-    if session is None:
-        return None
-    out = Path(m["out"]) if m["out"] else None
-    return (file, session) if _resolved(pipeline.results_dir_for(session, out)) == folder else None
+    session = _load(Path(session_file))
+    return (Path(session_file), session) if session is not None else None
 
 
 def _load(path: Path) -> Session | None:

@@ -19,7 +19,6 @@ import sessions
 from sessions import Session, SessionError, check_against_model, validate_dict
 from sessions.presets import recommended
 from tui.engine import ModelInfo
-from tui.jobs import same_run
 from tui.results_model import ResultsData, perplexities
 from tui.runstate import RunState
 
@@ -202,7 +201,7 @@ class WorkbenchState:
             if self.results.results_dir:
                 lines.append(f"Results folder: {self.results.results_dir}")
         if self.saved_model_path:
-            if self.saved_model_session is None or same_run(self.saved_model_session, self.session):
+            if self.saved_model_session is None or self.saved_model_session.same_model(self.session):
                 lines.append(f"Pruned model saved to {self.saved_model_path}")
             else:
                 lines.append(f"{self.saved_model_path} holds the model of the earlier allocation, "

@@ -145,26 +145,46 @@ def ridge_refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Ten
             return w_k, b + w[:, removed] @ mean[removed]
         return w_k, (None if bias is None else b)
     lam = float(ridge) * float(gram[k, k].mean())
+    size = k.numel() + (1 if with_bias else 0)
+    if cross is not None and cross.shape != (size, out_f):
+        raise BadInput(f"the error cross term is {tuple(cross.shape)}, expected {(size, out_f)}",
+                       "accumulate X̃_K′ᵀ E over the kept inputs (and the constant column unless bias is none)")
+    return _refit_correction(w, b, bias, gram, k, lam, bias_mode, cross)
+
+
+def _refit_correction(w: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor,
+                      k: torch.Tensor, lam: float, bias_mode: str, cross: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ridge_refit's closed form as the kept weights plus a correction: with A = C̃[K′, K′] + D (D the
+    shrinkage) the numerator W̃ C̃[:, K′] + W̃_K′ D equals W̃_K′ A + W̃_R C̃[R, K′] (R = removed columns), so
+
+        W′ = W̃_K′ + (W̃_R C̃[R, K′] + crossᵀ) A⁻¹
+
+    — the same minimiser with a product over the removed columns only (a third of the multiply-adds of
+    W̃ C̃[:, K′] at 20 %), and the solve gives the small correction rather than the whole weight. For a
+    singular A (λ = 0 and rank-deficient inputs) the minimum-norm correction is taken: the least-squares
+    solution nearest the original weights, the λ → 0 limit of the ridge solution."""
+    n = w.shape[1]
+    dtype, dev = gram.dtype, gram.device
+    removed = torch.ones(n, dtype=torch.bool, device=dev)
+    removed[k] = False
+    r = removed.nonzero().flatten()
+    with_bias = bias_mode != "none"
     if with_bias:
         cols = torch.cat([k, torch.tensor([n], dtype=torch.long, device=dev)])
-        w_aug = torch.cat([w, b[:, None]], dim=1)  # [out, n+1]
-        target = w_aug @ gram.index_select(1, cols)  # W̃ C̃[:, K′]
+        kept = torch.cat([w.index_select(1, k), b[:, None]], dim=1)  # W̃_K′
         shrink = torch.full((cols.numel(),), lam, dtype=dtype, device=dev)
         if bias_mode == "fit":
             shrink[-1] = 0.0
-        target = target + w_aug.index_select(1, cols) * shrink
         a = gram.index_select(0, cols).index_select(1, cols) + torch.diag(shrink)
-    else:  # the bias stays as it is: the target is W x
-        target = w @ gram[:n, :n].index_select(1, k) + lam * w.index_select(1, k)
-        a = gram[:n, :n].index_select(0, k).index_select(1, k)
-        a = a + lam * torch.eye(k.numel(), dtype=dtype, device=dev)
+    else:
+        cols = k
+        kept = w.index_select(1, k)
+        a = gram.index_select(0, k).index_select(1, k) + lam * torch.eye(k.numel(), dtype=dtype, device=dev)
+    corr = w.index_select(1, r) @ gram.index_select(0, r).index_select(1, cols)  # W̃_R C̃[R, K′]: no bias in R
     if cross is not None:
-        if cross.shape != (a.shape[0], out_f):
-            raise BadInput(f"the error cross term is {tuple(cross.shape)}, expected {(a.shape[0], out_f)}",
-                           "accumulate X̃_K′ᵀ E over the kept inputs (and the constant column unless bias is none)")
-        target = target + cross.to(device=dev, dtype=dtype).T
-    sol = _solve_spd(a, target.T)  # A Z = targetᵀ (A symmetric) → W′ = Zᵀ
-    new = sol.T
+        corr = corr + cross.to(device=dev, dtype=dtype).T
+    new = kept + _solve_spd(a, corr.T).T
     if with_bias:
         return new[:, :-1].contiguous(), new[:, -1].contiguous()
     return new.contiguous(), (None if bias is None else b)
