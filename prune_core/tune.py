@@ -149,8 +149,12 @@ def _search(session: Session, results_dir: Path, *, budget_s: float, memo: pipel
         spent = sorted(t.seconds for t in trials[1:])
         return spent[len(spent) // 2] if spent else 0.0
 
-    def trial_stop() -> bool:  # a trial that would overrun the budget (e.g. a new block-loss pass) is cut short
-        return stop() or over_budget()
+    # a trial that would overrun the budget (e.g. a new block-loss pass) is cut short at its next batch or
+    # stage boundary; asked a little early, so that the step in flight still ends inside the budget
+    margin = min(0.05 * budget_s, 2.0)
+
+    def trial_stop() -> bool:
+        return stop() or over_budget(margin)
 
     stopped = "converged"
     improved = True

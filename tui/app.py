@@ -7,12 +7,8 @@ evaluate, save model, sample, inspect, open results) is one `pipeline.run(...)` 
 `Memo`, or one `RunReport.read`, on the app's one engine worker thread (`tui.jobs`); the worker
 talks back only through `post_message`.
 
-Signals are handled like `prune run`: SIGHUP, SIGTERM and SIGINT set the stop flag, the engine
-worker checkpoints the pass after its current batch (the run screen says "stopping after batch
-n/N…" meanwhile), and the app restores the terminal and exits 129, 143 or 130. A second SIGINT says
-what stopping at once would lose; a third stops at once. Ctrl+C inside the app is a key (the terminal
-is raw), bound to the same handling as SIGINT; quitting during a run does the same and exits 130. Once
-the terminal is back, `run_tui` prints `exit_note`: where the pass stopped and how to resume it.
+Signals, Ctrl+C and quitting during a run are handled like `prune run` (checkpoint, then exit 129, 143
+or 130) by the `ExitHandling` mixin, tui/exiting.py.
 A path (command line or ctrl+o) is read one way (`tui.runfolder.classify`): on a results folder that
 another process is writing, the app follows that run's event log on the run screen (`jobs.follow`; x
 asks that run to stop, checkpointed); on a run folder that stopped, it says how to resume it.
@@ -23,9 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import signal
 import threading
-import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import replace
@@ -47,6 +41,7 @@ from prune_core.events import Event
 from sessions import Session, SessionError
 from tui.commands import PruneCommands
 from tui.engine import Pipeline
+from tui.exiting import EXIT_QUIT_RUN, ExitHandling
 from tui.jobs import JobContext
 from tui.messages import (
     CancelRequested,
@@ -77,15 +72,6 @@ from tui.screens.run import RunScreen
 from tui.screens.setup import SetupScreen
 from tui.state import WorkbenchState, job_label
 
-EXIT_QUIT_RUN = 130  # quitting during a run: checkpointed, like Ctrl-C in `prune run`
-CONFIRM_S = 5.0      # a third SIGINT within this long stops at once
-SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143, "SIGHUP": 129}
-
-
-def exit_code_for(name: str) -> int:
-    """128 + the signal: 130 (SIGINT), 143 (SIGTERM), 129 (SIGHUP), as documented in the README."""
-    return SIGNAL_EXIT.get(name, 130)
-
 # Colours picked from the xterm-256 palette, so a 256-colour terminal shows exactly these.
 PRUNE_THEME = Theme(
     name="prune", primary="#5f87d7", secondary="#87afaf", accent="#d7af5f", warning="#d7af00",
@@ -110,7 +96,7 @@ def _same_dense(a: Any, b: Any) -> bool:
             and a.evaluation.seq_len == b.evaluation.seq_len and a.evaluation.max_tokens == b.evaluation.max_tokens)
 
 
-class PruneApp(App[int]):
+class PruneApp(ExitHandling, App[int]):
     """The prune workbench."""
 
     CSS_PATH = "app.tcss"
@@ -210,8 +196,8 @@ class PruneApp(App[int]):
         state = self.state
         if target.kind == "follow":
             if self.job_follow(target.path) and target.session is None:
-                self.notify(f"Following the run in {target.path}. Its session file was not found (not on the "
-                            "run's lock line, none here writes to that folder): the set-up shows a new session, "
+                self.notify(f"Following the run in {target.path}. Its session file was not found (not recorded in the "
+                            "run's lock, none here writes to that folder): the set-up shows a new session, "
                             "not the run's.", timeout=10, markup=False)
         elif target.kind == "results":
             self.job_open_results(target.path)
@@ -221,97 +207,6 @@ class PruneApp(App[int]):
                 self.job_check_checkpoint()
         elif state.session_path is not None and state.session_path.is_file() and not state.problems:
             self.job_check_checkpoint()
-
-    # -- signals -----------------------------------------------------------------------------------
-    def _install_signal_handlers(self) -> None:
-        """SIGHUP, SIGTERM, SIGINT: checkpoint the running pass, then exit 128 + the signal."""
-        if self.is_headless or threading.current_thread() is not threading.main_thread():
-            return  # run_test() (tests call on_signal directly): leave the process's signals alone
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        for name in ("SIGHUP", "SIGTERM", "SIGINT"):
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                    loop.add_signal_handler(sig, self.on_signal, name)
-                    self._signals.append((loop, sig))
-
-    def on_unmount(self) -> None:
-        for loop, sig in self._signals:
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.remove_signal_handler(sig)
-        self._signals.clear()
-
-    def on_signal(self, name: str) -> None:
-        """A signal arrived (SIGHUP, SIGTERM, SIGINT): stop politely, checkpoint, exit 129/143/130."""
-        code = exit_code_for(name)
-        if self._exit_after_job is not None and name == "SIGINT":
-            now = time.monotonic()
-            if self._warned_at and now - self._warned_at <= CONFIRM_S:
-                self.stop_at_once = True
-                if self.state.busy == "run":
-                    kept = self.state.run_state.checkpoint
-                    self.exit_note = self._resume_note("interrupted at once: " + (
-                        f"the checkpoint after batch {kept.batch} is kept" if kept else "no checkpoint was written"))
-                self.exit(return_code=self._exit_after_job)
-                return
-            self._warned_at = now
-            self.notify(f"{self._losing_text()}; send Ctrl-C again within {CONFIRM_S:.0f} s to stop at once, or "
-                        "wait for the checkpoint.", severity="warning", timeout=CONFIRM_S, markup=False)
-            return
-        if name == "SIGHUP":
-            self._leave.set()
-        self._stop_then_exit(code)
-
-    def _stop_then_exit(self, code: int) -> None:
-        """Exit with `code` now, or (a job running) once it has stopped after its current step."""
-        busy = self.state.busy
-        if busy is None or busy == "follow":
-            if busy == "follow":
-                self._leave_followed_run()
-            self._leave.set()
-            self.exit(return_code=code)
-            return
-        if self._exit_after_job is None:
-            self._exit_after_job = code
-        self._stop.set()
-        self.state.run_state.stopping = True
-        self.state.run_state.version += 1
-        self.broadcast("run_stopping")
-        self.notify(self._stopping_text(), severity="warning", timeout=30, markup=False)
-
-    def _leave_followed_run(self) -> None:
-        """Stop following another process's run (it goes on) and say so once the terminal is back."""
-        self._leave.set()
-        folder = self.state.run_state.results_dir
-        self.exit_note = f"left the run in {folder}; it goes on (follow it again: prune tui {folder})"
-
-    def _resume_note(self, what: str) -> str:
-        """One plain line for the terminal after the app exits mid-run: what happened and how to resume."""
-        run, path, state = self._run_session, self.state.session_path, self.state
-        if run is not None and path is not None and path.is_file() and run.model_dump() == state.saved_dump:
-            return f"{what}; resume with: prune run {path} (or prune tui {path}, then r)"
-        folder = state.run_state.results_dir or (str(self.pipeline.results_dir_for(run)) if run else "")
-        return (f"{what}; the run's settings were not saved to a session file, so only a run with the same "
-                f"settings into {folder} resumes it")
-
-    def _stopping_text(self) -> str:
-        b = self.state.run_state.batch
-        if self.state.busy == "run" and b is not None and b.batch < b.total:
-            return f"Stopping after batch {b.batch + 1}/{b.total}… (the pass is checkpointed, then prune exits)"
-        return f"Stopping {job_label(self.state.busy or '')} after its current step…"
-
-    def _losing_text(self) -> str:
-        rs = self.state.run_state
-        b = rs.batch
-        if b is None or self.state.busy != "run":
-            return "Stopping at once loses the current step"
-        kept = rs.checkpoint.batch if rs.checkpoint is not None else b.resumed_from
-        lost = b.batch - kept + 1
-        return (f"Stopping at once loses {lost} batch{'es' if lost != 1 else ''} "
-                f"({'the checkpoint after batch ' + str(kept) if kept else 'no checkpoint'} is kept)")
 
     @work(thread=True, group="measure", exit_on_error=False)
     def _measure(self) -> None:
@@ -597,27 +492,6 @@ class PruneApp(App[int]):
                 self._stop_then_exit(EXIT_QUIT_RUN if state.busy == "run" else 0)
 
         self.push_screen(ConfirmScreen("Quit?", "; ".join(why).capitalize() + ".", "Quit", "Stay"), answer)
-
-    def action_interrupt(self) -> None:
-        """Ctrl+C. The terminal is raw inside the app, so Ctrl+C arrives as a key, not as SIGINT: do what
-        SIGINT does (checkpoint the run, exit 130; repeated, stop at once), asking first about unsaved changes."""
-        state = self.state
-        if self._exit_after_job is not None or not state.dirty or state.busy == "follow":
-            self.on_signal("SIGINT")
-            return
-        if self._asking_interrupt:
-            return  # the question is open already: answer it
-        self._asking_interrupt = True
-        why = "The session has unsaved changes"
-        if state.busy:
-            why += f"; {job_label(state.busy)} is stopped after its current step (checkpointed)"
-
-        def answer(yes: bool | None) -> None:
-            self._asking_interrupt = False
-            if yes:
-                self.on_signal("SIGINT")
-
-        self.push_screen(ConfirmScreen("Stop and quit?", why + ".", "Quit", "Stay"), answer)
 
     # -- model inspection (Model step) -----------------------------------------------------------
     def inspect_model(self) -> None:
