@@ -156,3 +156,23 @@ def test_the_probe_is_non_finite_exactly_when_the_output_gradient_is(bad: float 
         y.sum().backward()
     assert len(probes) == 1
     assert bool(torch.isfinite(probes[0])) == (bad is None)
+
+
+def test_a_weight_with_gradient_hooks_keeps_the_grad_path() -> None:
+    """Someone else's hook on a weight's gradient (rescaling it, say) must still see and change it."""
+    model = build_tiny("tiny-llama")[0].eval()
+    up = model.model.layers[1].mlp.up_proj.weight
+    plain = _accumulator(model, sunk=True, second_order=False)
+    with plain:
+        plain.accumulate(_loss(model, 0))
+        want = plain.sum_grad(plain.index("layers.1.up_proj.weight")).clone()
+    handle = up.register_hook(lambda g: g * 3.0)
+    try:
+        hooked = _accumulator(model, sunk=True, second_order=False)
+        assert hooked.sunk == plain.sunk - 1
+        with hooked:
+            hooked.accumulate(_loss(model, 0))
+            got = hooked.sum_grad(hooked.index("layers.1.up_proj.weight"))
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, 3.0 * want, rtol=1e-5, atol=1e-7)

@@ -112,11 +112,13 @@ class GradientAccumulator:
         self._rows = torch.zeros(len(self.params), ROW_WIDTH, dtype=self.dtype, device=self.device)
         self._checks = torch.zeros(len(self.params), dtype=self.dtype, device=self.device)
         self._scratch = torch.empty(max(self.numels), dtype=self.dtype, device=self.device)
-        # weights whose gradient goes to _on_sunk instead of .grad (CPU, plain Linear, same dtype)
+        # weights whose gradient goes to _on_sunk instead of .grad (CPU, plain Linear, same dtype); a weight
+        # with gradient hooks of its own (Tensor.register_hook: someone rescales or inspects its gradient)
+        # keeps the .grad path, since a sunk weight's gradient never exists as a tensor for them to see
         self._sunk: dict[int, nn.Linear] = {
             i: m for i, m in (linears or {}).items()
             if self.streaming and m.weight is self.params[i] and can_sink(m) and m.weight.dtype == self.dtype
-            and self.hessian_device == self.device
+            and self.hessian_device == self.device and not getattr(m.weight, "_backward_hooks", None)
         }
         self._gbuf: torch.Tensor | None = None  # taylor_2nd's reused g of a sunk weight
         self._stats_index = 0
