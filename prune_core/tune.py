@@ -178,7 +178,7 @@ def _search(session: Session, results_dir: Path, *, budget_s: float, memo: pipel
                     report = pipeline.run(trial_session, out_dir=results_dir, until="proxy", memo=memo,
                                           write=False, on_event=quiet, should_stop=trial_stop)
                 except Interrupted:
-                    stopped = "interrupted" if stop() or not over_budget() else "budget"
+                    stopped = "interrupted" if stop() or not over_budget(margin) else "budget"
                     break
                 except PruneError as exc:
                     notes.append(f"{knob} {option}: {exc.message}")
