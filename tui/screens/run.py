@@ -10,6 +10,7 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import Footer, Header, ProgressBar, Static
 
@@ -157,8 +158,12 @@ class RunScreen(Screen):
         state = self.state.run_state
         if state.version == self._seen:
             return
+        try:
+            stages = self.query_one("#run-stages", Static)
+        except NoMatches:  # a timer's tick while the app tears the screen down: nothing left to draw
+            return
         self._seen = state.version
-        self.query_one("#run-stages", Static).update(stage_lines(state, timings=self.state.show_timings))
+        stages.update(stage_lines(state, timings=self.state.show_timings))
         stats = progress_lines(state)
         self.query_one("#run-stats", Static).update(stats if self.state.show_timings else _masked(state))
         bar = self.query_one("#run-progress", ProgressBar)
