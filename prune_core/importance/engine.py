@@ -441,26 +441,27 @@ class _Pass:
         inputs, acc = self.inputs, self.acc
         assert inputs is not None
         rows = ids.shape[0]
+
+        def forward() -> torch.Tensor:  # also run again to take a failed batch back out (accumulate.py)
+            return self.model(input_ids=ids, labels=ids, use_cache=False).loss
+
         inputs.begin_batch()
         try:
             if acc is None:
                 with torch.no_grad():
-                    loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+                    loss = forward()
                 inputs.end_forward()
                 stat_rows, counts = inputs.rows.tolist(), inputs.counts
             else:
-                loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+                loss = forward()
                 inputs.end_forward()
                 if acc.streaming and not math.isfinite(float(loss.detach())):
                     raise _BatchFailed(None)  # on CPU the check is free: skip the backward
                 weight = rows * (self.seq_len - 1) if self.fisher_scale == "tokens" else 1.0
                 final = self._finalize if b == self.total - 1 and not self.world.active else None
-                def recompute() -> torch.Tensor:  # the same batch again, to take a failed one back out
-                    return self.model(input_ids=ids, labels=ids, use_cache=False).loss
-
                 try:
                     stat_rows = acc.accumulate(loss, weight=weight, finalize=final, stats=self.stats_batch(b),
-                                               stats_index=b // self.stats_every, recompute=recompute)
+                                               stats_index=b // self.stats_every, recompute=forward)
                     counts = list(acc.counts)
                 except NonFiniteGradient as exc:
                     self.partials.clear()
@@ -503,8 +504,11 @@ class _Pass:
         """Whether batch b takes statistics (every stats_every-th of a gradient pass; every batch of wanda)."""
         return self.acc is None or b % self.stats_every == 0
 
-    def latest_stats(self) -> LayerStats:
-        """The statistics of the latest batch that took them (what a BatchDone shows for one that did not)."""
+    def shown_stats(self, record: dict[str, Any]) -> LayerStats:
+        """What a BatchDone shows for a recorded batch: its statistics, or (a batch that took none) those of
+        the latest batch that did."""
+        if record["stats"] is not None:
+            return record["stats"]
         return next((r["stats"] for r in reversed(self.progress.batch_stats) if r["stats"] is not None), {})
 
     def run_batch(self, b: int) -> tuple[float, LayerStats]:
@@ -527,7 +531,7 @@ class _Pass:
                 f"NaN/Inf in batch {b + 1}/{self.total} of the {self.method} pass ({cause}){kept}", NAN_FIX
             ) from None
         self.progress.batch_stats.append(record)
-        return record["loss"], record["stats"] if record["stats"] is not None else self.latest_stats()
+        return record["loss"], self.shown_stats(record)
 
     # the loop ----------------------------------------------------------------------------------
     def _batch_done(self, b: int, loss: float, layer_stats: LayerStats, session_tokens: int, now: float) -> None:
@@ -579,8 +583,7 @@ class _Pass:
             for _, done_batch, record in outcomes:
                 self.progress.batch_stats.append(record)
                 session_tokens += int(record["tokens"])
-                self._batch_done(done_batch, float(record["loss"]), record["stats"] or self.latest_stats(),
-                                 session_tokens, now)
+                self._batch_done(done_batch, float(record["loss"]), self.shown_stats(record), session_tokens, now)
             done = min(first + w.size, self.total)
             if done == self.total:
                 break
