@@ -56,7 +56,9 @@ inputs, the augmented (n+1)²·8 matrix and the (k+1)²·8 system it solves; plu
 (num_samples + generated_samples) × seq_len × h × e of hidden states, four of them with error feedback
 (the dense stream, after the layer's attention and after the layer), one more for a layer's new
 outputs, and the down_proj inputs and outputs when they fit under reconstruct.py's 1 GiB limit
-(`stream_bytes`). Generating windows holds one batch's key/value cache and logits (`generation_bytes`).
+(`stream_bytes`); with error feedback on a CPU, also the dense stream the importance pass recorded
+(every layer's output of every window, held from the pass through the surgery; `recorded_stream_bytes`,
+0 beyond dense_stream.py's budget of min(2 GiB, RAM / 8)). Generating windows holds one batch's key/value cache and logits (`generation_bytes`).
 
 Validated (tests/test_plan.py, README "Memory"): the parameter and buffer counts exactly against the
 Llama-3-8B / 70B configs; the saved-activation formula exactly, byte for byte, against the tensors
@@ -124,12 +126,24 @@ def input_stats(g: Geometry, squares: bool) -> int:
 
 
 def gram_bytes(g: Geometry, ratio: float) -> dict[str, int]:
-    """Reconstruction: one float64 Gram matrix at a time (the wider of o_proj and down_proj)."""
+    """Reconstruction: one float64 Gram matrix at a time (the wider of o_proj and down_proj), fed through a
+    float32 buffer of the same shape (the batches' products, reconstruct.py `_Sum`)."""
     n = max(g.q, g.intermediate)
     kept = max(1, round(n * (1.0 - ratio)))
-    acc, augmented, system = n * kept * FP64, (n + 1) ** 2 * FP64, (kept + 1) ** 2 * FP64
-    return {"inputs": n, "kept": kept, "accumulator": acc, "augmented": augmented, "system": system,
-            "total": acc + augmented + system}
+    acc, partial = n * kept * FP64, n * kept * FP32
+    augmented, system = (n + 1) ** 2 * FP64, (kept + 1) ** 2 * FP64
+    return {"inputs": n, "kept": kept, "accumulator": acc, "partial": partial, "augmented": augmented,
+            "system": system, "total": acc + partial + augmented + system}
+
+
+def recorded_stream_bytes(g: Geometry, *, dtype: str, windows: int, seq_len: int, blocks: str) -> int:
+    """The dense stream a CPU importance pass records for error feedback (prune_core/dense_stream.py):
+    every layer's output (and its stream after the attention unless only MLPs are pruned) for every
+    window; 0 when it exceeds the recording budget, where reconstruction recomputes it instead."""
+    from prune_core import dense_stream
+
+    need = dense_stream.stream_bytes(windows, seq_len, g.hidden, g.layers, _DTYPE_BYTES[dtype], blocks != "mlp")
+    return need if need <= dense_stream.budget_bytes() else 0
 
 
 def stream_bytes(g: Geometry, *, dtype: str, windows: int, seq_len: int, error_feedback: float) -> dict[str, int]:
@@ -137,7 +151,8 @@ def stream_bytes(g: Geometry, *, dtype: str, windows: int, seq_len: int, error_f
     every window (dataset and generated), kept between layers; with error feedback also the dense stream and
     the dense stream after the current layer's attention and after the layer (3 more); while a layer runs,
     its new outputs (one more stream); and, when they fit under its 1 GiB limit, the down_proj inputs and
-    outputs of all tokens (saves a forward per layer)."""
+    outputs of all tokens (saves a forward per layer): the kept inputs and the stream after the attention,
+    counted here at all inputs (an upper bound)."""
     from prune_core.compensation.reconstruct import STORE_LIMIT_BYTES
 
     e = _DTYPE_BYTES[dtype]
@@ -312,6 +327,7 @@ def build_plan(
     distill_batch_size: int = 4,
     generated_samples: int = 0,
     error_feedback: float = 0.0,
+    blocks: str = "both",
 ) -> dict[str, Any]:
     """One plan object (JSON-ready): model, settings, per-method figures, reconstruction, devices, advice."""
     from prune_core.importance.registry import method_keys
@@ -344,6 +360,10 @@ def build_plan(
     gram = gram_bytes(geometry, ratio)
     streams = stream_bytes(geometry, dtype=dtype, windows=num_samples + generated_samples, seq_len=seq_len,
                            error_feedback=error_feedback)
+    recorded = recorded_stream_bytes(geometry, dtype=dtype, windows=num_samples + generated_samples,
+                                     seq_len=seq_len, blocks=blocks) \
+        if compensate == "reconstruct" and error_feedback > 0 and target["device"] == "cpu" else 0
+    recon_total = gram["total"] + streams["total"] + recorded
     plan_obj: dict[str, Any] = {
         "kind": "memory_plan",
         "model": {"spec": model, "source": source, "model_type": geometry.model_type, "hidden_size": geometry.hidden,
@@ -358,9 +378,9 @@ def build_plan(
                      "device": device, "method": method, "ratio": ratio, "compensate": compensate},
         "methods": [m.to_dict() for m in methods],
         "reconstruct": {"gram": gram, "activations": streams, "error_feedback": error_feedback,
-                        "total": gram["total"] + streams["total"], "used": compensate == "reconstruct",
+                        "recorded_stream": recorded, "total": recon_total, "used": compensate == "reconstruct",
                         "fits": None if ram["free"] is None and target["free"] is None
-                        else (gram["total"] + streams["total"]) <= (target["free"] or 0)},
+                        else recon_total <= (target["free"] or 0)},
         "generation": {**generation_bytes(geometry, dtype=dtype, seq_len=seq_len,
                                           batch_size=min(GENERATION_BATCH, max(generated_samples, 1))),
                        "used": generated_samples > 0, "windows": generated_samples},
@@ -452,6 +472,7 @@ def plan_for_session(session: Any, *, model: str | None = None, seq_len: int | N
         method=session.importance.method, ratio=session.pruning.ratio, compensate=session.pruning.compensate,
         devices=devices, distill_steps=session.distill.steps, distill_batch_size=session.distill.batch_size,
         generated_samples=session.data.generated_samples, error_feedback=session.pruning.error_feedback,
+        blocks=session.pruning.blocks,
     )
 
 

@@ -53,10 +53,12 @@ def render_text(plan: dict[str, Any]) -> str:
     a = r["activations"]
     ef = f", × {a['streams']} with error feedback" if a["streams"] > 1 else ""
     stored = f", stored down_proj inputs/outputs {fmt_bytes(a['stored'])}" if a["stored"] else ""
+    recorded = (f"; the dense stream the importance pass records for error feedback "
+                f"{fmt_bytes(r['recorded_stream'])}") if r.get("recorded_stream") else ""
     lines += ["", f"reconstruct{' (used by this session)' if r['used'] else ''}: {fmt_bytes(r['total'])} (one float64 "
               f"Gram at a time, {gram['inputs']} inputs ({gram['kept']} kept): {fmt_bytes(gram['total'])}; hidden "
               f"states of {a['windows']} windows: {fmt_bytes(a['stream'])} per stream{ef}, + one layer's outputs"
-              f"{stored})"]
+              f"{stored}{recorded})"]
     gen = plan["generation"]
     if gen["used"]:
         lines.append(f"generation of {gen['windows']} windows: {fmt_bytes(gen['total'])} (key/value cache of a batch "

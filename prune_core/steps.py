@@ -191,12 +191,37 @@ def compute_importance(ctx: Ctx) -> Any:
         checkpoint_dir=ctx.checkpoint_dir, checkpoint_seconds=s.importance.checkpoint_seconds,
         identity=importance_identity(ctx), on_event=ctx.on_event, should_stop=ctx.should_stop,
         stage=ctx.stage, stats_sample=s.importance.stats_sample,
-        stats_every=s.importance.stats_every,
+        stats_every=s.importance.stats_every, recorder=_stream_recorder(ctx),
     )
     ctx.summary = f"{result.batches} batches, {result.tokens:,} tokens"
     ctx.result = {"method": result.method, "batches": result.batches, "tokens": result.tokens,
                   "seconds": round(float(result.seconds), 3)}
     return result
+
+
+def _stream_recorder(ctx: Ctx) -> Any:
+    """A recorder of the dense model's per-layer outputs for the reconstruction's error feedback
+    (prune_core/dense_stream.py), when this session will use them and they fit the memory budget; the
+    reconstruction computes them itself otherwise."""
+    from prune_core import distributed
+    from prune_core.dense_stream import StreamRecorder, budget_bytes, stream_bytes
+    from prune_core.importance.registry import get_method
+
+    s = ctx.session
+    mv: ModelValue = ctx.values["model"]
+    param = next(mv.model.parameters())
+    if (s.pruning.compensate != "reconstruct" or s.pruning.error_feedback <= 0 or param.device.type != "cpu"
+            or not get_method(s.importance.method).needs_calibration
+            or not getattr(mv.adapter, "residual_outputs", True)):
+        return None
+    tokens = ctx.values["calibration"].tokens
+    mids = s.pruning.blocks != "mlp"
+    windows = math.ceil(tokens.shape[0] / distributed.world().size)
+    need = stream_bytes(windows, tokens.shape[1], mv.model.get_input_embeddings().embedding_dim,
+                        mv.adapter.num_layers(mv.model), param.element_size(), mids)
+    if need > budget_bytes():
+        return None
+    return StreamRecorder(tokens, s.data.batch_size, mids=mids)
 
 
 def save_importance(folder: Path, value: Any) -> None:
@@ -402,6 +427,7 @@ def compute_surgery(ctx: Ctx) -> Pruned:
         report = prune_and_reconstruct(model, mv.adapter, pruned, ctx.values["calibration"].tokens,
                                        ridge=s.pruning.ridge, batch_size=s.data.batch_size,
                                        error_feedback=s.pruning.error_feedback,
+                                       dense_stream=getattr(ctx.values.get("importance"), "dense_stream", None),
                                        on_event=ctx.on_event, should_stop=ctx.should_stop, stage=ctx.stage)
     else:
         means = None

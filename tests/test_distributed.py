@@ -231,22 +231,22 @@ def _reconstruct_session(tmp: Path, name: str) -> Any:
 
 def _reconstruct_pipeline_rank(rank: int, port: int, folder: str) -> None:
     from prune_core import pipeline
-    from prune_core.compensation import reconstruct
+    from prune_core.compensation import ridge
 
     _join(rank, port)
     reductions = [0]
-    gram_all_reduce = reconstruct._Gram.all_reduce
+    gram_all_reduce = ridge.GramSums.all_reduce
 
     def counted(gram: Any, world: distributed.World) -> None:
         reductions[0] += int(world.active)
         gram_all_reduce(gram, world)
 
-    reconstruct._Gram.all_reduce = counted  # type: ignore[method-assign]
+    ridge.GramSums.all_reduce = counted  # type: ignore[method-assign]
     try:
         pipeline.run(_reconstruct_session(Path(folder), "shared"))
         Path(folder, f"reductions{rank}").write_text(str(reductions[0]), encoding="utf-8")
     finally:
-        reconstruct._Gram.all_reduce = gram_all_reduce  # type: ignore[method-assign]
+        ridge.GramSums.all_reduce = gram_all_reduce  # type: ignore[method-assign]
         distributed.shutdown()
 
 

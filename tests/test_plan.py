@@ -132,7 +132,7 @@ def test_reconstruct_gram(tmp_path: Path) -> None:
     gram = plan["reconstruct"]["gram"]
     n, kept = 28672, 28672 - 28672 // 4  # down_proj's inputs are the widest
     assert (gram["inputs"], gram["kept"]) == (n, kept)
-    assert gram["total"] == 8 * (n * kept + (n + 1) ** 2 + (kept + 1) ** 2)
+    assert gram["total"] == 8 * (n * kept + (n + 1) ** 2 + (kept + 1) ** 2) + 4 * n * kept  # + float32 buffer
 
 
 def test_reconstruct_streams_and_generation_by_hand(tmp_path: Path) -> None:
@@ -147,6 +147,8 @@ def test_reconstruct_streams_and_generation_by_hand(tmp_path: Path) -> None:
     assert (a["windows"], a["stream"], a["streams"]) == (96, one, 4)
     assert a["stored"] == tokens * inter * e + one  # 352 MiB of down_proj inputs: under the 1 GiB limit
     assert a["total"] == 4 * one + one + a["stored"]
+    # 32 layers × 12,288 tokens × 4096 × 2 bytes = 3 GiB: past the recording budget, so not recorded
+    assert plan["reconstruct"]["recorded_stream"] == 0
     assert plan["reconstruct"]["total"] == plan["reconstruct"]["gram"]["total"] + a["total"]
     g = plan["generation"]
     assert g["used"] is True and g["windows"] == 64 and g["batch_size"] == 64
@@ -351,3 +353,15 @@ def test_a_config_that_is_not_a_json_object_is_bad_input(tmp_path: Path) -> None
     text = " ".join(r.output.split())
     assert str(folder / "config.json") in text and "must hold a JSON object" in text and "JSON array" in text
     assert "AttributeError" not in text
+
+
+def test_recorded_dense_stream_on_a_cpu(tmp_path: Path) -> None:
+    """With error feedback on a CPU the importance pass records every layer's output for the reconstruction."""
+    one_layer = 4 * 128 * 4096 * 2  # 4 windows of 128 tokens, hidden 4096, bfloat16
+    for blocks, ef, want in (("mlp", 0.5, 32 * one_layer), ("both", 0.5, 2 * 32 * one_layer), ("mlp", 0.0, 0)):
+        plan = _plan_json(str(_session(tmp_path, model__dtype="bfloat16", model__device="cpu", data__num_samples=4,
+                                       pruning__compensate="reconstruct", pruning__error_feedback=ef,
+                                       pruning__blocks=blocks)), "--model", str(CONFIGS / "llama-3-8b"))
+        r = plan["reconstruct"]
+        assert r["recorded_stream"] == want
+        assert r["total"] == r["gram"]["total"] + r["activations"]["total"] + want

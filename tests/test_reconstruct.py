@@ -13,6 +13,7 @@ from torch import nn
 from prune_core.adapters import get_adapter
 from prune_core.compensation import prune_and_reconstruct, ridge_refit
 from prune_core.compensation import reconstruct as rc
+from prune_core.compensation import ridge as rr
 from prune_core.errors import BadInput, Interrupted
 from prune_core.events import Progress
 from prune_core.export import load_pruned, save_pruned
@@ -225,13 +226,16 @@ def test_full_block_removal(bias: str) -> None:
     assert out.shape == (1, 9)
 
 
-def test_stored_and_recomputed_streams_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    original, ids = model_of("tiny-mistral"), tokens()
+@pytest.mark.parametrize(("key", "feedback"), [("tiny-mistral", 0.0), ("tiny-mistral", 0.5), ("tiny-gemma2", 0.0)])
+def test_stored_and_recomputed_streams_agree(key: str, feedback: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the stored path adds the refit MLP's output to the stream after the attention; the recomputed path
+    # runs the pruned layer again (also what sandwich-norm families, tiny-gemma2, always do)
+    original, ids = model_of(key), tokens()
     a = copy.deepcopy(original)
-    prune_and_reconstruct(a, get_adapter(a), PRUNE, ids)
+    prune_and_reconstruct(a, get_adapter(a), PRUNE, ids, error_feedback=feedback)
     monkeypatch.setattr(rc, "STORE_LIMIT_BYTES", 0)
     b = copy.deepcopy(original)
-    prune_and_reconstruct(b, get_adapter(b), PRUNE, ids)
+    prune_and_reconstruct(b, get_adapter(b), PRUNE, ids, error_feedback=feedback)
     torch.testing.assert_close(logits(a, ids), logits(b, ids), rtol=1e-4, atol=1e-4)
 
 
@@ -278,3 +282,23 @@ def test_bad_inputs_and_stop() -> None:
     apply_pruning(pruned_once, get_adapter(pruned_once), {0: {"mlp": list(range(128))}})
     with pytest.raises(BadInput, match="already"):
         prune_and_reconstruct(pruned_once, get_adapter(pruned_once), {1: {"mlp": [0]}}, ids)
+
+
+@pytest.mark.parametrize("keep", [[0, 2, 3, 5, 6, 9, 10], [4], list(range(11)), []])
+def test_gram_sums_equal_the_augmented_gram(keep: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    # float32 products summed through the float32 buffer (flushed every 64 rows here), half of C[K, K]
+    # computed and mirrored: the same parts as the whole X̃ᵀX̃ in float64
+    monkeypatch.setattr(rr, "FLUSH_ROWS", 64)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 25, 11, generator=gen) + 1.0 for _ in range(5)]
+    gram = rr.GramSums(11, torch.float64, torch.device("cpu"), keep)
+    for x in batches:
+        gram.add(x)
+    x = torch.cat([b.reshape(-1, 11) for b in batches]).double()
+    xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
+    want = rr.GramParts.from_augmented(xa.T @ xa, torch.tensor(keep, dtype=torch.long))
+    got = gram.parts()
+    for name in ("kk", "rk", "sum"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-4, msg=name)
+    assert got.count == want.count == 250
+    assert got.rest.tolist() == [i for i in range(11) if i not in keep]

@@ -8,7 +8,9 @@ produced from the same input - the error each block makes is corrected before it
 
 What, for decoder layer l in order (the calibration hidden states of all `N` windows are kept in
 memory as the stream; they flow through the already pruned and refit layers 0..l-1, in batches of
-`batch_size` windows):
+`batch_size` windows; only the layers from the first pruned one to the last pruned one run, since
+before it the stream is the dense model's and after it no refit reads it; the closed form and the
+sums it reads are in ridge.py):
 
 1. attention: with the stream as input, run layer l up to its (unpruned) o_proj and accumulate the
    Gram C = X̃ᵀX̃ of o_proj's input X (all heads) augmented with a constant-1 column X̃ = [X, 1];
@@ -37,26 +39,37 @@ memory as the stream; they flow through the already pruned and refit layers 0..l
 
 Error feedback (`error_feedback` = α, 0–1; 0 is the above): the targets above make each block
 reproduce its own original output on the pruned stream, so the error earlier layers left in the
-stream is carried on. With α > 0 the unpruned layer l also runs on the *dense* stream first, and each
-refit's target gains α × (dense stream − pruned stream) at the point where the block adds its output:
-after the attention for o_proj, after the layer for down_proj (the error left once the attention was
-refit). The cross term Σ X̃_K′ᵀ E enters the same closed form (`ridge_refit(cross=...)`). Cost: one
-more forward of each layer from the first pruned one on (before it both streams are the same), and
-the dense stream in memory. Families that normalise block outputs
-before the residual add (Gemma 2/3) get α = 0 and a notice. Measured on smollm2-135m (BENCHMARKS.md):
-α = 0.5 lowers held-out perplexity on both domains, most at 40 %.
+stream is carried on. With α > 0 each refit's target gains α × (dense stream − pruned stream) at the
+point where the block adds its output: after the attention for o_proj, after the layer for down_proj
+(the error left once the attention was refit). Equivalently the target is (1 − α) × the original
+block's output + α × Y, with Y = (dense stream there) − (pruned stream before the block), what the
+block would have to add to bring the stream back to the dense one. The pass accumulates Σ X̃_K′ᵀ Y
+(`CrossSums`), which needs no output of the original projection, and turns it into the cross term
+Σ X̃_K′ᵀ E of the closed form (`ridge_refit(cross=...)`) with the Gram: Σ X̃_K′ᵀ(X̃ W̃ᵀ) = (W̃ C̃[:, K′])ᵀ.
+The dense stream comes from the importance pass when it recorded one on the same tokens and batches
+(`dense_stream`, prune_core/dense_stream.py: that pass ran the dense model over exactly these
+batches); otherwise the unpruned layer l runs on the dense stream first (one more forward of each
+layer from the first pruned one on; before it both streams are the same). Families that normalise
+block outputs before the residual add (Gemma 2/3) get α = 0 and a notice. Measured on smollm2-135m
+(BENCHMARKS.md): α = 0.5 lowers held-out perplexity on both domains, most at 40 %.
 
-Cost: about one forward of the decoder layers over the calibration windows plus the Gram products
-(each batch's XᵀX in float32, accumulated in `gram_dtype`). When the activations fit in
-`STORE_LIMIT_BYTES`, step 1 keeps o_proj's inputs, so step 2 replays the refit attention output
-instead of recomputing attention (the attention module's forward is swapped for a replay during that
-layer's passes), and step 3 needs no third pass: output = pass output − original MLP output +
-W′ x_K + b′. Otherwise the pruned layer simply runs again.
+Cost: about one forward of the decoder layers over the calibration windows (without down_proj in
+the pruned layers) plus the Gram products (each batch's product in float32 by `addmm_` into a
+float32 buffer, added to the `gram_dtype` sum every `FLUSH_ROWS` tokens; `ProductSum`). Both passes over a
+pruned layer stop at the refit projection's input. When the activations fit in `STORE_LIMIT_BYTES`,
+step 1 keeps o_proj's inputs, so step 2 replays the refit attention output instead of recomputing
+attention (the attention module's forward is swapped for a replay during that layer's passes), and
+step 3 needs no third pass: the layer's output is the stream after its attention + W′ x_K + b′ (the
+kept down_proj inputs are kept). Otherwise — and always in families with sandwich norms, whose layer
+output is not that sum — the pruned layer runs again. With a recorded dense stream the layers before
+the first pruned one do not run at all (the stream there is the recorded one). Measured on
+smollm2-135m, 20 % of the MLP channels, 32 windows (BENCHMARKS.md, "Importance pass"): about half the
+time of the importance pass over the same windows with error feedback, less without.
 
 Under torchrun (`prune_core/distributed.py`, every rank calls this with the same groups): each rank
 keeps the stream of its own share of the batches (batch b: rank b % world, as in the importance pass)
-and, for every refit, the Gram sums (`_Gram`: X̃ᵀX̃ columns, Σ X, count) and the error-feedback cross
-sums (`_Cross`) are all-reduced before each rank solves the same ridge system, so all ranks hold the
+and, for every refit, the Gram sums (`GramSums`: X̃ᵀX̃ columns, Σ X, count) and the error-feedback cross
+sums (`CrossSums`) are all-reduced before each rank solves the same ridge system, so all ranks hold the
 same weights, equal (to float summation order) to a single-process run over the same windows; the
 constants of zero blocks come from the same sums. A stop asked on any rank stops them all (checked
 before each layer). In a single process nothing of this runs.
@@ -82,19 +95,18 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from prune_core import distributed
+from prune_core.compensation.ridge import BIAS_MODES, DEFAULT_BIAS, CrossSums, GramSums, ridge_refit
+from prune_core.dense_stream import DenseStream
 from prune_core.errors import BadInput, Interrupted
 from prune_core.events import EventSink, Notice, Progress
 from prune_core.surgery import SurgeryReport, ZeroAttention, ZeroMLP, apply_pruning, count_parameters
 
-BiasMode = Literal["shrink", "fit", "none"]
-BIAS_MODES: tuple[str, ...] = ("shrink", "fit", "none")
-DEFAULT_BIAS: BiasMode = "shrink"
 # Keep the down_proj inputs of all calibration tokens (to skip a third forward per layer) below this.
 STORE_LIMIT_BYTES = 1 << 30
 
@@ -106,176 +118,8 @@ class _Stop(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# The closed form
-# ---------------------------------------------------------------------------------------------
-
-def ridge_refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, keep: Sequence[int], *,
-                ridge: float, bias_mode: str = DEFAULT_BIAS, cross: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Ridge refit of a projection whose input columns not in `keep` are removed.
-
-    weight [out, n], bias [out] or None; gram [n+1, n+1] = X̃ᵀX̃ with X̃ = [X, 1] (the last row /
-    column is the constant). Returns (new weight [out, len(keep)], new bias [out] or None) in the
-    gram's dtype: the minimiser of ‖X̃_K′ W′ᵀ − (X̃ W̃ᵀ + E)‖² + λ‖W′_K − W_K‖² (+ λ‖b′ − b‖² for
-    "shrink"), λ = ridge × mean(diag gram[K, K]). bias_mode "none" fits no bias and returns the
-    original. E is an extra target the refit should also produce (error feedback: what earlier layers
-    left wrong in the stream); `cross` = X̃_K′ᵀ E, [len(K′), out], K′ = keep plus the constant column
-    unless bias_mode is "none"; None means E = 0. With λ = ∞ it has no effect.
-    """
-    if bias_mode not in BIAS_MODES:
-        raise BadInput(f"unknown bias mode {bias_mode!r}", f"use one of: {', '.join(BIAS_MODES)}")
-    if not (ridge >= 0):  # also rejects NaN
-        raise BadInput(f"ridge must be >= 0 (got {ridge!r})", "use ridge = 0 (plain least squares) or more")
-    out_f, n = weight.shape
-    if gram.shape != (n + 1, n + 1):
-        raise BadInput(f"the Gram matrix is {tuple(gram.shape)}, expected {(n + 1, n + 1)}",
-                       "accumulate it over the projection's input with a constant-1 column")
-    dtype, dev = gram.dtype, gram.device
-    k = torch.as_tensor(list(keep), dtype=torch.long, device=dev)
-    w = weight.detach().to(device=dev, dtype=dtype)
-    b = torch.zeros(out_f, dtype=dtype, device=dev) if bias is None else bias.detach().to(device=dev, dtype=dtype)
-    with_bias = bias_mode != "none"
-    if math.isinf(ridge) or k.numel() == 0:
-        w_k = w.index_select(1, k)
-        if bias_mode == "fit" or (k.numel() == 0 and with_bias):
-            # W_K fixed: the least-squares bias is the mean of what the removed columns contributed
-            mean = gram[:n, n] / gram[n, n]
-            removed = torch.ones(n, dtype=torch.bool, device=dev)
-            removed[k] = False
-            return w_k, b + w[:, removed] @ mean[removed]
-        return w_k, (None if bias is None else b)
-    lam = float(ridge) * float(gram[k, k].mean())
-    size = k.numel() + (1 if with_bias else 0)
-    if cross is not None and cross.shape != (size, out_f):
-        raise BadInput(f"the error cross term is {tuple(cross.shape)}, expected {(size, out_f)}",
-                       "accumulate X̃_K′ᵀ E over the kept inputs (and the constant column unless bias is none)")
-    return _refit_correction(w, b, bias, gram, k, lam, bias_mode, cross)
-
-
-def _refit_correction(w: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor,
-                      k: torch.Tensor, lam: float, bias_mode: str, cross: torch.Tensor | None
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """ridge_refit's closed form as the kept weights plus a correction: with A = C̃[K′, K′] + D (D the
-    shrinkage) the numerator W̃ C̃[:, K′] + W̃_K′ D equals W̃_K′ A + W̃_R C̃[R, K′] (R = removed columns), so
-
-        W′ = W̃_K′ + (W̃_R C̃[R, K′] + crossᵀ) A⁻¹
-
-    — the same minimiser with a product over the removed columns only (a third of the multiply-adds of
-    W̃ C̃[:, K′] at 20 %), and the solve gives the small correction rather than the whole weight. For a
-    singular A (λ = 0 and rank-deficient inputs) the minimum-norm correction is taken: the least-squares
-    solution nearest the original weights, the λ → 0 limit of the ridge solution."""
-    n = w.shape[1]
-    dtype, dev = gram.dtype, gram.device
-    removed = torch.ones(n, dtype=torch.bool, device=dev)
-    removed[k] = False
-    r = removed.nonzero().flatten()
-    with_bias = bias_mode != "none"
-    if with_bias:
-        cols = torch.cat([k, torch.tensor([n], dtype=torch.long, device=dev)])
-        kept = torch.cat([w.index_select(1, k), b[:, None]], dim=1)  # W̃_K′
-        shrink = torch.full((cols.numel(),), lam, dtype=dtype, device=dev)
-        if bias_mode == "fit":
-            shrink[-1] = 0.0
-        a = gram.index_select(0, cols).index_select(1, cols) + torch.diag(shrink)
-    else:
-        cols = k
-        kept = w.index_select(1, k)
-        a = gram.index_select(0, k).index_select(1, k) + lam * torch.eye(k.numel(), dtype=dtype, device=dev)
-    corr = w.index_select(1, r) @ gram.index_select(0, r).index_select(1, cols)  # W̃_R C̃[R, K′]: no bias in R
-    if cross is not None:
-        corr = corr + cross.to(device=dev, dtype=dtype).T
-    new = kept + _solve_spd(a, corr.T).T
-    if with_bias:
-        return new[:, :-1].contiguous(), new[:, -1].contiguous()
-    return new.contiguous(), (None if bias is None else b)
-
-
-def _solve_spd(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Solve a X = rhs for symmetric positive (semi)definite a: Cholesky, else minimum-norm lstsq."""
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0:
-        sol = torch.cholesky_solve(rhs, chol)
-        if bool(torch.isfinite(sol).all()):
-            return sol
-    dev = a.device
-    res = torch.linalg.lstsq(a.cpu(), rhs.cpu(), driver="gelsd")
-    return res.solution.to(dev)
-
-
-# ---------------------------------------------------------------------------------------------
 # Activation capture
 # ---------------------------------------------------------------------------------------------
-
-def _rows(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """`x` as rows [tokens, features] in the dtype one batch's products are computed in: float32 (or
-    the activations' wider dtype), at most the accumulator's. A float64 product costs ~2x and the
-    batch sums (a few thousand rows) lose nothing that matters next to the ridge term."""
-    work = x.detach().reshape(-1, x.shape[-1])
-    if work.dtype not in (torch.float32, torch.float64):
-        work = work.float()
-    return work.to(acc) if work.dtype.itemsize > acc.itemsize else work
-
-
-class _Gram:
-    """Σ X̃ᵀX̃ over tokens with X̃ = [X, 1], kept in `gram_dtype`: only the columns of the kept inputs
-    `keep` (all the refit reads: C[:, K] and C[K, K]) plus Σ X and the count; `keep` empty: the sums only.
-    """
-
-    def __init__(self, n: int, dtype: torch.dtype, device: torch.device, keep: Sequence[int]) -> None:
-        self.n = n
-        self.keep = torch.as_tensor(list(keep), dtype=torch.long, device=device)
-        self.xx = torch.zeros(n, self.keep.numel(), dtype=dtype, device=device) if len(keep) else None
-        self.sum = torch.zeros(n, dtype=dtype, device=device)
-        self.count = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        work = _rows(x, self.sum.dtype)  # the product per batch, accumulated in the Gram's dtype
-        if self.xx is not None:
-            self.xx += (work.T @ work.index_select(1, self.keep)).to(self.xx.dtype)
-        self.sum += work.sum(0, dtype=self.sum.dtype)
-        self.count += work.shape[0]
-
-    def all_reduce(self, world: distributed.World) -> None:
-        """Sum every rank's partial sums into each rank's (a collective call; nothing in a world of one)."""
-        if not world.active:
-            return
-        world.all_reduce_([t for t in (self.xx, self.sum) if t is not None])
-        self.count = int(world.sum_numbers([self.count])[0])
-
-    def augmented(self) -> torch.Tensor:
-        """The (n+1)² augmented Gram with the kept columns / rows, the sums and the count filled in."""
-        n = self.n
-        g = torch.zeros(n + 1, n + 1, dtype=self.sum.dtype, device=self.sum.device)
-        if self.xx is not None:
-            g[:n].index_copy_(1, self.keep, self.xx)
-            g[:, :n].index_copy_(0, self.keep, self.xx.T.contiguous())
-        g[:n, n] = self.sum
-        g[n, :n] = self.sum
-        g[n, n] = float(self.count)
-        return g
-
-
-class _Cross:
-    """Σ X̃_K′ᵀ E over tokens: the kept inputs (plus the constant column when `const`) against an error
-    E the refit should also produce (error feedback), accumulated like the Gram."""
-
-    def __init__(self, keep: Sequence[int], const: bool, out: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.keep = torch.as_tensor(list(keep), dtype=torch.long, device=device)
-        self.const = const
-        self.xe = torch.zeros(self.keep.numel() + int(const), out, dtype=dtype, device=device)
-
-    def add(self, x: torch.Tensor, err: torch.Tensor) -> None:
-        xk = _rows(x, self.xe.dtype).index_select(1, self.keep)
-        err = _rows(err, self.xe.dtype).to(xk.dtype)
-        if self.keep.numel():
-            self.xe[: self.keep.numel()] += (xk.T @ err).to(self.xe.dtype)
-        if self.const:
-            self.xe[-1] += err.sum(0, dtype=self.xe.dtype)
-
-    def all_reduce(self, world: distributed.World) -> None:
-        """Sum every rank's partial cross sums (a collective call; nothing in a world of one)."""
-        world.all_reduce_([self.xe])
-
 
 def _record_layer_calls(model: nn.Module, layers: nn.ModuleList, tokens: torch.Tensor, batch_size: int,
                         world: distributed.World | None = None
@@ -433,7 +277,8 @@ def prune_and_reconstruct(model: nn.Module, adapter: Any, pruned: Mapping[int, M
                           tokens: torch.LongTensor, *, ridge: float = 1.0, batch_size: int = 4,
                           gram_dtype: torch.dtype = torch.float64, on_event: EventSink | None = None,
                           should_stop: Callable[[], bool] | None = None, stage: str = "surgery",
-                          bias: str = DEFAULT_BIAS, error_feedback: float = 0.0) -> SurgeryReport:
+                          bias: str = DEFAULT_BIAS, error_feedback: float = 0.0,
+                          dense_stream: DenseStream | None = None) -> SurgeryReport:
     """Prune `pruned[layer]["attention"/"mlp"]` in place, refitting o_proj / down_proj layer by layer.
 
     See the module docstring. Returns one `SurgeryReport` for the whole model: `compensated` lists
@@ -441,6 +286,10 @@ def prune_and_reconstruct(model: nn.Module, adapter: Any, pruned: Mapping[int, M
     biases created where a projection had none. `error_feedback` (0–1) is the share of the stream's
     error (pruned stream − dense stream, left by earlier layers) each refit also corrects; families
     whose block outputs are normalised before the residual add get 0, with a notice.
+
+    `dense_stream`: the dense model's per-layer outputs recorded by the importance pass on the same tokens
+    and batches (prune_core/dense_stream.py); with error feedback it replaces running each layer on the
+    dense stream. One that does not match the tokens and batch size is ignored.
 
     Under torchrun every rank calls it with the same `pruned` and `tokens`: each reads its share of
     the batches and the sums are all-reduced (module docstring); only rank 0 reports events.
@@ -470,15 +319,28 @@ def prune_and_reconstruct(model: nn.Module, adapter: Any, pruned: Mapping[int, M
     full_removal: dict[int, dict[str, list[int]]] = {}
     zero_bias: dict[tuple[int, str], torch.Tensor] = {}
     hooks: list[Any] = []
+    # the layer's output is the stream after its attention + the MLP's output (not so with sandwich norms)
+    residual = bool(getattr(adapter, "residual_outputs", True))
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             stream, calls = _record_layer_calls(model, layers, tokens, batch_size, world)
-            # error feedback: the dense model's stream, advanced by each layer before it is pruned; it
-            # is the pruned stream itself until the first pruned layer, so it starts there
+            owned = [i for i in range(math.ceil(tokens.shape[0] / batch_size)) if not world.active or world.owns(i)]
+            recorded = dense_stream if feedback > 0 and dense_stream is not None \
+                and dense_stream.matches(tokens, batch_size, owned) else None
+            # error feedback without a recorded stream: the dense model's stream, advanced by each layer
+            # before it is pruned; it is the pruned stream itself until the first pruned layer
             dense: list[torch.Tensor] | None = None
-            for li in range(num_layers):
+            # Only the layers from the first pruned one to the last pruned one run: before it the pruned
+            # stream is the dense one (taken from a recorded stream when there is one), after it the
+            # stream feeds no refit. The recorded tensors are never changed in place (new tensors only).
+            pruned_layers = [li for li, (a, m) in spec.items() if a or m]
+            first, last = min(pruned_layers, default=num_layers), max(pruned_layers, default=-1)
+            start = 0
+            if recorded is not None and 0 < first < num_layers:
+                stream, start = recorded.output(first - 1, owned, device), first
+            for li in range(start, last + 1):
                 stop = should_stop is not None and bool(should_stop())
                 if world.active:  # asked on any rank, it stops them all
                     (stop,) = world.any_of(stop)
@@ -486,14 +348,20 @@ def prune_and_reconstruct(model: nn.Module, adapter: Any, pruned: Mapping[int, M
                     raise Interrupted(f"reconstruction stopped before layer {li} of {num_layers}; the model is "
                                       "partially pruned", "reload the model and run the surgery again")
                 layer = layers[li]
+                attn_module = getattr(layer, adapter.attn_name)
                 att_rm, mlp_rm = spec.get(li, ([], []))
                 prefix = f"{adapter.layers_path}.{li}"
                 dense_mid: list[torch.Tensor] = []  # dense stream after this layer's attention
                 dense_next: list[torch.Tensor] = []  # dense stream after this layer
-                if feedback > 0 and dense is None and (att_rm or mlp_rm):
-                    dense = [h.clone() for h in stream]
-                if dense is not None:
-                    dense_mid, dense_next = _dense_layer(layer, getattr(layer, adapter.attn_name), dense, calls, li)
+                if feedback > 0 and recorded is not None:
+                    if att_rm or mlp_rm:
+                        dense_mid, dense_next = _recorded_layer(recorded, li, bool(att_rm), owned, device, layer,
+                                                                attn_module, stream, calls)
+                elif feedback > 0:
+                    if dense is None and (att_rm or mlp_rm):
+                        dense = [h.clone() for h in stream]
+                    if dense is not None:
+                        dense_mid, dense_next = _dense_layer(layer, attn_module, dense, calls, li)
                 batch_at = [0]
 
                 # ---- attention ----
@@ -503,24 +371,23 @@ def prune_and_reconstruct(model: nn.Module, adapter: Any, pruned: Mapping[int, M
                     parts = adapter.parts(model, li)
                     o = parts.o_proj
                     r, d = parts.group_size, parts.head_dim
-                    kept_heads = [k for k in range(parts.num_kv_heads) if k not in set(att_rm)]
+                    kept_heads = _kept(parts.num_kv_heads, att_rm)
                     cols = [k * r * d + i for k in kept_heads for i in range(r * d)]
-                    gram = _Gram(o.in_features, gram_dtype, device, cols)
-                    cross = _Cross(cols if kept_heads else [], bias != "none", o.out_features, gram_dtype, device) \
-                        if dense is not None else None
+                    gram = GramSums(o.in_features, gram_dtype, device, cols)
+                    cross = CrossSums(cols if kept_heads else [], bias != "none", o.out_features, gram_dtype, device) \
+                        if feedback > 0 else None
                     store_att = n_tokens * o.in_features * o.weight.element_size() <= STORE_LIMIT_BYTES
                     att_in: list[torch.Tensor] = []
 
-                    def sink_att(x: torch.Tensor, gram: _Gram = gram, att_in: list[torch.Tensor] = att_in,
-                                 store: bool = store_att, cross: _Cross | None = cross, o: nn.Linear = o,
+                    def sink_att(x: torch.Tensor, gram: GramSums = gram, att_in: list[torch.Tensor] = att_in,
+                                 store: bool = store_att, cross: CrossSums | None = cross,
                                  at: list[int] = batch_at, mid: list[torch.Tensor] = dense_mid,
                                  inputs: list[torch.Tensor] = stream) -> None:
-                        gram.add(x)
+                        xk = gram.add(x)
                         if store:
                             att_in.append(x.detach())
-                        if cross is not None:  # the dense stream after attention − the pruned one
-                            b = at[0]
-                            cross.add(x, mid[b] - inputs[b] - nn.functional.linear(x, o.weight, o.bias))
+                        if cross is not None:  # what the attention should add to reach the dense stream
+                            cross.add(xk, mid[at[0]] - inputs[at[0]])
 
                     handle = _capture_input(o, sink_att, stop=True)
                     try:
@@ -530,15 +397,17 @@ def prune_and_reconstruct(model: nn.Module, adapter: Any, pruned: Mapping[int, M
                     finally:
                         handle.remove()
                     gram.all_reduce(world)
-                    if cross is not None:
-                        cross.all_reduce(world)
                     w0 = o.weight.detach().clone()
                     b0 = None if o.bias is None else o.bias.detach().clone()
+                    gp = gram.parts()
+                    if cross is not None:
+                        cross.all_reduce(world)
+                        cross.to_error(w0, b0, gp)
                     const: torch.Tensor | None = None
                     if kept_heads:
                         rep = apply_pruning(model, adapter, {li: {"attention": att_rm}})
                         pruned_params += rep.pruned_parameters
-                        new_w, new_b = ridge_refit(w0, b0, gram.augmented(), cols, ridge=float(ridge),
+                        new_w, new_b = ridge_refit(w0, b0, gp, cols, ridge=float(ridge),
                                                    bias_mode=bias, cross=_scaled(cross, feedback))
                         new_o = adapter.parts(model, li).o_proj
                         added += _set_linear(new_o, new_w, new_b)
@@ -551,13 +420,13 @@ def prune_and_reconstruct(model: nn.Module, adapter: Any, pruned: Mapping[int, M
                         const = _block_constant(w0, b0, gram, bias, cross, feedback)
                         if const is not None:
                             zero_bias[(li, "attention")] = const
-                        hooks.append(_constant_output(getattr(layer, adapter.attn_name), const, True))
+                        hooks.append(_constant_output(attn_module, const, True))
                         if store_att:
                             att_out = [_constant_like(x, w0.shape[0], const) for x in att_in]
-                    del att_in
+                    att_in.clear()
+                    del gp
                 # The layer's later runs take the refit attention's output from memory (no second
                 # attention pass): its forward is replaced for this layer's remaining passes.
-                attn_module = getattr(layer, adapter.attn_name)
                 batch_at[0] = 0
                 if att_out is not None:
                     attn_module.forward = _replay(att_out, batch_at)
@@ -567,65 +436,74 @@ def prune_and_reconstruct(model: nn.Module, adapter: Any, pruned: Mapping[int, M
                     if mlp_rm:
                         parts = adapter.parts(model, li)
                         down = parts.down_proj
-                        kept_ch = [j for j in range(parts.intermediate_size) if j not in set(mlp_rm)]
-                        gram = _Gram(down.in_features, gram_dtype, device, kept_ch)
-                        cross = _Cross(kept_ch, bias != "none", down.out_features, gram_dtype, device) \
-                            if dense is not None else None
-                        store = n_tokens * (down.in_features + down.out_features) * down.weight.element_size() \
-                            <= STORE_LIMIT_BYTES
+                        kept_ch = _kept(parts.intermediate_size, mlp_rm)
+                        gram = GramSums(down.in_features, gram_dtype, device, kept_ch)
+                        cross = CrossSums(kept_ch, bias != "none", down.out_features, gram_dtype, device) \
+                            if feedback > 0 else None
+                        # the pass stops at down_proj's input; the stream after the attention plus the refit
+                        # MLP's output is the layer's output (residual families, when it all fits in memory)
+                        store = residual and n_tokens * (down.in_features + down.out_features) \
+                            * down.weight.element_size() <= STORE_LIMIT_BYTES
                         inputs: list[torch.Tensor] = []
-                        old_out: list[torch.Tensor] = []
-                        last_in: list[torch.Tensor] = []
+                        mids: list[torch.Tensor] = []
 
-                        def sink(x: torch.Tensor, gram: _Gram = gram, inputs: list[torch.Tensor] = inputs,
-                                 store: bool = store, last_in: list[torch.Tensor] = last_in) -> None:
-                            gram.add(x)
-                            if store:
-                                inputs.append(x.detach())
-                            last_in[:] = [x.detach()]
+                        def keep_mid(_m: nn.Module, _a: tuple[Any, ...], out: Any, mids: list[torch.Tensor] = mids,
+                                     at: list[int] = batch_at, before: list[torch.Tensor] = stream,
+                                     store: bool = store) -> None:
+                            mid = before[at[0]] + (out[0] if isinstance(out, tuple) else out)
+                            mids[:] = [*(mids if store else []), mid]
 
-                        handle = _capture_input(down, sink, stop=False)
-                        out_handle = down.register_forward_hook(
-                            lambda _m, _a, y, keep=old_out, store=store: keep.append(y.detach()) if store else None)
-                        outputs: list[torch.Tensor] = []
+                        def sink(x: torch.Tensor, gram: GramSums = gram, inputs: list[torch.Tensor] = inputs,
+                                 store: bool = store, cross: CrossSums | None = cross, at: list[int] = batch_at,
+                                 nxt: list[torch.Tensor] = dense_next, mids: list[torch.Tensor] = mids) -> None:
+                            xk = gram.add(x)
+                            if store:  # the kept channels only: all the refit down_proj reads
+                                inputs.append(xk.to(x.dtype).reshape(*x.shape[:-1], xk.shape[-1]))
+                            if cross is not None:  # what the MLP should add to reach the dense stream
+                                cross.add(xk, nxt[at[0]] - mids[-1])
+
+                        handle = _capture_input(down, sink, stop=True)
+                        mid_handle = attn_module.register_forward_hook(keep_mid) if residual else None
                         try:
                             for b, h in enumerate(stream):
                                 batch_at[0] = b
-                                out = _run_layer(layer, h, calls[b][li])
-                                assert out is not None
-                                outputs.append(out)
-                                if cross is not None:  # the dense stream after the layer − the pruned one
-                                    cross.add(last_in[0], dense_next[b] - out)
+                                _run_layer(layer, h, calls[b][li])
                         finally:
                             handle.remove()
-                            out_handle.remove()
+                            if mid_handle is not None:
+                                mid_handle.remove()
                         gram.all_reduce(world)
-                        if cross is not None:
-                            cross.all_reduce(world)
                         w0 = down.weight.detach().clone()
                         b0 = None if down.bias is None else down.bias.detach().clone()
+                        gp = gram.parts()
+                        if cross is not None:
+                            cross.all_reduce(world)
+                            cross.to_error(w0, b0, gp)
                         if kept_ch:
                             rep = apply_pruning(model, adapter, {li: {"mlp": mlp_rm}})
                             pruned_params += rep.pruned_parameters
-                            new_w, new_b = ridge_refit(w0, b0, gram.augmented(), kept_ch, ridge=float(ridge),
+                            new_w, new_b = ridge_refit(w0, b0, gp, kept_ch, ridge=float(ridge),
                                                        bias_mode=bias, cross=_scaled(cross, feedback))
                             new_down = adapter.parts(model, li).down_proj
                             added += _set_linear(new_down, new_w, new_b)
                             compensated.append(f"{prefix}.{adapter.mlp_name}.down_proj")
-                            kept_t = torch.tensor(kept_ch, dtype=torch.long, device=device)
                         else:
                             full_removal.setdefault(li, {})["mlp"] = mlp_rm
                             const = _block_constant(w0, b0, gram, bias, cross, feedback)
                             if const is not None:
                                 zero_bias[(li, "mlp")] = const
                             hooks.append(_constant_output(getattr(layer, adapter.mlp_name), const, False))
-                        if store:  # output = pass output − original MLP output + refit MLP output
-                            for b, (out, x, old) in enumerate(zip(outputs, inputs, old_out, strict=True)):
-                                new = new_down(x.index_select(-1, kept_t)) if kept_ch \
-                                    else _constant_like(x, w0.shape[0], zero_bias.get((li, "mlp")))
-                                stream[b] = out - old + new
+                        del gp
+                        if store:  # output = stream after the attention + refit MLP output
+                            for b, (xk, mid) in enumerate(zip(inputs, mids, strict=True)):
+                                new = new_down(xk) if kept_ch \
+                                    else _constant_like(xk, w0.shape[0], zero_bias.get((li, "mlp")))
+                                stream[b] = mid + new
+                            inputs.clear()
+                            mids.clear()
                         else:
-                            del outputs, inputs
+                            inputs.clear()
+                            mids.clear()
                             for b, h in enumerate(stream):
                                 batch_at[0] = b
                                 out = _run_layer(layer, h, calls[b][li])
@@ -644,6 +522,8 @@ def prune_and_reconstruct(model: nn.Module, adapter: Any, pruned: Mapping[int, M
                     dense = dense_next
                 if on_event is not None:
                     on_event(Progress(stage=stage, done=li + 1, total=num_layers, unit="layers"))
+            if on_event is not None and last + 1 < num_layers:
+                on_event(Progress(stage=stage, done=num_layers, total=num_layers, unit="layers"))
     finally:
         for handle in hooks:
             handle.remove()
@@ -665,29 +545,33 @@ def prune_and_reconstruct(model: nn.Module, adapter: Any, pruned: Mapping[int, M
                 module.bias = nn.Parameter(const.to(device=ref.device, dtype=ref.dtype).clone(),
                                            requires_grad=ref.requires_grad)
                 compensated.append(f"{adapter.layers_path}.{li}.{name}")
-    kept = {li: {"attention": [k for k in range(n_att) if k not in set(spec.get(li, ([], []))[0])],
-                 "mlp": [j for j in range(n_mlp) if j not in set(spec.get(li, ([], []))[1])]}
+    kept = {li: {"attention": _kept(n_att, spec.get(li, ([], []))[0]), "mlp": _kept(n_mlp, spec.get(li, ([], []))[1])}
             for li, (n_att, n_mlp) in sizes.items()}
     return SurgeryReport(params_before=params_before, params_after=count_parameters(model), kept=kept,
                          removed_attention_blocks=removed_att, removed_mlp_blocks=removed_mlp,
                          pruned_parameters=pruned_params, compensated=compensated, added_bias_parameters=added)
 
 
-def _block_constant(w0: torch.Tensor, b0: torch.Tensor | None, gram: _Gram, bias: str,
-                    cross: _Cross | None = None, feedback: float = 0.0) -> torch.Tensor | None:
+def _block_constant(w0: torch.Tensor, b0: torch.Tensor | None, gram: GramSums, bias: str,
+                    cross: CrossSums | None = None, feedback: float = 0.0) -> torch.Tensor | None:
     """The constant a fully removed block outputs: the mean original output (plus `feedback` × the
     mean stream error), or none for bias="none"."""
     if bias == "none" or gram.count == 0:
         return None
     mean = gram.sum / gram.count
     out = w0.to(mean.dtype) @ mean
-    if cross is not None and feedback > 0:
+    if cross is not None and cross.xe is not None and feedback > 0:
         out = out + feedback * cross.xe[-1].to(mean.dtype) / gram.count
     return out if b0 is None else out + b0.to(mean.dtype)
 
 
-def _scaled(cross: _Cross | None, feedback: float) -> torch.Tensor | None:
-    return None if cross is None or feedback == 0 else cross.xe * feedback
+def _kept(n: int, removed: Sequence[int]) -> list[int]:
+    gone = set(removed)
+    return [i for i in range(n) if i not in gone]
+
+
+def _scaled(cross: CrossSums | None, feedback: float) -> torch.Tensor | None:
+    return None if cross is None or cross.xe is None or feedback == 0 else cross.xe * feedback
 
 
 def _dense_layer(layer: nn.Module, attention: nn.Module, dense: list[torch.Tensor],
@@ -712,6 +596,22 @@ def _dense_layer(layer: nn.Module, attention: nn.Module, dense: list[torch.Tenso
     finally:
         handle.remove()
     return mid, nxt
+
+
+def _recorded_layer(recorded: DenseStream, li: int, need_mid: bool, owned: list[int], device: torch.device,
+                    layer: nn.Module, attention: nn.Module, stream: list[torch.Tensor],
+                    calls: list[list[tuple[tuple[Any, ...], dict[str, Any]]]]
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(stream after layer li's attention, after layer li) of the dense model, from the recorded stream;
+    a stream recorded without mid-layer states runs the layer on its recorded input for them."""
+    nxt = recorded.output(li, owned, device)
+    if not need_mid:
+        return [], nxt
+    mid = recorded.mid(li, owned, device)
+    if mid is not None:
+        return mid, nxt
+    dense_in = recorded.output(li - 1, owned, device) if li else [h.clone() for h in stream]
+    return _dense_layer(layer, attention, dense_in, calls, li)
 
 
 def _constant_like(x: torch.Tensor, width: int, value: torch.Tensor | None) -> torch.Tensor:

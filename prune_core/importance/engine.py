@@ -75,6 +75,7 @@ from torch import nn
 from prune_core import distributed
 from prune_core.adapters.base import Adapter
 from prune_core.data import token_fingerprint
+from prune_core.dense_stream import StreamRecorder
 from prune_core.errors import BadInput, Interrupted, PruneError, RunFailed
 from prune_core.events import (
     BatchDone,
@@ -228,8 +229,10 @@ class _Pass:
         stage: str,
         stats_sample: float = 1.0,
         stats_every: int = 1,
+        recorder: StreamRecorder | None = None,
     ) -> None:
         self.model, self.adapter, self.tokens = model, adapter, tokens
+        self.recorder = recorder
         self.stats_sample, self.stats_every = stats_sample, stats_every
         self.method, self.aggregation, self.fisher_scale = method, aggregation, fisher_scale
         self.batch_size, self.store, self.emit, self.stage = batch_size, store, emit, stage
@@ -276,6 +279,9 @@ class _Pass:
             )
         )
         self.inputs = stack.enter_context(InputHooks(self.parts, squares=not self.grad_pass))
+        if self.recorder is not None:
+            layers = self.adapter.layers(self.model)
+            self.recorder.attach(stack, list(layers), [getattr(layer, self.adapter.attn_name) for layer in layers])
         if self.grad_pass:
             second = self.spec.needs_fisher
             nbytes = sum(t.param.numel() for t in self.targets) * 4
@@ -491,6 +497,8 @@ class _Pass:
         """Run batch b and add it in; its loss, tokens and statistics. Raises _BatchFailed naming the cause."""
         lo, hi = self.slices[b]
         ids = self.tokens[lo:hi].to(device=self.device, dtype=torch.long)
+        if self.recorder is not None:
+            self.recorder.begin_batch(b)
         try:
             loss, stat_rows, counts = self._forward_backward(b, ids)
         except _BatchFailed as exc:
@@ -787,6 +795,7 @@ def run_importance(
     stage: str = "importance",
     stats_sample: float = STATS_SAMPLE,
     stats_every: int = STATS_EVERY,
+    recorder: StreamRecorder | None = None,
 ) -> ImportanceResult:
     """Run the importance pass over `tokens` and return group importance (see module docstring).
 
@@ -794,6 +803,9 @@ def run_importance(
     checkpoint_dir is set) and raises errors.Interrupted. identity (model fingerprint, data
     fingerprint, ...) is stored in the checkpoint together with the engine's own (method, batch
     size, token sha256, parameter layout); a checkpoint whose identity differs is refused (BadInput).
+    `recorder` (prune_core/dense_stream.py) records the dense model's per-layer outputs of the batches this
+    process runs; the result carries them as `dense_stream` when every such batch was recorded (not after
+    a resume, which skips the batches before its checkpoint).
     """
     emit: EventSink = on_event or (lambda event: None)
     if not distributed.world().is_main:  # rank 0 reports and writes for all ranks
@@ -828,6 +840,7 @@ def run_importance(
         stage=stage,
         stats_sample=stats_sample,
         stats_every=stats_every,
+        recorder=recorder,
     )
     dtype = run.targets[0].param.dtype
     if dtype in (torch.float16, torch.bfloat16):
@@ -840,6 +853,8 @@ def run_importance(
         stale = run.stale_checkpoints()
         run.loop(should_stop, checkpoint_seconds)
         result = run.result(gradient_checkpointing)
+    if recorder is not None and not run.progress.resumed_from:
+        result.dense_stream = recorder.result()
     if store is not None:
         store.clear()
     for folder in stale:

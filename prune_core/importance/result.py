@@ -55,6 +55,9 @@ class ImportanceResult:
     tokens: int
     seconds: float
     metadata: dict[str, Any] = field(default_factory=dict)
+    # the dense model's per-layer outputs on the calibration batches, recorded by the pass for the
+    # reconstruction (prune_core/dense_stream.py); in memory only, never saved
+    dense_stream: Any = field(default=None, repr=False, compare=False)
 
     @property
     def num_layers(self) -> int:
