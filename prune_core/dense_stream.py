@@ -107,8 +107,9 @@ class StreamRecorder:
             self.mids[b] = [None] * self.num_layers
 
     def result(self) -> DenseStream | None:
-        """The recorded stream, or None when a batch that began misses a layer (or nothing was recorded)."""
-        if not self.outputs or any(t is None for row in self.outputs.values() for t in row):
+        """The recorded stream (empty for a rank that ran no batch), or None when a batch that began misses
+        a layer."""
+        if any(t is None for row in self.outputs.values() for t in row):
             return None
         if self.with_mids and any(t is None for row in self.mids.values() for t in row):
             return None

@@ -429,6 +429,10 @@ def compute_surgery(ctx: Ctx) -> Pruned:
                                        error_feedback=s.pruning.error_feedback,
                                        dense_stream=getattr(ctx.values.get("importance"), "dense_stream", None),
                                        on_event=ctx.on_event, should_stop=ctx.should_stop, stage=ctx.stage)
+        # the recorded stream (up to min(2 GiB, RAM / 8)) is not held through distillation or by a memo's
+        # importance value: a later what-if's reconstruction runs the dense layers itself
+        if getattr(ctx.values.get("importance"), "dense_stream", None) is not None:
+            ctx.values["importance"].dense_stream = None
     else:
         means = None
         if mode == "bias":

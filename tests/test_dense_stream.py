@@ -143,3 +143,13 @@ def test_stream_size() -> None:
     # smollm2-135m, the quick start's 160 windows of 128 tokens, float32, 30 layers, MLP only
     assert stream_bytes(160, 128, 576, 30, 4, mids=False) == 1_415_577_600
     assert stream_bytes(160, 128, 576, 30, 4, mids=True) == 2 * 1_415_577_600
+
+
+def test_the_surgery_lets_go_of_the_stream(tmp_path) -> None:
+    session = tiny_session(tmp_path, pruning__compensate="reconstruct", pruning__error_feedback=0.5,
+                           evaluation__before=False, evaluation__after=True, data__proxy_samples=0)
+    memo = pipeline.Memo()
+    pipeline.run(session, until="importance", memo=memo, write=False)
+    assert memo.latest("importance").dense_stream is not None
+    pipeline.run(session, until="surgery", memo=memo, write=False)
+    assert memo.latest("importance").dense_stream is None  # not held through distillation or by the memo

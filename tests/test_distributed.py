@@ -250,6 +250,34 @@ def _reconstruct_pipeline_rank(rank: int, port: int, folder: str) -> None:
         distributed.shutdown()
 
 
+def _one_batch_session(tmp: Path, name: str) -> Any:
+    # one batch for two ranks (rank 1 reads none) and the first layer kept, so that a rank with a recorded
+    # dense stream would skip layer 0 where one without runs it: they must still take the same path
+    return _reconstruct_session(tmp, name).with_updates({"data.num_samples": 2, "pruning.protect_layers": [0]})
+
+
+def _one_batch_rank(rank: int, port: int, folder: str) -> None:
+    from prune_core import dense_stream, pipeline
+
+    _join(rank, port)
+    if rank == 1:  # as on a node with less memory: this rank records no dense stream
+        dense_stream.budget_bytes = lambda: 0  # type: ignore[assignment]
+    try:
+        pipeline.run(_one_batch_session(Path(folder), "shared"))
+    finally:
+        distributed.shutdown()
+
+
+def test_a_rank_without_batches_reconstructs_with_the_others(tmp_path: Path) -> None:
+    from prune_core import pipeline
+
+    _spawn(_one_batch_rank, str(tmp_path))
+    shared = _metrics(tmp_path / "runs" / "shared")
+    alone = pipeline.run(_one_batch_session(tmp_path, "alone")).metrics
+    assert shared["mask_sha256"] == alone["mask_sha256"]
+    assert shared["perplexity"]["after"]["ppl"] == pytest.approx(alone["perplexity"]["after"]["ppl"], rel=1e-5)
+
+
 def test_two_rank_pipeline_reconstructs_together(tmp_path: Path) -> None:
     """The surgery is a collective stage when it reconstructs: every rank refits (after rank 0 ran the
     diagnosis and the evaluation alone), and the pruned model is the single-process one."""

@@ -5,6 +5,7 @@ independently from the dense and the pruned model."""
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -147,3 +148,17 @@ def test_bad_feedback_is_refused(bad: object) -> None:
     model, _ = build_tiny("tiny-llama")
     with pytest.raises(BadInput, match="error_feedback"):
         prune_and_reconstruct(model, get_adapter(model), PRUNE, tokens(), error_feedback=bad)  # type: ignore[arg-type]
+
+
+def test_infinite_ridge_with_a_free_bias_takes_the_mean_error() -> None:
+    # ridge = ∞ keeps W_K; bias "fit" leaves the bias free: its least-squares value is b + mean(X_R W_Rᵀ + E)
+    rng = np.random.default_rng(5)
+    x, w, b, err = rng.normal(size=(300, 6)) + 0.5, rng.normal(size=(3, 6)), rng.normal(size=3), rng.normal(size=(300, 3))
+    keep = [0, 2, 5]
+    xa = np.hstack([x, np.ones((300, 1))])
+    cross = torch.from_numpy(xa[:, [*keep, 6]].T @ err)
+    new_w, new_b = ridge_refit(torch.from_numpy(w), torch.from_numpy(b), torch.from_numpy(xa.T @ xa), keep,
+                               ridge=math.inf, bias_mode="fit", cross=cross)
+    rest = [1, 3, 4]
+    np.testing.assert_allclose(new_w.numpy(), w[:, keep])
+    np.testing.assert_allclose(new_b.numpy(), b + (x[:, rest] @ w[:, rest].T + err).mean(0), rtol=1e-10)

@@ -329,6 +329,9 @@ def prune_and_reconstruct(model: nn.Module, adapter: Any, pruned: Mapping[int, M
             owned = [i for i in range(math.ceil(tokens.shape[0] / batch_size)) if not world.active or world.owns(i)]
             recorded = dense_stream if feedback > 0 and dense_stream is not None \
                 and dense_stream.matches(tokens, batch_size, owned) else None
+            if world.active and feedback > 0:  # every rank takes the same path (the layers they run differ)
+                (missing,) = world.any_of(recorded is None)
+                recorded = None if missing else recorded
             # error feedback without a recorded stream: the dense model's stream, advanced by each layer
             # before it is pruned; it is the pruned stream itself until the first pruned layer
             dense: list[torch.Tensor] | None = None

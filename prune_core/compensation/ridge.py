@@ -102,8 +102,12 @@ def ridge_refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Ten
         w_k = w.index_select(1, k)
         if bias_mode == "fit" or (k.numel() == 0 and with_bias):
             # W_K fixed: the least-squares bias is the mean of what the removed columns contributed
+            # (plus the mean of the extra target E: the cross term's constant row is Σ E)
             mean = parts.sum / parts.count
-            return w_k, b + w.index_select(1, parts.rest) @ mean.index_select(0, parts.rest)
+            new_b = b + w.index_select(1, parts.rest) @ mean.index_select(0, parts.rest)
+            if cross is not None:
+                new_b = new_b + cross[-1].to(device=dev, dtype=dtype) / parts.count
+            return w_k, new_b
         return w_k, (None if bias is None else b)
     lam = float(ridge) * float(torch.diagonal(parts.kk).mean())
     size = k.numel() + (1 if with_bias else 0)
