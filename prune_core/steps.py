@@ -461,9 +461,11 @@ def compute_distill(ctx: Ctx) -> Pruned:
     pruned: Pruned = ctx.values["surgery"]
     model = pruned.model if ctx.in_place else copy.deepcopy(pruned.model)
     d = s.distill
+    # the calibration tokens are the dataset's windows first, then the generated ones (load_calibration)
     report = distill(model, mv.model, mv.adapter, ctx.values["calibration"].tokens,
                      DistillSettings(steps=d.steps, lr=d.lr, batch_size=d.batch_size, train=d.train,
-                                     ce_weight=d.ce_weight),
+                                     ce_weight=d.ce_weight,
+                                     ce_rows=s.data.num_samples if d.ce_windows == "dataset" else None),
                      seed=s.session.seed, on_event=ctx.on_event, should_stop=ctx.should_stop, stage=ctx.stage)
     first, last = report.losses[0], sum(report.losses[-8:]) / len(report.losses[-8:])
     ctx.summary = (f"{d.steps} steps on {report.trainable_parameters:,} parameters ({d.train}): "

@@ -226,6 +226,9 @@ class DistillSection(_Section):
                                                                   "only the MLP projections")
     ce_weight: float = Field(0.0, ge=0.0, le=100.0, description="weight of the windows' own next-token "
                                                                 "cross-entropy added to the KL to the dense model")
+    ce_windows: Literal["all", "dataset"] = Field(
+        "all", description="which windows the cross-entropy reads: all, or only the dataset's (the windows "
+                           "the model generated get the KL alone: their next tokens are the teacher's samples)")
 
 
 class Session(_Section):

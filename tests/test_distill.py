@@ -104,6 +104,34 @@ def test_cross_entropy_weight_adds_the_next_token_loss() -> None:
     assert b.losses[0] == pytest.approx(a.losses[0] + 0.5 * ce, rel=1e-4)
 
 
+def test_cross_entropy_on_the_dataset_windows_only() -> None:
+    # windows 0-2 are "the dataset's", 3-7 generated: the CE term is the mean over the step's dataset windows
+    dense, student, adapter = _pair()
+    ids = _windows()
+    order = window_order(8, 2, 4, 0)
+    kl_only = distill(copy.deepcopy(student), dense, adapter, ids, DistillSettings(steps=2, lr=1e-9, batch_size=4),
+                      seed=0)
+    some = distill(copy.deepcopy(student), dense, adapter, ids,
+                   DistillSettings(steps=2, lr=1e-9, batch_size=4, ce_weight=0.5, ce_rows=3), seed=0)
+    with torch.no_grad():
+        logits = student(input_ids=ids).logits[:, :-1]
+    for step in range(2):
+        rows = [int(i) for i in order[step * 4:(step + 1) * 4] if int(i) < 3]
+        ce = 0.0 if not rows else float(torch.nn.functional.cross_entropy(
+            logits[rows].reshape(-1, logits.shape[-1]), ids[rows][:, 1:].reshape(-1)))
+        assert some.losses[step] == pytest.approx(kl_only.losses[step] + 0.5 * ce, rel=1e-4)
+
+
+def test_the_stage_reads_ce_windows(tmp_path: Path) -> None:
+    base = tiny_session(tmp_path, data__generated_samples=4, distill__steps=1, distill__ce_weight=1.0,
+                        evaluation__before=False, data__proxy_samples=0)
+    losses = {}
+    for which in ("all", "dataset"):
+        r = pipeline.run(base.with_updates({"distill.ce_windows": which}), write=False)
+        losses[which] = r.metrics["distill"]["loss_first"]
+    assert losses["all"] != losses["dataset"]
+
+
 def test_a_stop_between_steps_interrupts_and_bad_input_is_refused() -> None:
     dense, student, adapter = _pair()
     calls = iter([False, False, True])

@@ -14,7 +14,10 @@ THE CONTRACT (`[distill]`, the `distill` stage of prune_core/pipeline.py):
   `batch_size` windows of a seeded permutation (a new permutation each pass over the windows).
 - Loss: mean over predicted tokens of KL(dense ‖ pruned) of the next-token distributions (full
   vocabulary, temperature 1; the dense model is the teacher and runs without gradients), plus
-  `ce_weight` × the windows' own next-token cross-entropy (0 = pure distillation).
+  `ce_weight` × the windows' own next-token cross-entropy (0 = pure distillation), over the step's
+  windows or (`ce_windows = "dataset"`, `DistillSettings.ce_rows`) over those of them that come from
+  the dataset — a generated window's next tokens are samples of the teacher, which the KL already
+  scores exactly; a step without such a window has the KL alone.
 - Trained: `train = "layers"` every parameter of the decoder layers (embeddings, final norm and
   output head stay as they are, so tied embeddings stay tied); `"mlp"` only the MLP projections.
 - AdamW (betas 0.9/0.999, no weight decay), learning rate with training.py's schedule (5 % warm-up,
@@ -47,6 +50,7 @@ class DistillSettings:
     batch_size: int
     train: str = "layers"
     ce_weight: float = 0.0
+    ce_rows: int | None = None  # the cross-entropy reads windows [0, ce_rows) only (None: all)
 
 
 @dataclass
@@ -85,6 +89,11 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
     return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
+def ce_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of `ids` [rows, seq_len] under `logits` [rows, seq_len - 1, vocab] (float32)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
 def window_order(count: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
     """The window index of every training slot: seeded permutations of range(count), one per pass."""
     g = torch.Generator().manual_seed(seed)
@@ -120,15 +129,18 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: object, tokens: tor
                                   "run the same command again: the distillation starts over")
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, settings)
-            ids = tokens[order[step * settings.batch_size:(step + 1) * settings.batch_size]].to(
-                device=device, dtype=torch.long)
+            picked = order[step * settings.batch_size:(step + 1) * settings.batch_size]
+            ids = tokens[picked].to(device=device, dtype=torch.long)
             with torch.no_grad():
                 target = teacher(input_ids=ids, use_cache=False).logits[:, :-1]
             logits = student(input_ids=ids, use_cache=False).logits[:, :-1]
             loss = kl_loss(logits, target)
             if settings.ce_weight:
-                loss = loss + settings.ce_weight * F.cross_entropy(
-                    logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+                rows = (picked < settings.ce_rows).to(device) if settings.ce_rows is not None else None
+                if rows is None or bool(rows.all()):
+                    loss = loss + settings.ce_weight * ce_loss(logits, ids)
+                elif bool(rows.any()):
+                    loss = loss + settings.ce_weight * ce_loss(logits[rows], ids[rows])
             value = optimizer_step(opt, loss, f"the distillation loss at step {step + 1}/{settings.steps}",
                                    "lower [distill] lr (e.g. by 10x)")
             report.losses.append(value)

@@ -67,6 +67,7 @@ PRUNING_ADVANCED = (
     FieldSpec("distill.steps", "distill steps", "int", "then train toward the dense model (0 = off)"),
     FieldSpec("distill.lr", "distill lr", "float", "learning rate of those steps"),
     FieldSpec("distill.ce_weight", "distill CE weight", "float", "+ this × the text's own next-token loss"),
+    FieldSpec("distill.ce_windows", "distill CE on", "choice", "all windows, or the dataset's only"),
 )
 
 
