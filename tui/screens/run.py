@@ -158,15 +158,18 @@ class RunScreen(Screen):
         state = self.state.run_state
         if state.version == self._seen:
             return
-        try:
+        try:  # every widget first: the app tears a screen down one child at a time
             stages = self.query_one("#run-stages", Static)
+            stats_widget = self.query_one("#run-stats", Static)
+            bar = self.query_one("#run-progress", ProgressBar)
+            chart = self.query_one("#run-chart", LayerStatsChart)
+            status_widget = self.query_one("#run-status", Static)
         except NoMatches:  # a timer's tick while the app tears the screen down: nothing left to draw
             return
         self._seen = state.version
         stages.update(stage_lines(state, timings=self.state.show_timings))
         stats = progress_lines(state)
-        self.query_one("#run-stats", Static).update(stats if self.state.show_timings else _masked(state))
-        bar = self.query_one("#run-progress", ProgressBar)
+        stats_widget.update(stats if self.state.show_timings else _masked(state))
         cur = state.current
         if cur is not None and cur.total:
             bar.update(total=cur.total, progress=cur.done)
@@ -176,7 +179,6 @@ class RunScreen(Screen):
             bar.update(total=1, progress=1)
         else:
             bar.update(total=None)
-        chart = self.query_one("#run-chart", LayerStatsChart)
         if state.batches_received != self._batches_seen and state.layer_stats is not None:
             self._batches_seen = state.batches_received
             chart.update_stats(state.layer_stats, state.stats_label)
@@ -195,7 +197,7 @@ class RunScreen(Screen):
         for notice in state.notices[-2:]:
             status.append(f"\n[{notice.level.upper()[:4]}] {notice.message}",
                           style="yellow" if notice.level == "warning" else "dim")
-        self.query_one("#run-status", Static).update(status)
+        status_widget.update(status)
         self.refresh_bindings()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
