@@ -96,9 +96,9 @@ class StreamRecorder:
         self._inputs = [None] * len(layers)
         for i, layer in enumerate(layers):
             if self.with_mids:
-                stack.enter_context(_removing(layer.register_forward_pre_hook(self._layer_input(i), with_kwargs=True)))
-                stack.enter_context(_removing(attentions[i].register_forward_hook(self._attention_output(i))))
-            stack.enter_context(_removing(layer.register_forward_hook(self._layer_output(i))))
+                stack.callback(layer.register_forward_pre_hook(self._layer_input(i), with_kwargs=True).remove)
+                stack.callback(attentions[i].register_forward_hook(self._attention_output(i)).remove)
+            stack.callback(layer.register_forward_hook(self._layer_output(i)).remove)
 
     def begin_batch(self, b: int) -> None:
         self.current = b
@@ -145,15 +145,3 @@ class StreamRecorder:
 def _copy(t: torch.Tensor) -> torch.Tensor:
     return t.to("cpu", copy=True)
 
-
-class _removing:
-    """A hook handle as a context manager (removed on exit)."""
-
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        self.handle.remove()
