@@ -383,8 +383,8 @@ def _rule_over_pruned(rates: list[tuple[int, str, float, int, int]], session: Se
 def _rule_rate_spread(rates: list[tuple[int, str, float, int, int]], session: Session) -> list[Finding]:
     n = max((r[0] + 1 for r in rates), default=0)
     protected = {i if i >= 0 else n + i for i in session.pruning.protect_layers}
-    skipped = {"attention"} if session.pruning.blocks == "mlp" else {"mlp"} if session.pruning.blocks == "attention" \
-        else set()
+    blocks = session.pruning.budget()[0]
+    skipped = {"attention"} if blocks == "mlp" else {"mlp"} if blocks == "attention" else set()
     usable = [r for r in rates if r[0] not in protected and r[1] not in skipped and math.isfinite(r[2])]
     if len(usable) < 2:
         return []

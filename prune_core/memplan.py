@@ -472,7 +472,7 @@ def plan_for_session(session: Any, *, model: str | None = None, seq_len: int | N
         method=session.importance.method, ratio=session.pruning.ratio, compensate=session.pruning.compensate,
         devices=devices, distill_steps=session.distill.steps, distill_batch_size=session.distill.batch_size,
         generated_samples=session.data.generated_samples, error_feedback=session.pruning.error_feedback,
-        blocks=session.pruning.blocks,
+        blocks=session.pruning.budget()[0],
     )
 
 

@@ -215,7 +215,7 @@ def _stream_recorder(ctx: Ctx) -> Any:
             or not getattr(mv.adapter, "residual_outputs", True)):
         return None
     tokens = ctx.values["calibration"].tokens
-    mids = s.pruning.blocks != "mlp"
+    mids = s.pruning.budget()[0] != "mlp"
     windows = math.ceil(tokens.shape[0] / distributed.world().size)
     need = stream_bytes(windows, tokens.shape[1], mv.model.get_input_embeddings().embedding_dim,
                         mv.adapter.num_layers(mv.model), param.element_size(), mids)
@@ -281,8 +281,11 @@ def compute_allocation(ctx: Ctx) -> Any:
         ctx.on_event(Notice(f"[pruning] early_max_rate = {p.early_max_rate:g} has no effect while early_layers = 0; "
                             "set early_layers to the number of first layers it should limit", level="warning",
                             stage=ctx.stage))
-    ctx.summary = f"{alloc.achieved_ratio:.1%} of prunable parameters removed"
+    blocks, mode = p.budget()
+    ctx.summary = f"{alloc.achieved_ratio:.1%} of prunable parameters removed" + (
+        f" (allocation auto: {mode}, blocks {blocks})" if p.allocation == "auto" else "")
     ctx.result = {"target_ratio": alloc.target_ratio, "achieved_ratio": alloc.achieved_ratio,
+                  "blocks": blocks, "allocation": mode,
                   "removed_parameters": int(alloc.removed_parameters), "mask_sha256": alloc.mask_sha256,
                   "reachable": bool(alloc.reachable)}
     return alloc

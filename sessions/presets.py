@@ -16,8 +16,10 @@ RECOMMENDED: dict[str, Any] = {
     "importance.method": "taylor_2nd",  # element-wise second-order Taylor (+ Fisher)
     "data.num_samples": 32,
     "data.generated_samples": 128,  # + 128 windows the model writes itself: the pruned model stays general
-    "pruning.blocks": "mlp",  # attention heads are kept: pruning them costs more than it saves
-    "pruning.allocation": "uniform",  # the same MLP rate in every unprotected layer
+    "pruning.blocks": "both",
+    # below ratio 0.3 one global ranking over heads and channels; from 0.3 the same MLP rate in every
+    # unprotected layer with every head kept (each the better on held-out text at its ratio)
+    "pruning.allocation": "auto",
     "pruning.protect_layers": [0, 1, 2, -1],  # the first three and the last layer
     "pruning.compensate": "reconstruct",  # ridge refit of down_proj on calibration activations
     "pruning.ridge": 0.5,

@@ -27,6 +27,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MAX_TOKENS = 1 << 24  # evaluation tokens (16.8 M): a bound, so a typo cannot make a run endless
 MAX_CHECKPOINT_SECONDS = 86400.0
+AUTO_GLOBAL_BELOW = 0.3  # allocation = "auto": the global ranking below this ratio (BENCHMARKS.md, ninth screening)
 
 
 class _Section(BaseModel):
@@ -140,10 +141,12 @@ class PruningSection(_Section):
                                                   "(-1 = the last layer)")
     blocks: Literal["both", "mlp", "attention"] = Field(
         "both", description="which blocks are pruned: both, mlp (attention heads all kept) or attention")
-    allocation: Literal["global", "uniform", "hybrid"] = Field(
+    allocation: Literal["global", "uniform", "hybrid", "auto"] = Field(
         "global", description="global: one ranking across layers; uniform: the same rate in every unprotected "
                               "layer, ranked within the layer (LLM-Pruner's budget); hybrid: attention heads "
-                              "by the global ranking, the rest of the budget as one rate in every MLP block")
+                              "by the global ranking, the rest of the budget as one rate in every MLP block; "
+                              f"auto: global below ratio {AUTO_GLOBAL_BELOW:g}, from there uniform over the MLP "
+                              "blocks only (attention kept), the budget measured best at each ratio")
     depth_ramp: float = Field(0.0, ge=0.0, lt=1.0, description="uniform allocation: rates rise linearly with depth "
                                                                  "over the pruned layers, from (1 − ramp) to (1 + ramp) "
                                                                  "× the common rate (0 = the same rate)")
@@ -174,6 +177,9 @@ class PruningSection(_Section):
     def _rates(self) -> PruningSection:
         if self.min_rate > self.max_rate:
             raise ValueError(f"min_rate ({self.min_rate}) must not exceed max_rate ({self.max_rate})")
+        if self.depth_ramp > 0 and self.allocation == "auto":
+            raise ValueError(f"depth_ramp ({self.depth_ramp}) shapes the uniform budget only, and allocation = \"auto\" "
+                             f"is global below ratio {AUTO_GLOBAL_BELOW:g}: set allocation = \"uniform\", or depth_ramp = 0")
         if self.global_share > 0 and self.allocation != "uniform":
             raise ValueError(f"global_share ({self.global_share}) blends the uniform budget with the global ranking: "
                              "set allocation = \"uniform\", or global_share = 0")
@@ -181,6 +187,17 @@ class PruningSection(_Section):
             raise ValueError(f"depth_ramp ({self.depth_ramp}) shapes the uniform budget only: set allocation = "
                              "\"uniform\" or \"hybrid\", or depth_ramp = 0 (depth_weight is the global ranking's counterpart)")
         return self
+
+    def budget(self) -> tuple[str, str]:
+        """(blocks, allocation) as the selection applies them, `allocation = "auto"` resolved by the ratio: one
+        global ranking over `blocks` below AUTO_GLOBAL_BELOW (where it removes few heads and gives the MLP
+        blocks the rates their scores ask for), the same rate in every MLP block from there on (where the
+        ranking's head removals and uneven rates cost more than they save; BENCHMARKS.md, ninth screening)."""
+        if self.allocation != "auto":
+            return self.blocks, self.allocation
+        if self.ratio < AUTO_GLOBAL_BELOW:
+            return self.blocks, "global"
+        return ("mlp" if self.blocks == "both" else self.blocks), "uniform"
 
 
 class EvaluationSection(_Section):

@@ -53,6 +53,7 @@ class Allocation:
 def allocate_table(table: pd.DataFrame, costs: GroupCosts, session: Any, block: Any | None = None) -> Allocation:
     """Correction → normalization → selection → summary on a table from `build_table` (the what-if step)."""
     p, c, nz = session.pruning, session.correction, session.normalization
+    blocks, mode = p.budget()  # allocation = "auto" resolved by the ratio
     num_layers = costs.num_layers
     corrected = apply_correction(table, block, temperature=c.temperature, tau=c.tau,
                                  depth_weight=p.depth_weight, num_layers=num_layers)
@@ -62,7 +63,7 @@ def allocate_table(table: pd.DataFrame, costs: GroupCosts, session: Any, block: 
                             min_rate=p.min_rate, max_rate=p.max_rate,
                             protect_layers=resolve_layers(p.protect_layers, num_layers),
                             early_layers=p.early_layers, early_max_rate=p.early_max_rate,
-                            blocks=getattr(p, "blocks", "both"), mode=getattr(p, "allocation", "global"),
+                            blocks=blocks, mode=mode,
                             depth_ramp=getattr(p, "depth_ramp", 0.0), global_share=getattr(p, "global_share", 0.0))
     normalized["pruned"] = sel.pruned
     return Allocation(

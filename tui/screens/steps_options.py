@@ -44,7 +44,7 @@ PRUNING_FIELDS = (
     FieldSpec("pruning.protect_layers", "protect layers", "ints", "never pruned, e.g. 0, 1, -1 (-1 = last)",
               placeholder="none"),
     FieldSpec("pruning.blocks", "blocks", "choice", "what is pruned"),
-    FieldSpec("pruning.allocation", "budget", "choice", "global, same rate per layer, or hybrid"),
+    FieldSpec("pruning.allocation", "budget", "choice", "global, same rate per layer, hybrid, or auto (by ratio)"),
     FieldSpec("pruning.compensate", "compensate", "choice", "reconstruct: refit what stays"),
 )
 
