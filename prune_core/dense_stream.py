@@ -15,8 +15,9 @@ THE CONTRACT:
   failed batch run again) overwrites the same slot with the same values.
 - `result()` is the `DenseStream` once every batch that began has every layer recorded, else None.
 - Only on a CPU model (on an accelerator the copies would stall the device or hold its memory; the
-  reconstruction runs the dense layers itself there), and only within `budget_bytes()`: the recorder
-  is not made when the stream would take more (`stream_bytes`).
+  reconstruction runs the dense layers itself there), and only within `budget_bytes()`
+  (`fitting_mids`): without the mid-layer states when only the outputs fit, not at all when those
+  would take more.
 - A `DenseStream` belongs to the tokens and batch size it was recorded on; `matches` checks both, and
   the reconstruction uses it only then (and otherwise computes the dense stream as before).
 """
@@ -32,22 +33,44 @@ from typing import Any
 import torch
 from torch import nn
 
-# The most memory a recorded stream may take: an eighth of the machine's memory, at most 2 GiB.
+# The most memory the recorded streams of one machine may take: an eighth of its memory, at most 2 GiB,
+# shared by the ranks that run on it.
 MAX_STREAM_BYTES = 2 << 30
 
 
+def local_processes() -> int:
+    """How many ranks share this machine's memory: torchrun's (and `accelerate launch`'s) LOCAL_WORLD_SIZE,
+    SLURM's tasks per node, else 1."""
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(name, "").split("(")[0].split(",")[0]  # SLURM may say "4(x2)" or "4,2"
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
 def budget_bytes() -> int:
-    """How many bytes a recorded dense stream may take on this machine."""
+    """How many bytes this process's recorded dense stream may take: its share (one of `local_processes()`)
+    of an eighth of the machine's memory, at most 2 GiB in all."""
     try:
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        return MAX_STREAM_BYTES // 4
-    return min(MAX_STREAM_BYTES, total // 8)
+        return MAX_STREAM_BYTES // 4 // local_processes()
+    return min(MAX_STREAM_BYTES, total // 8) // local_processes()
 
 
 def stream_bytes(windows: int, seq_len: int, hidden: int, layers: int, itemsize: int, mids: bool) -> int:
     """Bytes of a recorded stream: every layer's output (and mid-layer state) of every window."""
     return windows * seq_len * hidden * layers * itemsize * (2 if mids else 1)
+
+
+def fitting_mids(windows: int, seq_len: int, hidden: int, layers: int, itemsize: int, mids: bool) -> bool | None:
+    """Whether to record the mid-layer states too (`mids`, when attention is pruned and they fit the
+    budget), only the layer outputs (they alone fit: the reconstruction runs the layers whose attention
+    it refits), or nothing (None: not even the outputs fit)."""
+    for with_mids in (True, False) if mids else (False,):
+        if stream_bytes(windows, seq_len, hidden, layers, itemsize, with_mids) <= budget_bytes():
+            return with_mids
+    return None
 
 
 @dataclass

@@ -138,12 +138,14 @@ def gram_bytes(g: Geometry, ratio: float) -> dict[str, int]:
 
 def recorded_stream_bytes(g: Geometry, *, dtype: str, windows: int, seq_len: int, blocks: str) -> int:
     """The dense stream a CPU importance pass records for error feedback (prune_core/dense_stream.py):
-    every layer's output (and its stream after the attention unless only MLPs are pruned) for every
-    window; 0 when it exceeds the recording budget, where reconstruction recomputes it instead."""
+    every layer's output (and its stream after the attention unless only MLPs are pruned, where that
+    fits) for every window; 0 when even the outputs exceed the recording budget, where reconstruction
+    recomputes them instead."""
     from prune_core import dense_stream
 
-    need = dense_stream.stream_bytes(windows, seq_len, g.hidden, g.layers, _DTYPE_BYTES[dtype], blocks != "mlp")
-    return need if need <= dense_stream.budget_bytes() else 0
+    size = (windows, seq_len, g.hidden, g.layers, _DTYPE_BYTES[dtype])
+    mids = dense_stream.fitting_mids(*size, blocks != "mlp")
+    return 0 if mids is None else dense_stream.stream_bytes(*size, mids)
 
 
 def stream_bytes(g: Geometry, *, dtype: str, windows: int, seq_len: int, error_feedback: float) -> dict[str, int]:

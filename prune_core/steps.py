@@ -204,7 +204,7 @@ def _stream_recorder(ctx: Ctx) -> Any:
     (prune_core/dense_stream.py), when this session will use them and they fit the memory budget; the
     reconstruction computes them itself otherwise."""
     from prune_core import distributed
-    from prune_core.dense_stream import StreamRecorder, budget_bytes, stream_bytes
+    from prune_core.dense_stream import StreamRecorder, fitting_mids
     from prune_core.importance.registry import get_method
 
     s = ctx.session
@@ -215,13 +215,10 @@ def _stream_recorder(ctx: Ctx) -> Any:
             or not getattr(mv.adapter, "residual_outputs", True)):
         return None
     tokens = ctx.values["calibration"].tokens
-    mids = s.pruning.budget()[0] != "mlp"
     windows = math.ceil(tokens.shape[0] / distributed.world().size)
-    need = stream_bytes(windows, tokens.shape[1], mv.model.get_input_embeddings().embedding_dim,
-                        mv.adapter.num_layers(mv.model), param.element_size(), mids)
-    if need > budget_bytes():
-        return None
-    return StreamRecorder(tokens, s.data.batch_size, mids=mids)
+    mids = fitting_mids(windows, tokens.shape[1], mv.model.get_input_embeddings().embedding_dim,
+                        mv.adapter.num_layers(mv.model), param.element_size(), s.pruning.budget()[0] != "mlp")
+    return None if mids is None else StreamRecorder(tokens, s.data.batch_size, mids=mids)
 
 
 def save_importance(folder: Path, value: Any) -> None:

@@ -14,7 +14,7 @@ import prune_core.compensation.reconstruct as rc
 from prune_core import pipeline
 from prune_core.adapters import get_adapter
 from prune_core.compensation import prune_and_reconstruct
-from prune_core.dense_stream import StreamRecorder, stream_bytes
+from prune_core.dense_stream import StreamRecorder, budget_bytes, stream_bytes
 from prune_core.importance import run_importance
 from prune_core.tiny import build_tiny
 from tests.helpers import tiny_session
@@ -143,6 +143,31 @@ def test_stream_size() -> None:
     # smollm2-135m, the quick start's 160 windows of 128 tokens, float32, 30 layers, MLP only
     assert stream_bytes(160, 128, 576, 30, 4, mids=False) == 1_415_577_600
     assert stream_bytes(160, 128, 576, 30, 4, mids=True) == 2 * 1_415_577_600
+
+
+def test_ranks_on_one_machine_share_the_stream_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    alone = budget_bytes()
+    assert 0 < alone <= 2 << 30
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun --nproc_per_node 4
+    assert budget_bytes() == alone // 4
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2(x3)")  # srun: 2 tasks on each of 3 nodes
+    assert budget_bytes() == alone // 2
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "garbage")
+    assert budget_bytes() == alone
+
+
+def test_only_the_outputs_are_recorded_when_the_mid_layer_states_do_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import prune_core.dense_stream as ds
+
+    outputs = stream_bytes(160, 128, 576, 30, 4, mids=False)
+    for budget, want_with_attention, want_mlp_only in ((2 * outputs, True, False), (outputs, False, False),
+                                                       (outputs - 1, None, None)):
+        monkeypatch.setattr(ds, "budget_bytes", lambda b=budget: b)
+        assert ds.fitting_mids(160, 128, 576, 30, 4, True) is want_with_attention
+        assert ds.fitting_mids(160, 128, 576, 30, 4, False) is want_mlp_only
 
 
 def test_the_surgery_lets_go_of_the_stream(tmp_path) -> None:

@@ -152,3 +152,12 @@ def test_template_has_every_key_and_validates() -> None:
     assert sessions.parse_text(text) == recommended()  # `prune new` writes the recommended configuration
     assert "schema default" in text  # and names the plain default of each key it changes
     assert sessions.parse_text(sessions.template_text(Session())) == Session()
+
+
+def test_the_quick_start_runs_the_recommended_configuration() -> None:
+    """README: the quick start uses the recommended configuration (sessions/presets.py)."""
+    from sessions.presets import RECOMMENDED
+
+    quick = sessions.load(Path(__file__).resolve().parent.parent / "examples" / "quickstart.toml")
+    assert quick.with_updates(RECOMMENDED) == quick
+    assert quick.pruning.ratio == 0.2 and quick.pruning.budget() == ("both", "global")
