@@ -21,7 +21,7 @@ RECOMMENDED: dict[str, Any] = {
     # unprotected layer with every head kept (each the better on held-out text at its ratio)
     "pruning.allocation": "auto",
     "pruning.protect_layers": [0, 1, 2, -1],  # the first three and the last layer
-    "pruning.compensate": "reconstruct",  # ridge refit of down_proj on calibration activations
+    "pruning.compensate": "reconstruct",  # ridge refit of o_proj / down_proj on calibration activations
     "pruning.ridge": 0.5,
     "pruning.error_feedback": 0.5,  # each refit also corrects half the error earlier layers left
     "distill.steps": 48,  # then 48 steps toward the dense model's predictions on the calibration windows
