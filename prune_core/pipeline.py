@@ -88,6 +88,10 @@ ALLOCATION_KEYS = ("normalization", "correction.temperature", "correction.tau", 
                    "pruning.blocks", "pruning.allocation", "pruning.depth_ramp",
                    "pruning.global_share")
 
+# every [distill] setting but checkpoint_seconds (how often a checkpoint is written changes no result)
+DISTILL_KEYS = ("distill.steps", "distill.lr", "distill.batch_size", "distill.train", "distill.ce_weight",
+                "distill.ce_windows", "session.seed")
+
 STAGES: tuple[Stage, ...] = (
     Stage("model", "load the model", steps.load_model,
           keys=("model.id", "model.revision", "model.dtype", "model.device", "model.trust_remote_code"),
@@ -124,7 +128,7 @@ STAGES: tuple[Stage, ...] = (
                                                                            "pruning.error_feedback"),
           enabled=_needs_surgery, keep=1),
     Stage("distill", "distil the dense model's predictions into the pruned one", steps.compute_distill,
-          deps=("model", "calibration", "surgery"), keys=("distill", "session.seed"),
+          deps=("model", "calibration", "surgery"), keys=DISTILL_KEYS,
           enabled=lambda s, w: _needs_surgery(s, w) and s.distill.steps > 0, expensive=True, keep=1),
     Stage("proxy_final", "proxy loss of the final model (after compensation and distillation)",
           steps.compute_proxy_final, deps=("model", "calibration", "surgery", "distill"),

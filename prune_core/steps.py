@@ -455,18 +455,25 @@ def compute_distill(ctx: Ctx) -> Pruned:
     memo's surgery stays as it was.
     """
     from prune_core.compensation.distill import DistillSettings, distill
+    from prune_core.recovery_checkpoint import CheckpointStore
 
     s = ctx.session
     mv: ModelValue = ctx.values["model"]
     pruned: Pruned = ctx.values["surgery"]
     model = pruned.model if ctx.in_place else copy.deepcopy(pruned.model)
     d = s.distill
+    # a writing run checkpoints into the stage's folder (keyed by its inputs); a what-if does not
+    store = CheckpointStore(ctx.checkpoint_dir) if ctx.results_dir is not None and ctx.checkpoint_dir else None
     # the calibration tokens are the dataset's windows first, then the generated ones (load_calibration)
     report = distill(model, mv.model, mv.adapter, ctx.values["calibration"].tokens,
                      DistillSettings(steps=d.steps, lr=d.lr, batch_size=d.batch_size, train=d.train,
                                      ce_weight=d.ce_weight,
                                      ce_rows=s.data.num_samples if d.ce_windows == "dataset" else None),
-                     seed=s.session.seed, on_event=ctx.on_event, should_stop=ctx.should_stop, stage=ctx.stage)
+                     seed=s.session.seed, on_event=ctx.on_event, should_stop=ctx.should_stop, stage=ctx.stage,
+                     store=store, checkpoint_seconds=d.checkpoint_seconds)
+    if store is not None and ctx.checkpoint_dir is not None:  # this one, and any of other distill settings
+        for folder in ctx.checkpoint_dir.parent.glob("distill-*"):
+            CheckpointStore(folder).clear()
     first, last = report.losses[0], sum(report.losses[-8:]) / len(report.losses[-8:])
     ctx.summary = (f"{d.steps} steps on {report.trainable_parameters:,} parameters ({d.train}): "
                    f"loss {first:.4f} → {last:.4f}")

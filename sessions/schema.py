@@ -246,6 +246,10 @@ class DistillSection(_Section):
     ce_windows: Literal["all", "dataset"] = Field(
         "all", description="which windows the cross-entropy reads: all, or only the dataset's (the windows "
                            "the model generated get the KL alone: their next tokens are the teacher's samples)")
+    checkpoint_seconds: float = Field(300.0, ge=0.0, le=MAX_CHECKPOINT_SECONDS,
+                                      description="checkpoint the distillation at most this often (0 = every step; "
+                                                  "never more than 10 % of the time); a stopped run resumes at "
+                                                  "the step it checkpointed")
 
 
 class Session(_Section):

@@ -15,7 +15,8 @@ from prune_core import pipeline
 from prune_core.adapters import get_adapter
 from prune_core.compensation.distill import DistillSettings, distill, kl_loss, window_order
 from prune_core.errors import BadInput, Interrupted, RunFailed
-from prune_core.events import Progress, StageDone
+from prune_core.events import Checkpointed, Notice, Progress, StageDone
+from prune_core.recovery_checkpoint import CheckpointStore
 from prune_core.surgery import apply_pruning
 from prune_core.tiny import build_tiny
 from tests.helpers import tiny_session
@@ -184,3 +185,55 @@ def test_the_distill_stage_runs_after_surgery_against_the_dense_model(tmp_path: 
     assert owned.perplexity["after"]["ppl"] == pytest.approx(ppl_whatif, rel=1e-6)
     assert owned.metrics["distill"]["steps"] == 4 and owned.metrics["distill"]["train"] == "layers"
     assert "distill" not in plain.metrics
+
+
+def _stop_at(n: int):
+    """should_stop that answers True from its n-th call on (one call per step)."""
+    calls = iter(range(10_000))
+    return lambda: next(calls) >= n
+
+
+def test_a_stopped_distillation_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path: Path) -> None:
+    dense, student, adapter = _pair()
+    ids, settings = _windows(), DistillSettings(steps=6, lr=3e-3, batch_size=2, ce_weight=0.5)
+    whole = copy.deepcopy(student)
+    full = distill(whole, dense, adapter, ids, settings, seed=3)
+    store = CheckpointStore(tmp_path / "ck")
+    events: list[object] = []
+    with pytest.raises(Interrupted, match=r"after step 4/6.*resumes at this step"):
+        distill(student, dense, adapter, ids, settings, seed=3, store=store, checkpoint_seconds=3600,
+                should_stop=_stop_at(4), on_event=events.append)
+    assert [e.batch for e in events if isinstance(e, Checkpointed)] == [4] and store.exists()
+    resumed = distill(student, dense, adapter, ids, settings, seed=3, store=store, on_event=events.append)
+    assert any(isinstance(e, Notice) and "from step 4/6" in e.message for e in events)
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-6)
+    for (name, a), b in zip(student.named_parameters(), whole.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_a_checkpoint_of_other_settings_is_refused(tmp_path: Path) -> None:
+    dense, student, adapter = _pair()
+    store = CheckpointStore(tmp_path / "ck")
+    with pytest.raises(Interrupted):
+        distill(copy.deepcopy(student), dense, adapter, _windows(), DistillSettings(4, 1e-3, 2), seed=0, store=store,
+                checkpoint_seconds=0, should_stop=_stop_at(2))
+    with pytest.raises(RunFailed, match=r"other settings.*--fresh"):
+        distill(student, dense, adapter, _windows(), DistillSettings(4, 2e-3, 2), seed=0, store=store)
+
+
+def test_a_run_stopped_in_the_distill_stage_resumes_there(tmp_path: Path) -> None:
+    session = tiny_session(tmp_path, **{"evaluation.before": False, "output.save_model": False,
+                                        "distill.steps": 5, "distill.lr": 3e-3, "distill.batch_size": 2,
+                                        "distill.checkpoint_seconds": 0.0})
+    fresh = pipeline.run(session.with_updates({"session.name": "whole"}), write=True)
+    events: list[object] = []
+    with pytest.raises(Interrupted, match="distillation stopped after step 3/5"):
+        pipeline.run(session, write=True, on_event=events.append, should_stop=lambda: any(
+            isinstance(e, Progress) and e.stage == "distill" and e.done == 3 for e in events))
+    checkpoints = list((tmp_path / "runs").rglob("checkpoints/distill-*/manifest.json"))
+    assert len(checkpoints) == 1
+    events.clear()
+    again = pipeline.run(session, write=True, on_event=events.append)
+    assert any(isinstance(e, Notice) and "resuming the distillation from step 3/5" in e.message for e in events)
+    assert again.metrics["distill"]["loss_last"] == pytest.approx(fresh.metrics["distill"]["loss_last"], rel=1e-5)
+    assert not checkpoints[0].exists()
