@@ -51,7 +51,7 @@ from prune_core.digest import file_sha256
 from prune_core.errors import BadInput, Interrupted
 from prune_core.events import Checkpointed, EventSink, Notice, Progress, StageDone, StageStarted, null_sink
 from prune_core.recovery_checkpoint import MANIFEST as MANIFEST  # re-exported: where a checkpoint is found
-from prune_core.recovery_checkpoint import Checkpoint, CheckpointStore, load_optimizer, optimizer_state
+from prune_core.recovery_checkpoint import Checkpoint, CheckpointStore, optimizer_state, restore_training
 from prune_core.training import lr_at, optimizer_step
 
 STAGE = "recovery"
@@ -265,21 +265,7 @@ def train(model: nn.Module, tokens: torch.Tensor, settings: RecoverySettings, *,
     start = 0
     seconds_before = 0.0
     if resume is not None and store is not None:
-        meta_name = "meta file"
-        start = resume.meta.get("next_step")
-        losses = resume.meta.get("losses")
-        if not isinstance(start, int) or isinstance(start, bool) or not 0 < start < settings.steps:
-            raise store.damaged(meta_name, f"names step {start!r}, not one of 1..{settings.steps - 1}")
-        if not isinstance(losses, list) or len(losses) != start:
-            raise store.damaged(meta_name, f"holds {len(losses) if isinstance(losses, list) else 'no'} losses for "
-                                           f"{start} steps done")
-        with torch.no_grad():
-            for name, p in named:
-                saved = resume.tensors.get(f"lora.{name}")
-                if saved is None or saved.shape != p.shape:
-                    raise store.damaged(meta_name, f"has no LoRA weight {name} of shape {tuple(p.shape)}")
-                p.copy_(saved.to(p.dtype))
-        load_optimizer(opt, resume.tensors, resume.meta.get("optimizer"), store, meta_name)
+        start, losses = restore_training(resume, store, named, opt, settings.steps, "lora", "LoRA weight")
         rng = resume.tensors.get("rng.torch")
         if rng is not None:
             torch.set_rng_state(rng.to(torch.uint8))

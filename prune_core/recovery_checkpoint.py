@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,8 @@ FORMAT = "prune-recovery-checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
 
-__all__ = ["FORMAT", "MANIFEST", "VERSION", "Checkpoint", "CheckpointStore", "load_optimizer", "optimizer_state"]
+__all__ = ["FORMAT", "MANIFEST", "VERSION", "Checkpoint", "CheckpointStore", "load_optimizer", "optimizer_state",
+           "restore_training"]
 
 
 @dataclass
@@ -134,3 +135,27 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tenso
         opt.load_state_dict({"state": state, "param_groups": groups})
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise store.damaged(meta_name, f"does not describe this optimizer ({type(exc).__name__}: {exc})") from exc
+
+
+def restore_training(checkpoint: Checkpoint, store: CheckpointStore, named: Sequence[tuple[str, torch.Tensor]],
+                     opt: torch.optim.Optimizer, steps: int, prefix: str, noun: str) -> tuple[int, list[float]]:
+    """Load a training checkpoint's parameters (tensors `<prefix>.<name>`) and optimizer state.
+
+    Returns (next step, losses so far). Refuses, naming the meta file: a next step outside 1..steps−1,
+    a loss list of another length, a missing or reshaped parameter (`noun` names what one is).
+    """
+    what = "meta file"
+    start, losses = checkpoint.meta.get("next_step"), checkpoint.meta.get("losses")
+    if not isinstance(start, int) or isinstance(start, bool) or not 0 < start < steps:
+        raise store.damaged(what, f"names step {start!r}, not one of 1..{steps - 1}")
+    if not isinstance(losses, list) or len(losses) != start:
+        raise store.damaged(what, f"holds {len(losses) if isinstance(losses, list) else 'no'} losses for "
+                                  f"{start} steps done")
+    with torch.no_grad():
+        for name, p in named:
+            saved = checkpoint.tensors.get(f"{prefix}.{name}")
+            if saved is None or saved.shape != p.shape:
+                raise store.damaged(what, f"has no {noun} {name} of shape {tuple(p.shape)}")
+            p.copy_(saved.to(device=p.device, dtype=p.dtype))
+    load_optimizer(opt, checkpoint.tensors, checkpoint.meta.get("optimizer"), store, what)
+    return start, [float(v) for v in losses]

@@ -46,7 +46,7 @@ from torch import nn
 
 from prune_core.errors import BadInput, Interrupted
 from prune_core.events import Checkpointed, EventSink, Notice, Progress, null_sink
-from prune_core.recovery_checkpoint import Checkpoint, CheckpointStore, load_optimizer, optimizer_state
+from prune_core.recovery_checkpoint import Checkpoint, CheckpointStore, optimizer_state, restore_training
 from prune_core.training import lr_at, optimizer_step
 
 
@@ -115,23 +115,11 @@ def _identity(settings: DistillSettings, tokens: torch.Tensor, seed: int) -> dic
 def _resume(checkpoint: Checkpoint, store: CheckpointStore, named: list[tuple[str, nn.Parameter]],
             opt: torch.optim.Optimizer, identity: dict[str, object], steps: int) -> tuple[int, list[float], float]:
     """Load `checkpoint` into the parameters and the optimizer: (next step, losses so far, seconds so far)."""
-    meta, what = checkpoint.meta, "meta file"
-    if meta.get("identity") != identity:
-        raise store.damaged(what, f"was written for other settings ({meta.get('identity')!r}, this run: {identity!r})")
-    start, losses = meta.get("next_step"), meta.get("losses")
-    if not isinstance(start, int) or isinstance(start, bool) or not 0 < start < steps:
-        raise store.damaged(what, f"names step {start!r}, not one of 1..{steps - 1}")
-    if not isinstance(losses, list) or len(losses) != start:
-        raise store.damaged(what, f"holds {len(losses) if isinstance(losses, list) else 'no'} losses for "
-                                  f"{start} steps done")
-    with torch.no_grad():
-        for name, p in named:
-            saved = checkpoint.tensors.get(f"param.{name}")
-            if saved is None or saved.shape != p.shape:
-                raise store.damaged(what, f"has no parameter {name} of shape {tuple(p.shape)}")
-            p.copy_(saved.to(device=p.device, dtype=p.dtype))
-    load_optimizer(opt, checkpoint.tensors, meta.get("optimizer"), store, what)
-    return start, [float(v) for v in losses], float(meta.get("seconds", 0.0))
+    if checkpoint.meta.get("identity") != identity:
+        raise store.damaged("meta file", f"was written for other settings ({checkpoint.meta.get('identity')!r}, "
+                                         f"this run: {identity!r})")
+    start, losses = restore_training(checkpoint, store, named, opt, steps, "param", "parameter")
+    return start, losses, float(checkpoint.meta.get("seconds", 0.0))
 
 
 def distill(student: nn.Module, teacher: nn.Module, adapter: object, tokens: torch.Tensor,
