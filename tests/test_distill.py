@@ -200,7 +200,7 @@ def test_a_stopped_distillation_resumes_to_the_weights_of_an_uninterrupted_one(t
     full = distill(whole, dense, adapter, ids, settings, seed=3)
     store = CheckpointStore(tmp_path / "ck")
     events: list[object] = []
-    with pytest.raises(Interrupted, match=r"after step 4/6.*resumes at this step"):
+    with pytest.raises(Interrupted, match=r"after step 4/6.*resumes at step 4"):
         distill(student, dense, adapter, ids, settings, seed=3, store=store, checkpoint_seconds=3600,
                 should_stop=_stop_at(4), on_event=events.append)
     assert [e.batch for e in events if isinstance(e, Checkpointed)] == [4] and store.exists()

@@ -176,7 +176,8 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: object, tokens: tor
         for step in range(start, settings.steps):
             if should_stop is not None and should_stop():
                 checkpoint(step)
-                resume = "resumes at this step" if store is not None and step > start else "starts over"
+                kept = store is not None and step > 0  # just written, or the one this run resumed from
+                resume = f"resumes at step {step}" if kept else "starts over"
                 raise Interrupted(f"distillation stopped after step {step}/{settings.steps}",
                                   f"run the same command again: the distillation {resume}")
             if step > start and time.monotonic() - last_save >= max(checkpoint_seconds, 9 * spent[0]):
