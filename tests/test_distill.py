@@ -237,3 +237,18 @@ def test_a_run_stopped_in_the_distill_stage_resumes_there(tmp_path: Path) -> Non
     assert any(isinstance(e, Notice) and "resuming the distillation from step 3/5" in e.message for e in events)
     assert again.metrics["distill"]["loss_last"] == pytest.approx(fresh.metrics["distill"]["loss_last"], rel=1e-5)
     assert not checkpoints[0].exists()
+
+
+def test_a_checkpoint_that_would_not_fit_on_the_disk_is_not_written(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import prune_core.compensation.distill as distill_module
+
+    monkeypatch.setattr(distill_module, "free_bytes", lambda folder: 1000)
+    dense, student, adapter = _pair()
+    store, events = CheckpointStore(tmp_path / "ck"), []
+    with pytest.raises(Interrupted, match="starts over"):
+        distill(student, dense, adapter, _windows(), DistillSettings(4, 1e-3, 2), seed=0, store=store,
+                checkpoint_seconds=0, should_stop=_stop_at(3), on_event=events.append)
+    assert not store.exists() and not any(isinstance(e, Checkpointed) for e in events)
+    warned = [e for e in events if isinstance(e, Notice) and "no distillation checkpoint" in e.message]
+    assert len(warned) == 1 and "free disk space" in warned[0].message

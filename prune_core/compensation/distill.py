@@ -26,7 +26,8 @@ THE CONTRACT (`[distill]`, the `distill` stage of prune_core/pipeline.py):
   and JSON, every file's sha256 in a manifest): at most every `checkpoint_seconds` and when a stop
   is asked between two steps, the trained parameters, AdamW's state, the losses and the next step
   (three float32 copies of the trained parameters: 1.3 GB for smollm2-135m, ~84 GB for an 8B
-  model), so the time between two is also at least 9× what the last one took (≤ 10 % overhead).
+  model), so the time between two is also at least 9× what the last one took (≤ 10 % overhead), and
+  one that would not fit on the disk (with a 10 % margin) is not written: a warning says so once.
   A run of the same stage (same inputs: the folder is keyed by them) resumes there and ends with the
   weights an uninterrupted run has (the window order is a function of the seed, the learning rate one
   of the step, and the parameters not trained come from the deterministic surgery). A checkpoint of
@@ -36,9 +37,11 @@ THE CONTRACT (`[distill]`, the `distill` stage of prune_core/pipeline.py):
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +111,17 @@ def window_order(count: int, steps: int, batch_size: int, seed: int) -> torch.Te
     return torch.cat([torch.randperm(count, generator=g) for _ in range(passes)])[: steps * batch_size]
 
 
+def free_bytes(folder: Path) -> int | None:
+    """Free bytes on the file system that holds `folder` (or its nearest existing parent); None if unknown."""
+    for place in (folder, *folder.parents):
+        if place.exists():
+            try:
+                return shutil.disk_usage(place).free
+            except OSError:
+                return None
+    return None
+
+
 def _identity(settings: DistillSettings, tokens: torch.Tensor, seed: int) -> dict[str, object]:
     return {"settings": asdict(settings), "windows": list(tokens.shape), "seed": int(seed)}
 
@@ -157,17 +171,32 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: object, tokens: tor
     last_save = time.monotonic()
     spent = [0.0]  # seconds the last checkpoint took: the next one waits at least 9× that (≤ 10 % of the time)
 
-    def checkpoint(next_step: int) -> None:
+    short_warned = [False]
+
+    def checkpoint(next_step: int) -> bool:
+        """Write the state before step `next_step`; False when there is nothing new or no room for it."""
         if store is None or next_step <= start:
-            return
+            return False
         opt_tensors, opt_index = optimizer_state(opt)
+        tensors = {f"param.{n}": p for n, p in named} | opt_tensors
+        need = sum(t.numel() * t.element_size() for t in tensors.values())
+        free = free_bytes(store.folder)
+        if free is not None and free < need + need // 10:
+            if not short_warned[0]:
+                short_warned[0] = True
+                on_event(Notice(f"no distillation checkpoint written: it needs {need / 2**30:.1f} GiB and "
+                                f"{free / 2**30:.1f} GiB are free under {store.folder.parent}, so a stop would "
+                                "lose the steps since the last one; free disk space (or move output_dir)",
+                                "warning", stage))
+            return False
         meta = {"identity": identity, "next_step": next_step, "total_steps": settings.steps,
                 "losses": report.losses[:next_step], "optimizer": opt_index,
                 "seconds": seconds_before + time.perf_counter() - started}
         t0 = time.monotonic()
-        path = store.save(meta, {f"param.{n}": p for n, p in named} | opt_tensors)
+        path = store.save(meta, tensors)
         spent[0] = time.monotonic() - t0
         on_event(Checkpointed(stage, next_step, str(path.parent), unit="step"))
+        return True
 
     was_training = student.training
     teacher.eval()
@@ -175,9 +204,9 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: object, tokens: tor
     try:
         for step in range(start, settings.steps):
             if should_stop is not None and should_stop():
-                checkpoint(step)
-                kept = store is not None and step > 0  # just written, or the one this run resumed from
-                resume = f"resumes at step {step}" if kept else "starts over"
+                # the checkpoint just written, else the one this run resumed from (if any)
+                at = step if checkpoint(step) else (start if store is not None else 0)
+                resume = f"resumes at step {at}" if at else "starts over"
                 raise Interrupted(f"distillation stopped after step {step}/{settings.steps}",
                                   f"run the same command again: the distillation {resume}")
             if step > start and time.monotonic() - last_save >= max(checkpoint_seconds, 9 * spent[0]):
