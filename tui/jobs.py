@@ -57,8 +57,9 @@ def tune_knobs(ctx: JobContext, session: Session, budget_s: float = 60.0) -> tup
                   should_stop=ctx.should_stop)
     report = reallocate(ctx, result.best)
     changes = ", ".join(f"{k} = {v!r}" for k, v in result.best_updates.items()) or "no change"
+    saves = " (applied to the session: ctrl+s saves it)" if result.best_updates else ""
     reason = (f"tune ({len(result.trials) - 1} trials): proxy loss {result.base_proxy:.4f} → "
-              f"{result.best_proxy:.4f} with {changes}")
+              f"{result.best_proxy:.4f} with {changes}{saves}")
     return report, result.best, reason
 
 
