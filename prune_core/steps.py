@@ -471,8 +471,8 @@ def compute_distill(ctx: Ctx) -> Pruned:
                                      ce_rows=s.data.num_samples if d.ce_windows == "dataset" else None),
                      seed=s.session.seed, on_event=ctx.on_event, should_stop=ctx.should_stop, stage=ctx.stage,
                      store=store, checkpoint_seconds=d.checkpoint_seconds)
-    if store is not None and ctx.checkpoint_dir is not None:  # this one, and any of other distill settings
-        for folder in ctx.checkpoint_dir.parent.glob("distill-*"):
+    if store is not None:  # this one, and any of other distill settings
+        for folder in store.folder.parent.glob("distill-*"):
             CheckpointStore(folder).clear()
     first, last = report.losses[0], sum(report.losses[-8:]) / len(report.losses[-8:])
     ctx.summary = (f"{d.steps} steps on {report.trainable_parameters:,} parameters ({d.train}): "

@@ -169,12 +169,12 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: object, tokens: tor
             on_event(Notice(f"resuming the distillation from step {start}/{settings.steps}", "info", stage))
     started = time.perf_counter()
     last_save = time.monotonic()
-    spent = [0.0]  # seconds the last checkpoint took: the next one waits at least 9× that (≤ 10 % of the time)
-
-    short_warned = [False]
+    spent = 0.0  # seconds the last checkpoint took: the next one waits at least 9× that (≤ 10 % of the time)
+    short_warned = False
 
     def checkpoint(next_step: int) -> bool:
         """Write the state before step `next_step`; False when there is nothing new or no room for it."""
+        nonlocal spent, short_warned
         if store is None or next_step <= start:
             return False
         opt_tensors, opt_index = optimizer_state(opt)
@@ -182,8 +182,8 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: object, tokens: tor
         need = sum(t.numel() * t.element_size() for t in tensors.values())
         free = free_bytes(store.folder)
         if free is not None and free < need + need // 10:
-            if not short_warned[0]:
-                short_warned[0] = True
+            if not short_warned:
+                short_warned = True
                 on_event(Notice(f"no distillation checkpoint written: it needs {need / 2**30:.1f} GiB and "
                                 f"{free / 2**30:.1f} GiB are free under {store.folder.parent}, so a stop would "
                                 "lose the steps since the last one; free disk space (or move output_dir)",
@@ -194,7 +194,7 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: object, tokens: tor
                 "seconds": seconds_before + time.perf_counter() - started}
         t0 = time.monotonic()
         path = store.save(meta, tensors)
-        spent[0] = time.monotonic() - t0
+        spent = time.monotonic() - t0
         on_event(Checkpointed(stage, next_step, str(path.parent), unit="step"))
         return True
 
@@ -209,7 +209,7 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: object, tokens: tor
                 resume = f"resumes at step {at}" if at else "starts over"
                 raise Interrupted(f"distillation stopped after step {step}/{settings.steps}",
                                   f"run the same command again: the distillation {resume}")
-            if step > start and time.monotonic() - last_save >= max(checkpoint_seconds, 9 * spent[0]):
+            if step > start and time.monotonic() - last_save >= max(checkpoint_seconds, 9 * spent):
                 checkpoint(step)
                 last_save = time.monotonic()
             for group in opt.param_groups:
