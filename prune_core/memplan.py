@@ -76,6 +76,7 @@ from typing import Any
 
 import torch
 
+from prune_core.diskplan import disk_bytes, free_bytes
 from prune_core.errors import BadInput
 from prune_core.memplan_geometry import Geometry, geometry_from_config, load_config
 from prune_core.selfgen import BATCH_SIZE as GENERATION_BATCH
@@ -330,6 +331,8 @@ def build_plan(
     generated_samples: int = 0,
     error_feedback: float = 0.0,
     blocks: str = "both",
+    save_model: bool = True,
+    results_dir: Path | None = None,
 ) -> dict[str, Any]:
     """One plan object (JSON-ready): model, settings, per-method figures, reconstruction, devices, advice."""
     from prune_core.importance.registry import method_keys
@@ -389,6 +392,10 @@ def build_plan(
         "distill": {**distill_bytes(geometry, dtype=dtype, batch_size=distill_batch_size, seq_len=seq_len,
                                     ratio=ratio),
                     "used": distill_steps > 0, "batch_size": distill_batch_size},
+        "disk": {**disk_bytes(geometry.parameters, chosen.buffers, element_bytes=_DTYPE_BYTES[dtype], ratio=ratio,
+                              save_model=save_model, distill_steps=distill_steps),
+                 "folder": None if results_dir is None else str(results_dir),
+                 "free": None if results_dir is None else free_bytes(results_dir)},
         "devices": devices,
         "target": target["device"],
         "assumptions": ASSUMPTIONS,
@@ -474,7 +481,8 @@ def plan_for_session(session: Any, *, model: str | None = None, seq_len: int | N
         method=session.importance.method, ratio=session.pruning.ratio, compensate=session.pruning.compensate,
         devices=devices, distill_steps=session.distill.steps, distill_batch_size=session.distill.batch_size,
         generated_samples=session.data.generated_samples, error_feedback=session.pruning.error_feedback,
-        blocks=session.pruning.budget()[0],
+        blocks=session.pruning.budget()[0], save_model=session.output.save_model,
+        results_dir=Path(session.session.output_dir).expanduser() / session.session.name,
     )
 
 

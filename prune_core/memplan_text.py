@@ -67,7 +67,13 @@ def render_text(plan: dict[str, Any]) -> str:
     lines += [f"distill{' (used by this session)' if d['used'] else ''}: {fmt_bytes(d['total'])} (dense teacher "
               f"{fmt_bytes(d['teacher'])}, float32 student {fmt_bytes(d['student'])}, AdamW + gradients "
               f"{fmt_bytes(d['optimizer'])}, logits {fmt_bytes(d['logits'])}, activations {fmt_bytes(d['activations'])}; "
-              f"batch {d['batch_size']})", "", "devices:"]
+              f"batch {d['batch_size']})"]
+    disk = plan["disk"]
+    where = (f"; {fmt_bytes(disk['free'])} free under {disk['folder']}" if disk.get("free") is not None else "")
+    lines += [f"disk (the results folder holds at most {fmt_bytes(disk['peak'])}{where}): saved model "
+              f"{fmt_bytes(disk['saved_model'])}, importance checkpoint {fmt_bytes(disk['importance_checkpoint'])}"
+              + (f", distill checkpoint {fmt_bytes(disk['distill_checkpoint'])}" if disk["distill_checkpoint"] else "")
+              + " (a checkpoint is written beside the one it replaces)", "", "devices:"]
     for d in plan["devices"]:
         lines.append(f"  {d['device']} ({d['name']}): {fmt_bytes(d['free'])} free of {fmt_bytes(d['total'])}")
     if plan["suggestions"]:

@@ -11,7 +11,9 @@ same way once their extracted text is cached. The results folder (`<output_dir>/
 can be made and written: no part of its path is a file or a device, every name fits the file system
 and the folder, or the nearest existing folder above it, is writable (permissions, read-only file
 systems), and an existing folder that is not a results folder holds no files but prune's own
-(`report.check_out_folder`: `--out` never overwrites the user's files). `check()` raises them all
+(`report.check_out_folder`: `--out` never overwrites the user's files), and its file system has room
+for the pruned model the run saves (priced from the model's config when that is on this machine,
+diskplan.py). `check()` raises them all
 at once as a `SessionError` (BadInput, exit code 2); `prune validate` checks <output_dir>/<name>,
 `before_run()` (a writing `pipeline.run`) the folder the run writes. Nothing here writes a file.
 """
@@ -24,7 +26,8 @@ import os
 import stat
 from pathlib import Path
 
-from prune_core.errors import BadInput
+from prune_core.diskplan import disk_bytes, shortfall
+from prune_core.errors import BadInput, PruneError
 from sessions import Session, SessionError, check_against_model
 
 Problem = tuple[str, str]
@@ -284,7 +287,46 @@ def folder_problems(session: Session, results_dir: Path | None = None) -> list[P
             check_out_folder(path)
         except BadInput as exc:
             return [(key, _with_fix(exc))]
-    return []
+    return disk_problems(session, path, key, other)
+
+
+@functools.lru_cache(maxsize=16)
+def _local_parameters(spec: str, revision: str) -> tuple[tuple[str, int], ...] | None:
+    """The parameter counts of a model whose config is on this machine (a built-in tiny model, a cached
+    built-in, a local folder that is not a pruned model's); None for any other (nothing is fetched)."""
+    from prune_core import tiny, zoo
+    from prune_core.memplan_geometry import geometry_from_config, load_config
+
+    spec = spec.strip()
+    path = Path(spec).expanduser()
+    local = spec in tiny.TINY_MODELS or (spec in zoo.ZOO and zoo.is_cached(spec)) or (
+        path.is_dir() and (path / "config.json").is_file() and not (path / "pruning.json").is_file())
+    if not local:
+        return None
+    try:
+        return tuple(geometry_from_config(load_config(spec, revision=revision)[0]).parameters.items())
+    except (PruneError, ValueError, KeyError, OSError):  # model_problems reports what is wrong with the model
+        return None
+
+
+def disk_problems(session: Session, folder: Path, key: str, other: str) -> list[Problem]:
+    """The file system under the results folder has room for the pruned model the run saves (priced from
+    the model's config when it is on this machine; diskplan.py); checkpoints guard themselves."""
+    if not session.output.save_model:
+        return []
+    counts = _local_parameters(session.model.id, session.model.revision)
+    if counts is None:
+        return []
+    import torch
+
+    element = getattr(torch, session.model.dtype).itemsize
+    need = disk_bytes(dict(counts), {}, element_bytes=element, ratio=session.pruning.ratio)["saved_model"]
+    free = shortfall(folder, need)
+    if free is None:
+        return []
+    return [(key, f"the pruned model this run saves needs about {need / 2**30:.2f} GiB and the file system under "
+                  f"{str(_nearest_existing(folder))!r} has {free / 2**30:.2f} GiB free (fix: free disk space, "
+                  f"{other}, or set output.save_model = false)")]
 
 
 def problems(session: Session, results_dir: Path | None = None, *, folder: bool = True) -> list[Problem]:

@@ -241,9 +241,9 @@ def test_a_run_stopped_in_the_distill_stage_resumes_there(tmp_path: Path) -> Non
 
 def test_a_checkpoint_that_would_not_fit_on_the_disk_is_not_written(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    import prune_core.compensation.distill as distill_module
+    import prune_core.diskplan as diskplan
 
-    monkeypatch.setattr(distill_module, "free_bytes", lambda folder: 1000)
+    monkeypatch.setattr(diskplan, "free_bytes", lambda folder: 1000)
     dense, student, adapter = _pair()
     store, events = CheckpointStore(tmp_path / "ck"), []
     with pytest.raises(Interrupted, match="starts over"):

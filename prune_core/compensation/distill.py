@@ -37,16 +37,15 @@ THE CONTRACT (`[distill]`, the `distill` stage of prune_core/pipeline.py):
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prune_core.diskplan import shortfall
 from prune_core.errors import BadInput, Interrupted
 from prune_core.events import Checkpointed, EventSink, Notice, Progress, null_sink
 from prune_core.recovery_checkpoint import Checkpoint, CheckpointStore, optimizer_state, restore_training
@@ -111,17 +110,6 @@ def window_order(count: int, steps: int, batch_size: int, seed: int) -> torch.Te
     return torch.cat([torch.randperm(count, generator=g) for _ in range(passes)])[: steps * batch_size]
 
 
-def free_bytes(folder: Path) -> int | None:
-    """Free bytes on the file system that holds `folder` (or its nearest existing parent); None if unknown."""
-    for place in (folder, *folder.parents):
-        if place.exists():
-            try:
-                return shutil.disk_usage(place).free
-            except OSError:
-                return None
-    return None
-
-
 def _identity(settings: DistillSettings, tokens: torch.Tensor, seed: int) -> dict[str, object]:
     return {"settings": asdict(settings), "windows": list(tokens.shape), "seed": int(seed)}
 
@@ -180,8 +168,8 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: object, tokens: tor
         opt_tensors, opt_index = optimizer_state(opt)
         tensors = {f"param.{n}": p for n, p in named} | opt_tensors
         need = sum(t.numel() * t.element_size() for t in tensors.values())
-        free = free_bytes(store.folder)
-        if free is not None and free < need + need // 10:
+        free = shortfall(store.folder, need)
+        if free is not None:
             if not short_warned:
                 short_warned = True
                 on_event(Notice(f"no distillation checkpoint written: it needs {need / 2**30:.1f} GiB and "

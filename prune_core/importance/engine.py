@@ -76,6 +76,7 @@ from prune_core import distributed
 from prune_core.adapters.base import Adapter
 from prune_core.data import token_fingerprint
 from prune_core.dense_stream import StreamRecorder
+from prune_core.diskplan import shortfall
 from prune_core.errors import BadInput, Interrupted, PruneError, RunFailed
 from prune_core.events import (
     BatchDone,
@@ -261,6 +262,8 @@ class _Pass:
             "caller": identity,
         }
         self.progress = _Progress()
+        self.saved_batch = 0  # the batches the checkpoint on disk holds (0: none)
+        self.short_warned = False  # a checkpoint was skipped for want of disk space (warned once)
         self.acc: GradientAccumulator | None = None
         self.inputs: InputHooks | None = None
         # the last batch computes each parameter's share of the scores right after adding it in
@@ -345,6 +348,7 @@ class _Pass:
             seconds_before=float(ckpt.meta["seconds"]),
             resumed_from=start,
         )
+        self.saved_batch = start
         if self.acc is not None:
             self.acc.load_state_tensors(ckpt.tensors, start)
         assert self.inputs is not None
@@ -415,6 +419,16 @@ class _Pass:
             **(self.acc.state_tensors() if self.acc is not None else {}),
             **self.inputs.state_tensors(),
         }
+        need = sum(t.numel() * t.element_size() for t in tensors.values())
+        free = shortfall(self.store.folder, need)
+        if free is not None:
+            if not self.short_warned:
+                self.short_warned = True
+                self.emit(Notice(f"no importance checkpoint written: it needs {need / 2**30:.1f} GiB and "
+                                 f"{free / 2**30:.1f} GiB are free under {self.store.folder.parent}, so a stop "
+                                 "would lose the batches since the last one; free disk space (or move output_dir)",
+                                 "warning", self.stage))
+            return
         meta = {
             "identity": self.identity,
             "next_batch": next_batch,
@@ -426,6 +440,7 @@ class _Pass:
             "world_size": self.world.size,
         }
         path = self.store.save(meta, tensors)
+        self.saved_batch = next_batch
         self.emit(Checkpointed(self.stage, next_batch, str(path.parent)))
 
     def seconds(self) -> float:
@@ -531,8 +546,8 @@ class _Pass:
             else:
                 self.checkpoint(b)
                 kept = (
-                    f"; batches 1–{b} are checkpointed in {self.store.folder}"
-                    if self.store is not None and b
+                    f"; batches 1–{self.saved_batch} are checkpointed in {self.store.folder}"
+                    if self.store is not None and self.saved_batch
                     else ""
                 )
             raise RunFailed(
@@ -561,8 +576,11 @@ class _Pass:
         )
 
     def _stopped(self, done: int) -> Interrupted:
-        if self.store is not None:
-            kept, fix = f"progress is checkpointed in {self.store.folder}", "run again with the same settings to resume"
+        if self.store is not None and self.saved_batch:
+            kept = f"batches 1–{self.saved_batch} are checkpointed in {self.store.folder}"
+            fix = "run again with the same settings to resume"
+        elif self.store is not None:
+            kept, fix = "no checkpoint could be written (see the warning above)", "run again: the pass starts over"
         else:
             kept, fix = "no checkpoint_dir was given, so progress is not kept", None
         return Interrupted(f"importance pass stopped after batch {done}/{self.total}; {kept}", fix)
