@@ -18,7 +18,7 @@ wanda: forward passes only (no_grad). For every prunable linear, per input featu
 ‖X_j‖₂ = sqrt(Σ_tokens x_j²) over all calibration tokens (forward pre-hooks, O(features) memory).
 Element score |W_ij|·‖X_j‖₂; group importance = Σ over the group's weight elements (q/k/v/gate/up
 rows use their own input norms, o_proj/down_proj columns theirs); biases are not scored.
-magnitude: data-free, no batches: group importance = sqrt(Σ w²) over all the group's parameters
+magnitude: data-free (data_free.py), no batches: group importance = sqrt(Σ w²) over all the group's parameters
 (weights and q/k/v/gate/up biases); the statistics are of the weights (stats_label "weight"),
 batches = tokens = 0 and the input sums are zeros (input_tokens 0), so bias compensation adds
 nothing. `tokens` is not read (an empty [0, S] tensor is fine).
@@ -60,10 +60,9 @@ already in the sums), so the last periodic checkpoint is what a rerun resumes fr
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,20 +88,20 @@ from prune_core.events import (
     null_sink,
 )
 from prune_core.importance.accumulate import GradientAccumulator, NonFiniteGradient
-from prune_core.importance.groups import Target, TaylorPartial, pad_rows, prunable_targets
-from prune_core.importance.hooks import INPUT_SUM_KEYS, InputHooks
+from prune_core.importance.data_free import data_free_importance
+from prune_core.importance.groups import TaylorPartial, prunable_targets, targets_digest
+from prune_core.importance.hooks import InputHooks
 from prune_core.importance.methods.spec import MethodScores, MethodSpec, ScoreInputs
 from prune_core.importance.nonfinite import locate_nonfinite
 from prune_core.importance.prepare import prepared
 from prune_core.importance.registry import STATS_EVERY, STATS_SAMPLE, get_method
-from prune_core.importance.result import ImportanceResult
+from prune_core.importance.result import ENGINE_VERSION, ImportanceResult
 from prune_core.importance.state import CheckpointStore, identity_differences, other_checkpoints
 from prune_core.importance.stats import BlockStats, aggregate
 
 AGGREGATIONS = ("element", "vector")
 FISHER_SCALES = ("tokens", "none")
 HESSIAN_DEVICES = ("auto", "cpu", "device")
-ENGINE_VERSION = 1
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 NAN_FIX = (
     'load the model in float32 (dtype = "float32") or use shorter sequences (seq_len); '
@@ -113,16 +112,6 @@ NAN_FIX = (
 def batch_slices(num_samples: int, batch_size: int) -> list[tuple[int, int]]:
     """[start, stop) row ranges of the batches: consecutive, in order, the last one possibly smaller."""
     return [(i, min(i + batch_size, num_samples)) for i in range(0, num_samples, batch_size)]
-
-
-def _targets_digest(targets: Sequence[Target]) -> tuple[str, str]:
-    """(sha256 of names/shapes/dtypes, sha256 of the first 64 values of every scored parameter)."""
-    layout, sample = hashlib.sha256(), hashlib.sha256()
-    for t in targets:
-        layout.update(f"{t.key}:{tuple(t.param.shape)}:{t.param.dtype};".encode())
-        head = t.param.detach().reshape(-1)[:64].to("cpu", torch.float64).contiguous()
-        sample.update(head.numpy().tobytes())
-    return layout.hexdigest(), sample.hexdigest()
 
 
 def _validate(
@@ -246,7 +235,7 @@ class _Pass:
         self.num_samples, self.seq_len = int(tokens.shape[0]), int(tokens.shape[1])
         self.slices = batch_slices(self.num_samples, batch_size)
         self.total = len(self.slices)
-        layout, sample = _targets_digest(self.targets)
+        layout, sample = targets_digest(self.targets)
         self.identity = {
             "engine": {
                 "version": ENGINE_VERSION,
@@ -723,77 +712,6 @@ def _changed_settings(stored: dict[str, Any], current: dict[str, Any], most: int
     return "; ".join(f"{k}: {seen[k]}" for k in plain[:most]) or "no difference found"
 
 
-def _data_free(
-    model: nn.Module,
-    adapter: Adapter,
-    spec: MethodSpec,
-    aggregation: str,
-    fisher_scale: str,
-    identity: dict[str, Any],
-    emit: EventSink,
-    stage: str,
-) -> ImportanceResult:
-    """A method that reads only the weights: no batches, no checkpoint, statistics from the weights."""
-    started = time.perf_counter()
-    emit(StageStarted(stage, f"{spec.key} importance: weights only, no calibration data", 0))
-    parts = adapter.all_parts(model)
-    targets = prunable_targets(parts)
-    with torch.no_grad():
-        scored = spec.score(ScoreInputs(parts=parts, targets=targets, aggregation=aggregation))
-    layout, sample = _targets_digest(targets)
-    sums = {
-        key: pad_rows(
-            [
-                torch.zeros(p.linear(p.layout.block(block).output).in_features, dtype=torch.float64)
-                if p.layout.block(block).groups
-                else torch.zeros(0, dtype=torch.float64)
-                for p in parts
-            ]
-        )
-        for block, key in INPUT_SUM_KEYS.items()
-    }
-    seconds = time.perf_counter() - started
-    metadata = {
-        "engine_version": ENGINE_VERSION,
-        "identity": {
-            "engine": {
-                "version": ENGINE_VERSION,
-                "method": spec.key,
-                "parameters_sha256": layout,
-                "weights_sample_sha256": sample,
-            },
-            "caller": identity,
-        },
-        "dtype": str(targets[0].param.dtype).removeprefix("torch."),
-        "device": str(targets[0].param.device),
-        "mean_loss": None,
-        "num_layers": len(parts),
-        "attention_groups": [p.num_kv_heads for p in parts],
-        "mlp_groups": [p.intermediate_size for p in parts],
-        "num_heads": [p.num_heads for p in parts],
-        "head_dim": [p.head_dim for p in parts],
-    }
-    result = ImportanceResult(
-        method=spec.key,
-        aggregation=aggregation,
-        fisher_scale=fisher_scale,
-        attention=scored.scores.attention,
-        mlp=scored.scores.mlp,
-        first_order=None,
-        stats=scored.stats or {},
-        stats_label=spec.stats_label,
-        batch_stats=[],
-        input_sums=sums,
-        input_tokens=0,
-        batches=0,
-        tokens=0,
-        seconds=seconds,
-        metadata=metadata,
-    )
-    emit(StageDone(stage, seconds, summary=f"{spec.key}: {len(targets)} weight tensors, no data"))
-    return result
-
-
 def run_importance(
     model: nn.Module,
     adapter: Adapter,
@@ -842,7 +760,7 @@ def run_importance(
     if gradient_checkpointing and not spec.needs_gradients:
         emit(Notice(f"gradient checkpointing is ignored by {method} (no backward pass)", stage=stage))
     if not spec.needs_calibration:
-        return _data_free(model, adapter, spec, aggregation, fisher_scale, identity or {}, emit, stage)
+        return data_free_importance(model, adapter, spec, aggregation, fisher_scale, identity or {}, emit, stage)
     store = CheckpointStore(Path(checkpoint_dir)) if checkpoint_dir is not None else None
     run = _Pass(
         model,

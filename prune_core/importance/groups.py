@@ -16,6 +16,7 @@ are contiguous). Everything after the row/column sums is float64 so the scores o
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -56,6 +57,16 @@ def prunable_targets(parts: Sequence[LayerParts]) -> list[Target]:
                     targets.append(Target(f"layers.{layer}.{name}.bias", layer, name, "bias", linear.bias,
                                           gl.block, rows, path))
     return targets
+
+
+def targets_digest(targets: Sequence[Target]) -> tuple[str, str]:
+    """(sha256 of names/shapes/dtypes, sha256 of the first 64 values of every scored parameter)."""
+    layout, sample = hashlib.sha256(), hashlib.sha256()
+    for t in targets:
+        layout.update(f"{t.key}:{tuple(t.param.shape)}:{t.param.dtype};".encode())
+        head = t.param.detach().reshape(-1)[:64].to("cpu", torch.float64).contiguous()
+        sample.update(head.numpy().tobytes())
+    return layout.hexdigest(), sample.hexdigest()
 
 
 def num_groups(parts: LayerParts, block: str) -> int:

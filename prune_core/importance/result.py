@@ -32,6 +32,8 @@ from prune_core.atomic import write_json, write_with
 from prune_core.digest import file_sha256
 from prune_core.errors import RunFailed
 
+ENGINE_VERSION = 1  # the importance pass's identity version (engine.py): a change makes old results stale
+
 TENSORS_FILE = "importance.safetensors"
 JSON_FILE = "importance.json"
 FORMAT = "prune-importance-result"
