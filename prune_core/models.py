@@ -24,17 +24,15 @@ import hashlib
 import json
 import os
 import re
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from prune_core import tiny, zoo
+from prune_core import hub_access, tiny, zoo
 from prune_core.errors import BadInput, RunFailed
 from prune_core.events import EventSink, Notice, Progress
 
@@ -49,7 +47,6 @@ ATTN_IMPLEMENTATION = "sdpa"
 STAGE = "model"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_OFFLINE_VALUES = {"1", "true", "yes", "on"}
 
 
 @dataclass
@@ -267,35 +264,6 @@ def check_memory(
 # loading
 
 
-def _hub_offline() -> bool:
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in _OFFLINE_VALUES:
-            return True
-    with contextlib.suppress(Exception):
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    return False
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP probe of the hub endpoint, so an offline machine fails in seconds, not minutes.
-
-    With a proxy configured the direct probe says nothing, so the hub is assumed reachable.
-    """
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    url = urlparse(endpoint)
-    host = url.hostname or "huggingface.co"
-    port = url.port or (80 if url.scheme == "http" else 443)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 @dataclass
 class _Source:
     """Where weights come from, ready for `from_pretrained`."""
@@ -338,7 +306,7 @@ def _hub_error(exc: BaseException, spec: str, revision: str, local_only: bool) -
     if local_only or names & set(offline_markers) or "couldn't connect" in text:
         return BadInput(
             f"{spec} is not in the local Hugging Face cache and the hub cannot be reached"
-            + (" (HF_HUB_OFFLINE is set)" if _hub_offline() else ""),
+            + (" (HF_HUB_OFFLINE is set)" if hub_access.offline() else ""),
             "run once with network access so it is cached (then HF_HUB_OFFLINE=1 works), "
             f"or point the session at a local model folder or .gguf file, or use the built-in {DEFAULT_MODEL}",
         )
@@ -449,7 +417,7 @@ def _classify(spec: str, revision: str) -> _Source:
             f"no such file or folder: {spec}", "check the path (relative paths start from the current folder)"
         )
     if _HUB_ID.match(spec):
-        offline = _hub_offline() or not _hub_reachable()
+        offline = hub_access.offline() or not hub_access.models_reachable()
         return _Source(spec, spec, revision=revision or None, local_only=offline, is_hub=True)
     close = difflib.get_close_matches(spec, builtin_keys(), n=1)
     hint = f"did you mean {close[0]!r}? Otherwise " if close else ""

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from prune_core import data, paths
+from prune_core import data, hub_access, paths
 from prune_core.datasources import hub, local, shakespeare, split_single_text
 from prune_core.errors import BadInput, RunFailed
 from prune_core.events import Notice, Progress
@@ -414,7 +414,7 @@ def test_unresponsive_hub_is_detected_fast(tmp_path):
         outcome = _run_offline_script(tmp_path, {"HF_ENDPOINT": f"http://127.0.0.1:{port}"})
     assert outcome["error"] == "BadInput", outcome
     assert "unreachable" in outcome["message"]
-    assert outcome["seconds"] < hub.PROBE_TIMEOUT_S + 4, outcome
+    assert outcome["seconds"] < hub_access.PROBE_TIMEOUT_S + 4, outcome
 
 
 class _FakeDatasets:

@@ -5,7 +5,7 @@ only that cache and never touch `datasets` or the network. The first load never 
 
 1. `HF_HUB_OFFLINE` / `HF_DATASETS_OFFLINE` (or `TRANSFORMERS_OFFLINE`) set → offline.
 2. Otherwise a GET of the dataset's Hub API page (`HF_ENDPOINT`, proxies from the environment) with
-   a `PROBE_TIMEOUT_S` deadline decides; the answer is remembered for `_PROBE_TTL_S` seconds.
+   a deadline decides (prune_core/hub_access.py; the answer is remembered for a minute).
 3. Offline, `datasets` runs with its offline flags forced on, so a copy in the local Hugging Face
    cache (e.g. from earlier Wanda/SparseGPT runs) is still used; if there is none, `BadInput`.
    The flags are process-wide while that lookup runs (harmless: the Hub is unreachable anyway).
@@ -18,16 +18,12 @@ Sources (as in Wanda / SparseGPT): wikitext2 = `wikitext-2-raw-v1` train / test;
 from __future__ import annotations
 
 import logging
-import os
-import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from prune_core import hub_access
 from prune_core.datasources import (
     DOC_SEPARATOR,
     SPLITS,
@@ -40,9 +36,6 @@ from prune_core.datasources import (
 from prune_core.errors import BadInput, PruneError, RunFailed
 from prune_core.events import EventSink
 
-PROBE_TIMEOUT_S = 3.0
-_PROBE_TTL_S = 60.0
-_TRUE = {"1", "ON", "YES", "TRUE"}
 _REPORT_EVERY_CHARS = 2_000_000
 
 # c4 shards are hundreds of MB: keep whole documents, in order, until this many characters.
@@ -115,48 +108,11 @@ def load(key: str, split: Split, on_event: EventSink | None = None) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def offline_from_env() -> bool:
-    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-    return any(os.environ.get(name, "").upper() in _TRUE for name in names)
+    return hub_access.offline(datasets=True)
 
 
-def hub_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-
-
-_probe_lock = threading.Lock()
-_probe_cache: dict[str, tuple[float, bool]] = {}
-
-
-def hub_reachable(repo: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether the Hub answers for dataset `repo` within `timeout` seconds (DNS included).
-
-    Only a real answer counts: 2xx/3xx, or 401/403 (auth problems are left to `datasets` to report).
-    A 404 or 5xx (a captive portal, an intercepting proxy, a broken mirror) counts as unreachable.
-    """
-    url = f"{hub_endpoint()}/api/datasets/{repo}"
-    with _probe_lock:
-        hit = _probe_cache.get(url)
-        if hit is not None and time.monotonic() - hit[0] < _PROBE_TTL_S:
-            return hit[1]
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url), timeout=timeout) as response:
-                result.append(200 <= response.status < 400)
-        except urllib.error.HTTPError as exc:
-            result.append(exc.code in (401, 403))
-        except Exception:
-            result.append(False)
-
-    # getaddrinfo ignores socket timeouts, so the probe runs in a daemon thread we stop waiting for.
-    worker = threading.Thread(target=probe, name="prune-hub-probe", daemon=True)
-    worker.start()
-    worker.join(timeout)
-    reachable = bool(result and result[0])
-    with _probe_lock:
-        _probe_cache[url] = (time.monotonic(), reachable)
-    return reachable
+hub_endpoint = hub_access.endpoint
+hub_reachable = hub_access.dataset_reachable  # a module name of its own: tests replace it here
 
 
 @contextmanager
