@@ -10,7 +10,8 @@ writes are atomic, so nothing is corrupted, but the time is lost. So:
   moments). A checkpoint is written beside the one it replaces before that one goes, so at its
   moment the disk holds two.
 - `shortfall(folder, need)`: the free bytes under `folder` when they are fewer than `need` plus a
-  10 % margin (None when there is room or the free space cannot be read).
+  10 % margin (None when there is room or the free space cannot be read); `checkpoint_shortfall`
+  the warning the importance pass and the distill stage give when they skip a checkpoint for it.
 The pre-flight (preflight.py) refuses a run whose saved model would not fit, before anything loads;
 the checkpoints guard themselves (a checkpoint that would not fit is skipped with one warning, since
 the run itself can still finish), and `prune plan` prints all three figures.
@@ -19,12 +20,14 @@ the run itself can still finish), and `prune plan` prints all three figures.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 MARGIN = 0.10
 FP32 = 4
 
-__all__ = ["MARGIN", "disk_bytes", "free_bytes", "shortfall"]
+__all__ = ["MARGIN", "checkpoint_shortfall", "disk_bytes", "free_bytes", "shortfall"]
 
 
 def free_bytes(folder: Path) -> int | None:
@@ -44,6 +47,18 @@ def shortfall(folder: Path, need: int) -> int | None:
     if free is not None and free < need + int(need * MARGIN):
         return free
     return None
+
+
+def checkpoint_shortfall(folder: Path, tensors: Mapping[str, Any], noun: str, unit: str) -> str | None:
+    """The warning for a `noun` checkpoint of `tensors` that would not fit under `folder` (a stop would
+    lose the `unit` since the last one), or None when it fits or the free space cannot be read."""
+    need = sum(t.numel() * t.element_size() for t in tensors.values())
+    free = shortfall(folder, need)
+    if free is None:
+        return None
+    return (f"no {noun} checkpoint written: it needs {need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB are free "
+            f"under {folder.parent}, so a stop would lose the {unit} since the last one; free disk space (or move "
+            "output_dir)")
 
 
 def disk_bytes(parameters: dict[str, int], importance_buffers: dict[str, int], *, element_bytes: int, ratio: float,

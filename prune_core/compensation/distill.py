@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prune_core.diskplan import shortfall
+from prune_core.diskplan import checkpoint_shortfall
 from prune_core.errors import BadInput, Interrupted
 from prune_core.events import Checkpointed, EventSink, Notice, Progress, null_sink
 from prune_core.recovery_checkpoint import Checkpoint, CheckpointStore, optimizer_state, restore_training
@@ -167,15 +167,11 @@ def distill(student: nn.Module, teacher: nn.Module, adapter: object, tokens: tor
             return False
         opt_tensors, opt_index = optimizer_state(opt)
         tensors = {f"param.{n}": p for n, p in named} | opt_tensors
-        need = sum(t.numel() * t.element_size() for t in tensors.values())
-        free = shortfall(store.folder, need)
-        if free is not None:
+        short = checkpoint_shortfall(store.folder, tensors, "distillation", "steps")
+        if short is not None:
             if not short_warned:
                 short_warned = True
-                on_event(Notice(f"no distillation checkpoint written: it needs {need / 2**30:.1f} GiB and "
-                                f"{free / 2**30:.1f} GiB are free under {store.folder.parent}, so a stop would "
-                                "lose the steps since the last one; free disk space (or move output_dir)",
-                                "warning", stage))
+                on_event(Notice(short, "warning", stage))
             return False
         meta = {"identity": identity, "next_step": next_step, "total_steps": settings.steps,
                 "losses": report.losses[:next_step], "optimizer": opt_index,

@@ -75,7 +75,7 @@ from prune_core import distributed
 from prune_core.adapters.base import Adapter
 from prune_core.data import token_fingerprint
 from prune_core.dense_stream import StreamRecorder
-from prune_core.diskplan import shortfall
+from prune_core.diskplan import checkpoint_shortfall
 from prune_core.errors import BadInput, Interrupted, PruneError, RunFailed
 from prune_core.events import (
     BatchDone,
@@ -408,15 +408,11 @@ class _Pass:
             **(self.acc.state_tensors() if self.acc is not None else {}),
             **self.inputs.state_tensors(),
         }
-        need = sum(t.numel() * t.element_size() for t in tensors.values())
-        free = shortfall(self.store.folder, need)
-        if free is not None:
+        short = checkpoint_shortfall(self.store.folder, tensors, "importance", "batches")
+        if short is not None:
             if not self.short_warned:
                 self.short_warned = True
-                self.emit(Notice(f"no importance checkpoint written: it needs {need / 2**30:.1f} GiB and "
-                                 f"{free / 2**30:.1f} GiB are free under {self.store.folder.parent}, so a stop "
-                                 "would lose the batches since the last one; free disk space (or move output_dir)",
-                                 "warning", self.stage))
+                self.emit(Notice(short, "warning", self.stage))
             return
         meta = {
             "identity": self.identity,
